@@ -1,0 +1,190 @@
+"""
+A small GPT (nanoGPT-sized: pre-LayerNorm blocks, learned absolute positions, tied embeddings) whose
+attention is written out by hand, so a reader can see exactly where a visibility mask enters.
+
+Attention runs in one of three ways (see CausalSelfAttention.forward):
+  dense   scores for every (query, key) pair, then a boolean (B, nh, T, T) mask; causal if none is given;
+  gather  each query gathers only the keys/values its shadow mask names, as slot positions (B, nh, T, S);
+  cached  new tokens attend over a KV cache of S slots (prefill: a few tokens at once; decode: one).
+Gather and cached share one function, `attend_slots`, so their arithmetic is identical. This file knows
+nothing about eviction: the cache object (smd.KVCache) decides what is kept and records the mask.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 128  # longest sequence (prompt + response) the model can see
+    vocab_size: int = 32
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0  # must be 0 when learner log-probs should equal sampler log-probs
+    bias: bool = True
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def linear(x, layer, exact=False):
+    """layer(x). With exact=True every row is its own 1-row matmul (a batched bmm), so a row's result does
+    not depend on how many rows share the call: BLAS picks different kernels, and so different summation
+    orders, for 1 row (a decode step) and for B*T rows (the learner), which changes the last bits."""
+    if not exact:
+        return F.linear(x, layer.weight, layer.bias)
+    rows = x.reshape(-1, 1, x.shape[-1])                                   # (N, 1, C_in)
+    weight = layer.weight.t().expand(rows.shape[0], -1, -1)                # (N, C_in, C_out), a view
+    y = torch.bmm(rows, weight).reshape(*x.shape[:-1], -1)                 # (..., C_out)
+    return y if layer.bias is None else y + layer.bias
+
+
+def attend_slots(q, k, v, visible):
+    """Attention of each query over its own S key/value slots.
+    q (B, nh, T, hs); k, v (B, nh, T or 1, S, hs); visible (B, nh, T, S) bool -> y (B, nh, T, hs), att (B, nh, T, S).
+    Written with elementwise products and sums (not matmuls) so the result for one query is the same whether
+    it is computed alone (a decode step) or among T queries (the learner): the basis of bitwise equality."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    att = (q.unsqueeze(-2) * k).sum(-1) * scale                            # (B, nh, T, S)
+    att = att.masked_fill(~visible, float("-inf"))
+    att = F.softmax(att, dim=-1)
+    y = (att.unsqueeze(-1) * v).sum(-2)                                    # (B, nh, T, hs)
+    return y, att
+
+
+def gather_slots(x, slots):
+    """x (B, nh, T, hs), slots (B, nh, T, S) positions (-1 = empty) -> (B, nh, T, S, hs): row t gets the
+    keys (or values) at the positions its slots name, in slot order. Empty slots read position 0; the
+    caller masks them out. Backward scatters the gradient to every gathered position."""
+    B, nh, T, hs = x.shape
+    S = slots.shape[-1]
+    index = slots.clamp(min=0).long().reshape(B, nh, T * S, 1).expand(-1, -1, -1, hs)
+    return x.gather(2, index).reshape(B, nh, T, S, hs)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask=None, slots=None, cache=None, layer=0, exact=False):
+        """x (B, T, C). At most one of: mask (B, nh, T, T) bool, True = may attend; slots (B, nh, T, S)
+        int positions (gather); cache (smd.KVCache). None of them: plain causal attention."""
+        B, T, C = x.size()
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = linear(x, self.c_attn, exact).split(C, dim=2)
+        q = q.view(B, T, nh, hs).transpose(1, 2)                           # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)                           # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)                           # (B, nh, T, hs)
+
+        if cache is not None:
+            # the cache stores the new keys/values (evicting if full) and says which slots each query sees
+            k_slots, v_slots, visible = cache.update(layer, k, v)         # (B, nh, S, hs) x2, (B, nh, T, S)
+            y, att = attend_slots(q, k_slots.unsqueeze(2), v_slots.unsqueeze(2), visible)
+            cache.observe(layer, att)                                      # eviction scores (H2O, TOVA)
+        elif slots is not None:
+            y, att = attend_slots(q, gather_slots(k, slots), gather_slots(v, slots), slots >= 0)
+        else:
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))         # (B, nh, T, T)
+            att = att.masked_fill(~mask, float("-inf"))                    # <- the shadow mask enters here
+            att = F.softmax(att, dim=-1)
+            y = self.attn_dropout(att) @ v                                 # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)                   # re-assemble heads
+        return self.resid_dropout(linear(y, self.c_proj, exact))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, exact=False):
+        return self.dropout(linear(F.gelu(linear(x, self.c_fc, exact)), self.c_proj, exact))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, **attn_kwargs):
+        x = x + self.attn(self.ln_1(x), **attn_kwargs)
+        return x + self.mlp(self.ln_2(x), exact=attn_kwargs.get("exact", False))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # scaled init of residual projections (GPT-2)
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, mask=None, slots=None, cache=None, exact=False):
+        """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy if targets are given.
+        mask:  per-layer bool visibility, mask[l] is (B, nh, T, T) (an (L, B, nh, T, T) tensor or smd.ShadowMask);
+        slots: per-layer slot positions, slots[l] is (B, nh, T, S), for the gather path;
+        cache: an smd.KVCache; idx then holds the next tokens, at positions cache.length, cache.length+1, ...
+        exact: batch-invariant linears (see `linear`), needed for bitwise sampler == learner."""
+        if sum(a is not None for a in (mask, slots, cache)) > 1:
+            raise ValueError("give at most one of mask, slots, cache")
+        B, T = idx.size()
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, mask=None if mask is None else mask[layer], slots=None if slots is None else slots[layer],
+                      cache=cache, layer=layer, exact=exact)
+        if cache is not None:
+            cache.length += T
+        logits = linear(self.transformer.ln_f(x), self.lm_head, exact)    # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
