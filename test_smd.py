@@ -1,0 +1,243 @@
+"""
+The SMD claims as executable checks: with the recorded shadow mask the learner's log-probs equal the
+compressed sampler's (to float rounding, or bitwise on the exact path), without it they do not, and the
+cache and mask obey the budget. Every test uses a small random GPT on the CPU and runs in seconds.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import smd
+from model import GPT, GPTConfig, gather_slots
+from smd import learner_logprobs, rollout
+
+COMPRESSED = ["streaming", "h2o", "tova", "random"]
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}  # max |log-prob difference| accepted per dtype
+EOS = 15
+BUDGET = 8  # with 40-42 positions per sequence, under 1/3 of the sequence
+
+
+def make_model(dtype=torch.float32, seed=0, block_size=64):
+    """A random GPT whose weights are N(0, 0.1) rather than GPT-2's 0.02, so attention is far from
+    uniform and hiding a key changes the output clearly (with tiny weights every mask looks alike)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=16, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.1)
+    return model.to(dtype).eval()
+
+
+def sample(model, policy, budget=BUDGET, prompts=None, seed=0, **kwargs):
+    prompts = torch.randint(0, 15, (3, 10), generator=torch.Generator().manual_seed(seed)) if prompts is None else prompts
+    return rollout(model, prompts, policy=policy, budget=budget, max_new_tokens=30,
+                   generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def max_diff(a, b, where):
+    return (a - b)[where].abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("attention", ["dense", "gather"])
+@pytest.mark.parametrize("policy", COMPRESSED)
+def test_smd_logprobs_equal_sampler_for_every_policy(policy, attention, dtype):
+    model = make_model(dtype)
+    r = sample(model, policy)
+    assert BUDGET <= r.tokens.shape[1] / 3
+    lp = learner_logprobs(model, r.tokens, r.mask, attention=attention)
+    assert max_diff(lp, r.logprobs, r.response_mask) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("policy", COMPRESSED)
+def test_dense_learner_differs_from_compressed_sampler(policy):
+    model = make_model()
+    r = sample(model, policy)
+    dense = learner_logprobs(model, r.tokens)  # no mask: the naive, off-policy learner
+    assert max_diff(dense, r.logprobs, r.response_mask) > 1e-2
+
+
+@pytest.mark.parametrize("policy", ["full"] + COMPRESSED)
+def test_budget_covering_the_sequence_gives_the_causal_mask(policy):
+    model = make_model()
+    r = sample(model, policy, budget=40)
+    T = r.tokens.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril().expand_as(r.mask.to_dense())
+    assert torch.equal(r.mask.to_dense(), causal)
+    assert max_diff(learner_logprobs(model, r.tokens), r.logprobs, r.response_mask) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("policy", COMPRESSED)
+def test_cache_and_mask_rows_never_exceed_budget(policy, monkeypatch):
+    held = []  # live entries per (layer, row, head) after every cache update
+    update = smd.KVCache.update
+
+    def counting_update(self, layer, k, v):
+        out = update(self, layer, k, v)
+        pos = self.pos[layer]                                              # (B, nh, S)
+        held.append(int((pos >= 0).sum(-1).max()))
+        filled = pos.sort(-1).values
+        assert not ((filled[..., 1:] == filled[..., :-1]) & (filled[..., 1:] >= 0)).any(), "a position is held twice"
+        return out
+
+    monkeypatch.setattr(smd.KVCache, "update", counting_update)
+    model = make_model()
+    r = sample(model, policy)
+    assert max(held) == BUDGET  # the cache filled up, and never beyond
+    dense = r.mask.to_dense()                                              # (L, B, nh, T, T)
+    T = dense.shape[-1]
+    assert dense.sum(-1).max() == BUDGET
+    assert not (dense & ~torch.ones(T, T, dtype=torch.bool).tril()).any(), "a query sees its future"
+    assert dense.diagonal(dim1=-2, dim2=-1).all(), "every query sees itself"
+    assert r.mask.slots.shape[-1] == BUDGET and r.mask.slots.dtype == torch.int16
+    assert r.kv_bytes * T == r.full_kv_bytes * BUDGET
+
+
+def test_streaming_keeps_sinks_and_recent_window():
+    model = make_model()
+    n_sink = 2
+    r = sample(model, "streaming", n_sink=n_sink)
+    dense = r.mask.to_dense()
+    T = dense.shape[-1]
+    for t in range(BUDGET, T):
+        expected = torch.zeros(T, dtype=torch.bool)
+        expected[:n_sink] = True
+        expected[t - (BUDGET - n_sink) + 1:t + 1] = True
+        assert torch.equal(dense[..., t, :], expected.expand_as(dense[..., t, :])), f"query {t}"
+
+
+def test_h2o_always_sees_its_recent_window():
+    model = make_model()
+    n_recent = 3
+    dense = sample(model, "h2o", n_recent=n_recent).mask.to_dense()
+    T = dense.shape[-1]
+    for t in range(n_recent, T):
+        assert dense[..., t, t - n_recent + 1:t + 1].all(), f"query {t}"
+    # and it is not just a window: per head, some old (heavy-hitter) token survives beyond it
+    assert dense[..., -1, :T - BUDGET].any()
+
+
+def test_sampler_decodes_one_token_per_step(monkeypatch):
+    lengths = []  # tokens per model call: a sampler that re-ran the prefix would show growing lengths
+    forward = GPT.forward
+
+    def recording_forward(self, idx, *args, **kwargs):
+        lengths.append(idx.shape[1])
+        return forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", recording_forward)
+    r = sample(make_model(), "h2o")
+    assert lengths[0] == BUDGET  # prefill: the 10-token prompt, capped at the budget
+    assert lengths[1:] == [1] * (r.tokens.shape[1] - BUDGET)
+
+
+def variable_length_rollout(model, policy, seed, budget=BUDGET, **kwargs):
+    """Prompts of 3, 11 and 7 tokens (so prefill is 3 tokens and longer prompts finish in decode) with
+    an EOS token that rows sample at different steps."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 15, (n,), generator=gen).tolist() for n in (3, 11, 7)]
+    r = rollout(model, prompts, policy=policy, budget=budget, max_new_tokens=30, eos_id=EOS,
+                generator=gen, **kwargs)
+    return prompts, r
+
+
+@pytest.mark.parametrize("policy", COMPRESSED)
+def test_variable_length_prompts_and_eos_keep_equality(policy):
+    model = make_model()
+    prompts, r = variable_length_rollout(model, policy, seed=3)
+    ends = []
+    for b, prompt in enumerate(prompts):
+        n = len(prompt)
+        assert r.tokens[b, :n].tolist() == prompt
+        response = r.response_mask[b].nonzero().squeeze(-1)
+        assert response[0] == n and torch.equal(response, torch.arange(n, response[-1] + 1))
+        ends.append(int(response[-1]) + 1)
+        assert (r.tokens[b, ends[-1]:] == EOS).all() and (r.logprobs[b, ends[-1]:] == 0).all()
+    assert sum(r.tokens[b, e - 1] == EOS for b, e in enumerate(ends)) >= 2, "want rows stopped by EOS"
+    assert len(set(ends)) == 3, "want rows ending at different steps"
+    dense = r.mask.to_dense()                                              # (L, B, nh, T, T)
+    for b, end in enumerate(ends):  # a real token only ever sees real tokens of its own row
+        assert not dense[:, b, :, :end, end:].any()
+    for attention in ("dense", "gather"):
+        lp = learner_logprobs(model, r.tokens, r.mask, attention=attention)
+        assert max_diff(lp, r.logprobs, r.response_mask) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("attention", ["dense", "gather"])
+def test_gradients_flow_through_masked_learner(attention):
+    model = make_model()
+    r = sample(model, "h2o")
+    model.train()
+    lp = learner_logprobs(model, r.tokens, r.mask, attention=attention)
+    (-(lp * r.response_mask).sum()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() > 0, f"no gradient reaches {name}"
+
+
+def test_hand_written_attention_matches_sdpa():
+    model = make_model()
+    r = sample(model, "tova")
+    attn = model.transformer.h[0].attn
+    x = torch.randn(*r.tokens.shape, 32, generator=torch.Generator().manual_seed(0))  # (B, T, C)
+    B, T, C = x.shape
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(B, T, 2, C // 2).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+    for mask in (torch.ones(T, T, dtype=torch.bool).tril(), r.mask[0]):
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        reference = attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        ours = attn(x, mask=mask if mask.dim() == 4 else None)
+        assert (ours - reference).abs().max() <= 1e-5
+    gathered = attn(x, slots=r.mask.slots[0])
+    assert (gathered - reference).abs().max() <= 1e-5
+
+
+def test_gather_slots_reads_positions_in_slot_order():
+    x = torch.arange(6.0).view(1, 1, 3, 2)                                # (B, nh, T, hs): position p holds [2p, 2p+1]
+    slots = torch.tensor([[[[2, -1], [0, 1], [1, 2]]]])                   # (B, nh, T, S)
+    assert gather_slots(x, slots)[0, 0, :, :, 0].tolist() == [[4.0, 0.0], [0.0, 2.0], [2.0, 4.0]]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(policy="lru"), "unknown policy"),
+    (dict(policy="h2o", budget=0), "budget must be"),
+    (dict(policy="streaming", budget=4, n_sink=4), "n_sink"),
+    (dict(policy="h2o", budget=4, n_recent=4), "n_recent"),
+    (dict(policy="full", budget=8), "never evicts"),
+    (dict(policy="h2o", max_new_tokens=60), "exceeds block_size"),
+    (dict(policy="streaming", window=3), "bad arguments"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, message):
+    args = dict(budget=BUDGET, max_new_tokens=30) | kwargs
+    with pytest.raises(ValueError, match=message):
+        rollout(make_model(), torch.zeros(2, 10, dtype=torch.long), **args)
+
+# -----------------------------------------------------------------------------
+# exact (bitwise) path: batch-invariant linears + gathered attention in the sampler's slot order
+
+
+@pytest.mark.parametrize("policy", ["full"] + COMPRESSED)
+def test_exact_learner_is_bitwise_equal_to_sampler(policy):
+    model = make_model()
+    budget = 41 if policy == "full" else BUDGET  # the longest prompt (11) + 30 new tokens
+    _, r = variable_length_rollout(model, policy, seed=3, budget=budget, exact=True)
+    lp = learner_logprobs(model, r.tokens, r.mask, attention="gather", exact=True)
+    assert torch.equal(lp[r.response_mask], r.logprobs[r.response_mask])
+
+
+@pytest.mark.parametrize("policy", COMPRESSED)
+def test_gather_path_equals_dense_masked_path_values_and_gradients(policy):
+    model = make_model()
+    _, r = variable_length_rollout(model, policy, seed=3)
+    results = {}
+    for attention in ("dense", "gather"):
+        model.zero_grad()
+        lp = learner_logprobs(model, r.tokens, r.mask, attention=attention)
+        (lp * r.response_mask).sum().backward()
+        results[attention] = lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    (lp_dense, grad_dense), (lp_gather, grad_gather) = results["dense"], results["gather"]
+    assert (lp_dense - lp_gather).abs().max() <= 1e-5
+    for name in grad_dense:
+        assert (grad_dense[name] - grad_gather[name]).abs().max() <= 1e-5, name
