@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+GATHER_CHUNK = 64  # queries per chunk on the gather path; its transient memory is ~ chunk * S * hs per head
 
 
 @dataclass
@@ -63,14 +66,31 @@ def attend_slots(q, k, v, visible):
     return y, att
 
 
+def attend_gathered(q, k, v, slots):
+    """The gather path: q, k, v (B, nh, T, hs), slots (B, nh, T, S) -> y (B, nh, T, hs). Queries go in
+    chunks, and each chunk's gathered keys/values are rebuilt during backward (checkpointing) instead of
+    kept, so memory is O(T * S), not O(T * S * hs) nor O(T^2). Per-query arithmetic is unchanged."""
+    def chunk_attention(q, slots):
+        return attend_slots(q, gather_slots(k, slots), gather_slots(v, slots), slots >= 0)[0]
+
+    ys = []
+    for i in range(0, q.shape[2], GATHER_CHUNK):
+        q_chunk, slots_chunk = q[:, :, i:i + GATHER_CHUNK], slots[:, :, i:i + GATHER_CHUNK]
+        if torch.is_grad_enabled():
+            ys.append(checkpoint(chunk_attention, q_chunk, slots_chunk, use_reentrant=False))
+        else:
+            ys.append(chunk_attention(q_chunk, slots_chunk))
+    return torch.cat(ys, dim=2)
+
+
 def gather_slots(x, slots):
-    """x (B, nh, T, hs), slots (B, nh, T, S) positions (-1 = empty) -> (B, nh, T, S, hs): row t gets the
-    keys (or values) at the positions its slots name, in slot order. Empty slots read position 0; the
-    caller masks them out. Backward scatters the gradient to every gathered position."""
-    B, nh, T, hs = x.shape
-    S = slots.shape[-1]
-    index = slots.clamp(min=0).long().reshape(B, nh, T * S, 1).expand(-1, -1, -1, hs)
-    return x.gather(2, index).reshape(B, nh, T, S, hs)
+    """x (B, nh, T, hs), slots (B, nh, Tq, S) positions (-1 = empty) -> (B, nh, Tq, S, hs): query row i
+    gets the keys (or values) at the positions its slots name, in slot order. Empty slots read position 0;
+    the caller masks them out. Backward scatters the gradient to every gathered position."""
+    B, nh, Tq, S = slots.shape
+    hs = x.shape[-1]
+    index = slots.clamp(min=0).long().reshape(B, nh, Tq * S, 1).expand(-1, -1, -1, hs)
+    return x.gather(2, index).reshape(B, nh, Tq, S, hs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -99,7 +119,7 @@ class CausalSelfAttention(nn.Module):
             y, att = attend_slots(q, k_slots.unsqueeze(2), v_slots.unsqueeze(2), visible)
             cache.observe(layer, att)                                      # eviction scores (H2O, TOVA)
         elif slots is not None:
-            y, att = attend_slots(q, gather_slots(k, slots), gather_slots(v, slots), slots >= 0)
+            y = attend_gathered(q, k, v, slots)
         else:
             if mask is None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model as model_module
 import smd
 from model import GPT, GPTConfig, gather_slots
 from smd import learner_logprobs, rollout
@@ -16,6 +17,12 @@ COMPRESSED = ["streaming", "h2o", "tova", "random"]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}  # max |log-prob difference| accepted per dtype
 EOS = 15
 BUDGET = 8  # with 40-42 positions per sequence, under 1/3 of the sequence
+
+
+@pytest.fixture(autouse=True)
+def small_gather_chunks(monkeypatch):
+    """Sequences here are ~40 positions; chunks of 16 make every gather-path test cross chunk borders."""
+    monkeypatch.setattr(model_module, "GATHER_CHUNK", 16)
 
 
 def make_model(dtype=torch.float32, seed=0, block_size=64):
