@@ -234,6 +234,9 @@ def rollout(model, prompts, *, policy, budget, max_new_tokens, temperature=1.0, 
         raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {T} exceeds "
                          f"block_size {model.config.block_size}")
     policy.check(budget, T)
+    vocab_size = model.config.vocab_size
+    if prompts.min() < 0 or prompts.max() >= vocab_size or (eos_id is not None and not 0 <= eos_id < vocab_size):
+        raise ValueError(f"prompt tokens and eos_id must lie in [0, vocab_size={vocab_size})")
 
     tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     tokens[:, :P] = prompts

@@ -215,6 +215,7 @@ def test_gather_slots_reads_positions_in_slot_order():
     (dict(policy="full", budget=8), "never evicts"),
     (dict(policy="h2o", max_new_tokens=60), "exceeds block_size"),
     (dict(policy="streaming", window=3), "bad arguments"),
+    (dict(policy="h2o", eos_id=16), "vocab_size"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, message):
     args = dict(budget=BUDGET, max_new_tokens=30) | kwargs
