@@ -23,7 +23,7 @@ def test_every_vocab_character_round_trips_as_its_own_token():
 def test_problem_texts_round_trip_exactly_one_token_per_character():
     rng = random.Random(0)
     for _ in range(200):
-        p = Problem(tuple(rng.randrange(100) for _ in range(N_OPERANDS)), N_DIGITS)
+        p = Problem(tuple(rng.randrange(10 ** N_DIGITS) for _ in range(N_OPERANDS)), N_DIGITS)
         text = format_prompt(p) + format_response(p)
         ids = encode(text)
         assert len(ids) == len(text)
