@@ -1,0 +1,151 @@
+"""
+Specification of train.py on tiny configs (CPU, seconds): one GRPO step runs in every mode, SMD's learner
+sees exactly what the sampler saw while the naive learner does not, the GRPO pieces (advantages, TIS
+weights) keep their promises, bad config is rejected before any work, and runs are reproducible and
+resumable. The tokenizer and reward are specified in test_data.py.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+import train
+from model import GPT, GPTConfig
+from data.arithmetic import VOCAB_SIZE
+
+TINY = dict(train.CONFIG, n_layer=1, n_head=2, n_embd=16, prompts_per_step=2, group_size=4, budget=16,
+            policy="h2o", sft_steps=3, sft_batch_size=8, n_steps=2, n_train=50, eval_problems=4,
+            eval_interval=1, ckpt_interval=1, lr=1e-3, cpu_threads=1, device="cpu")
+
+
+def tiny_model(seed=0, std=0.5):
+    """A random model with large weights, so attention is peaked and evicting a key changes the output."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=64, vocab_size=VOCAB_SIZE, n_layer=1, n_head=2, n_embd=16))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def one_step(mode, seed=0, **overrides):
+    cfg = dict(TINY, mode=mode, **overrides)
+    model = tiny_model(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
+    problems, _, _ = train.make_splits(seed, 2, 0, 0)
+    stats = train.grpo_step(model, optimizer, problems, cfg, torch.Generator().manual_seed(seed))
+    return stats, model
+
+
+@pytest.mark.parametrize("mode", train.MODES)
+def test_one_grpo_step_runs_and_moves_the_weights_in_every_mode(mode):
+    before = tiny_model(0).state_dict()
+    stats, model = one_step(mode)
+    assert all(v is None or torch.isfinite(torch.tensor(float(v))) for v in stats.values())
+    moved = max((p - before[n]).abs().max().item() for n, p in model.state_dict().items())
+    assert moved > 1e-5  # the tiny model's distill KL or policy gradient changed something
+    assert (stats["kv_bytes"] < stats["full_kv_bytes"]) == (mode != "dense")
+
+
+def test_smd_learner_matches_the_sampler_to_float32_rounding_and_naive_does_not():
+    smd_stats, _ = one_step("smd")
+    naive_stats, _ = one_step("naive")
+    assert smd_stats["mismatch_max"] <= 1e-5       # same samples, same mask: only summation order differs
+    assert naive_stats["mismatch_max"] > 1e-2      # the dense learner sees keys the sampler had evicted
+    assert naive_stats["mismatch_k3"] > 1e3 * max(smd_stats["mismatch_k3"], 1e-12)
+
+
+def test_smd_gather_learner_is_on_policy_too():
+    stats, _ = one_step("smd", learner_attention="gather")
+    assert stats["mismatch_max"] <= 1e-5
+
+
+def test_advantages_are_zero_mean_per_group_and_zero_for_a_uniform_group():
+    rewards = torch.tensor([1., 0., 0., 1., 1., 1., 1., 1., 0., 0., 0., 1.])
+    adv = train.group_advantages(rewards, 4).view(3, 4)
+    assert adv.mean(-1).abs().max().item() < 1e-6
+    assert adv[1].abs().max().item() == 0.0                     # all four scored 1: no signal
+    assert adv[0, 0].item() == pytest.approx(1.0, abs=1e-5)     # normalized: unit std within the group
+
+
+def test_tis_weights_never_exceed_the_cap_and_equal_the_ratio_below_it():
+    g = torch.Generator().manual_seed(0)
+    lp_learner, lp_sampler = -3 * torch.rand(4, 30, generator=g), -3 * torch.rand(4, 30, generator=g)
+    w = train.tis_weights(lp_learner, lp_sampler, cap=2.0)
+    ratio = torch.exp(lp_learner - lp_sampler)
+    assert w.max().item() <= 2.0
+    assert (ratio > 2.0).any()                                  # the cap was actually exercised
+    below = ratio <= 2.0
+    assert torch.allclose(w[below], ratio[below], atol=0, rtol=1e-6)
+
+
+def test_grpo_loss_is_clipped_outside_the_trust_region():
+    lp_old, adv, mask = torch.zeros(1, 3), torch.ones(1), torch.ones(1, 3, dtype=torch.bool)
+    lp = torch.log(torch.tensor([[1.5, 1.0, 0.5]])).requires_grad_()
+    loss, clip_frac = train.grpo_loss(lp, lp_old, adv, mask, clip_eps=0.2)
+    loss.backward()
+    assert loss.item() == pytest.approx(-(1.2 + 1.0 + 0.5) / 3, abs=1e-6)   # min(r A, clip(r) A), A = 1
+    assert lp.grad[0, 0].item() == 0.0                           # above 1 + eps: no push further up
+    assert clip_frac == pytest.approx(2 / 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(mode="ppo"), "unknown mode"),
+    (dict(policy="lru"), "unknown policy"),
+    (dict(budget=65), "larger than block_size"),
+    (dict(budget=4), "n_recent"),                     # h2o keeps 4 recent tokens: budget 4 leaves none
+    (dict(policy="full", budget=32), "never evicts"),
+    (dict(group_size=1), "group_size"),
+    (dict(n_layer=0), "n_layer"),
+    (dict(lr=0.0), "lr"),
+    (dict(distill_teacher="both"), "distill_teacher"),
+])
+def test_bad_config_is_rejected_with_a_message(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train.validate_config(dict(train.CONFIG, **overrides))
+
+
+def test_bad_config_fails_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="unknown mode"):
+        train.main(["--mode=ppo", f"--out_dir={out}"])
+    assert not out.exists()                             # no warm-up, no checkpoint, no log
+
+
+def test_overrides_keep_their_types_and_reject_unknown_keys():
+    assert train.parse_overrides(["--budget=8", "--mode=tis", "--lr=1", "--resume=True"]) == \
+        dict(budget=8, mode="tis", lr=1.0, resume=True)
+    with pytest.raises(ValueError, match="unknown config key"):
+        train.parse_overrides(["--bugdet=8"])
+    with pytest.raises(ValueError, match="wants a int"):
+        train.parse_overrides(["--budget=8.5"])
+
+
+def test_same_seed_gives_the_same_step_bit_for_bit():
+    a, model_a = one_step("tis", seed=3)
+    b, model_b = one_step("tis", seed=3)
+    assert {k: v for k, v in a.items() if k != "tok_per_s"} == {k: v for k, v in b.items() if k != "tok_per_s"}
+    assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
+
+
+def args(cfg, **overrides):
+    return [f"--{k}={v}" for k, v in dict(cfg, **overrides).items() if k != "device"]
+
+
+def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    cfg = {k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "prompts_per_step", "group_size", "sft_steps",
+                                "sft_batch_size", "n_train", "eval_problems", "eval_interval", "lr")}
+    cfg.update(out_dir=str(tmp_path), mode="smd", distill_coef=0.1)
+    straight = train.main(args(cfg, n_steps=3, run_name="straight"))
+    train.main(args(cfg, n_steps=2, run_name="resumed"))
+    resumed = train.main(args(cfg, n_steps=3, run_name="resumed", resume=True))
+    a = torch.load(tmp_path / "straight.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed.pt", weights_only=False)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert straight["mismatch_max_mean"] == resumed["mismatch_max_mean"]
+    records = [json.loads(line) for line in open(tmp_path / "resumed.jsonl")]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+    assert records[-1]["kind"] == "summary"
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))  # checkpoints written atomically

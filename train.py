@@ -1,0 +1,393 @@
+"""
+GRPO post-training of the small GPT on the arithmetic task, with a compressed (evicting) KV cache during
+rollouts. `--mode` picks how the learner treats those rollouts, so one command shows the whole story:
+  dense  full-cache rollouts, dense learner: the on-policy reference;
+  naive  compressed rollouts, dense learner: the learner silently trains on someone else's samples;
+  tis    as naive, each token weighted by min(pi_learner / pi_sampler, tis_cap): patched, at a variance cost;
+  smd    compressed rollouts, learner under the recorded shadow mask (exactly on-policy), plus a KL that
+         distils the dense pass of the same weights into the masked one (Shadow Mask Distillation).
+Phase 1 is a supervised warm-up on worked examples, cached in out/sft_<hash>.pt so every mode starts from
+the same base; phase 2 is GRPO. Every step logs reward, sampler-vs-learner mismatch, grad norm, KV memory
+and speed; out/<run_name>.jsonl holds the same for plotting; the last line printed starts with "summary:".
+
+    python train.py                                    # smd, h2o, budget 16: a few minutes on 2 CPU cores
+    python train.py --mode=naive                       # same base, shows the off-policy mismatch
+    python train.py --mode=tis --policy=streaming --budget=24
+    # one GPU (picked automatically when present), a bigger model and batch:
+    python train.py --n_layer=4 --n_embd=128 --sft_steps=4000 --sft_batch_size=256 --n_steps=300 \
+        --prompts_per_step=32 --group_size=16 --eval_problems=1000
+
+Not here: the model (model.py), the cache, shadow mask, rollout and learner passes (smd.py), the task (data/).
+"""
+
+import ast
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+import smd
+from data.arithmetic import EOS_ID, N_DIGITS, N_OPERANDS, VOCAB_SIZE, decode, encode, format_prompt, \
+    format_response, make_splits, max_lengths, reward
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# config: every default here, any of them overridden by --key=value
+# run
+mode = "smd"                # dense | naive | tis | smd
+policy = "h2o"              # eviction policy of the compressed rollouts: streaming | h2o | tova | random | full
+budget = 16                 # KV slots per layer and head during compressed rollouts (the sequence is 53 tokens)
+seed = 0
+device = "cuda" if torch.cuda.is_available() else "cpu"
+cpu_threads = 1             # the matrices are too small to gain from more, and an extra thread busy-waits
+#                             (50x slower here) whenever another process shares the cores
+out_dir = "out"
+run_name = ""               # "" -> f"{mode}_{policy}{budget}"
+resume = False              # continue out/<run_name>.pt (model, optimizer, step, RNG states)
+# data
+n_train = 20000
+eval_problems = 200         # held-out (val split) problems for greedy accuracy
+# model (dropout stays 0: with it the learner could never reproduce the sampler's log-probs)
+n_layer = 2
+n_head = 4
+n_embd = 64
+block_size = 64
+# phase 1: supervised warm-up on correct worked examples
+sft_steps = 600
+sft_batch_size = 64
+sft_lr = 3e-3
+sft_warmup = 50             # linear warm-up steps, then cosine decay to 10% of sft_lr
+# phase 2: GRPO
+n_steps = 30
+prompts_per_step = 8
+group_size = 8              # G samples per prompt; advantages are normalized within each group
+temperature = 1.0           # sampling temperature of the rollouts (the learner divides by the same)
+lr = 3e-5                   # small: 30 Adam steps at 3e-4 wiped out the warm-up (54% -> 0% dense accuracy)
+updates_per_batch = 2       # gradient steps on each batch of rollouts; from the 2nd on, the ratio clip acts
+clip_eps = 0.2              # PPO ratio clip
+grad_clip = 1.0
+tis_cap = 2.0               # C in min(pi_learner / pi_sampler, C), mode=tis
+distill_coef = 0.001        # weight of the SMD distillation KL, mode=smd; 0 = on-policy GRPO under the mask only.
+#                             Small on purpose: measured on the default run (30 steps), 0.1 and 0.01 drove dense
+#                             greedy accuracy from 54% to 0% (the shared weights let the "frozen" teacher drift)
+distill_teacher = "dense"   # "dense": dense pass teaches the masked pass (stop-gradient teacher), the
+#                             compressed policy learns what full context knows; "sparse": the reverse, the
+#                             dense pass is pulled towards what the compressed policy does
+learner_attention = "dense"  # mode=smd: "dense" (T x T boolean mask) or "gather" (O(T * budget) scores)
+log_interval = 1
+eval_interval = 10
+ckpt_interval = 10
+CONFIG = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+# -----------------------------------------------------------------------------
+
+MODES = ("dense", "naive", "tis", "smd")
+
+
+def parse_overrides(argv, defaults=CONFIG):
+    """['--budget=8', '--mode=tis'] -> {'budget': 8, 'mode': 'tis'}; a value keeps its default's type."""
+    out = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ValueError(f"arguments look like --key=value, got {arg!r}")
+        key, text = arg[2:].split("=", 1)
+        if key not in defaults:
+            raise ValueError(f"unknown config key {key!r}; known: {sorted(defaults)}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word such as --mode=smd
+        default = defaults[key]
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default):
+            raise ValueError(f"--{key} wants a {type(default).__name__}, got {text!r}")
+        out[key] = value
+    return out
+
+
+def validate_config(cfg):
+    """Raise ValueError, saying what is allowed, for any value that would fail later (or silently)."""
+    if cfg["mode"] not in MODES:
+        raise ValueError(f"unknown mode {cfg['mode']!r}; choose one of {MODES}")
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "n_train", "eval_problems", "sft_batch_size",
+                "n_steps", "prompts_per_step", "updates_per_batch", "log_interval", "eval_interval",
+                "ckpt_interval", "budget", "cpu_threads"):
+        if cfg[key] < 1:
+            raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
+    for key in ("sft_steps", "sft_warmup"):
+        if cfg[key] < 0:
+            raise ValueError(f"{key} must be >= 0, got {cfg[key]}")
+    for key in ("sft_lr", "lr", "temperature", "tis_cap", "grad_clip"):
+        if not cfg[key] > 0:
+            raise ValueError(f"{key} must be > 0, got {cfg[key]}")
+    if cfg["group_size"] < 2:
+        raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got {cfg['group_size']}")
+    if not 0 <= cfg["clip_eps"] < 1 or cfg["distill_coef"] < 0:
+        raise ValueError(f"need 0 <= clip_eps < 1 and distill_coef >= 0, got {cfg['clip_eps']}, {cfg['distill_coef']}")
+    if cfg["distill_teacher"] not in ("dense", "sparse"):
+        raise ValueError(f"distill_teacher must be 'dense' or 'sparse', got {cfg['distill_teacher']!r}")
+    if cfg["learner_attention"] not in ("dense", "gather"):
+        raise ValueError(f"learner_attention must be 'dense' or 'gather', got {cfg['learner_attention']!r}")
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise ValueError(f"n_embd={cfg['n_embd']} must be divisible by n_head={cfg['n_head']}")
+    seq_len = sum(max_lengths())
+    if cfg["block_size"] < seq_len:
+        raise ValueError(f"block_size {cfg['block_size']} must hold prompt + response = {seq_len} tokens")
+    if cfg["budget"] > cfg["block_size"]:
+        raise ValueError(f"budget {cfg['budget']} is larger than block_size {cfg['block_size']}")
+    smd.make_policy(cfg["policy"]).check(cfg["budget"], seq_len)  # unknown policy, or budget too small for it
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no GPU is visible")
+
+
+def save_atomic(obj, path):
+    # a crash mid-write leaves the previous checkpoint intact, never a truncated one
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+# -----------------------------------------------------------------------------
+# phase 1: supervised warm-up
+
+
+def sft_batch(problems, device):
+    """Worked examples -> inputs x (B, T-1) and targets y (B, T-1), -1 (ignored) on prompt positions."""
+    P, _ = max_lengths()
+    seq = torch.tensor([encode(format_prompt(p) + format_response(p)) + [EOS_ID] for p in problems], device=device)
+    x, y = seq[:, :-1], seq[:, 1:].clone()                                # (B, T-1) each
+    y[:, :P - 1] = -1  # learn the response only; the prompt is random digits
+    return x, y
+
+
+def sft(model, train_problems, cfg, generator):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["sft_lr"], weight_decay=0.0)
+    for step in range(cfg["sft_steps"]):
+        decay = 0.5 * (1 + math.cos(math.pi * step / cfg["sft_steps"]))
+        lr_now = cfg["sft_lr"] * min(1.0, (step + 1) / (cfg["sft_warmup"] + 1)) * (0.1 + 0.9 * decay)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        idx = torch.randint(len(train_problems), (cfg["sft_batch_size"],), generator=generator, device=generator.device)
+        x, y = sft_batch([train_problems[i] for i in idx.tolist()], cfg["device"])
+        _, loss = model(x, y)
+        check_finite(loss, f"sft step {step} loss")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        optimizer.step()
+        if step % 100 == 0 or step == cfg["sft_steps"] - 1:
+            print(f"sft {step:4d} | loss {loss.item():.4f} | lr {lr_now:.2e}")
+
+# -----------------------------------------------------------------------------
+# phase 2: GRPO
+
+
+def group_advantages(rewards, group_size):
+    """rewards (B,) with B = n_prompts * group_size, group-major -> (B,) advantages, zero mean per group.
+    A group whose samples all scored the same carries no signal and gets advantage 0."""
+    r = rewards.view(-1, group_size)                                       # (n_prompts, G)
+    adv = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True, unbiased=False) + 1e-6)
+    return adv.view(-1)
+
+
+def tis_weights(lp_learner, lp_sampler, cap):
+    """Truncated importance weights min(pi_learner / pi_sampler, cap), (B, T), no gradient: they correct
+    for sampling from the compressed policy while training the dense one, and the cap bounds the variance."""
+    return torch.exp(lp_learner - lp_sampler).clamp(max=cap).detach()
+
+
+def mismatch(lp_learner, lp_sampler, response_mask):
+    """Max |log pi_learner - log pi_sampler| and the mean k3 estimate of KL(sampler || learner)
+    (exp(r) - 1 - r, r the log-ratio: unbiased and >= 0 per token) over response tokens."""
+    r = (lp_learner - lp_sampler)[response_mask]                           # (n_response_tokens,)
+    return r.abs().max().item(), (r.exp() - 1 - r).mean().item()
+
+
+def grpo_loss(lp, lp_old, advantages, response_mask, clip_eps, weights=None):
+    """Clipped-ratio policy-gradient loss, a mean over every response token of the batch (token-level, so a
+    long response is not down-weighted). lp, lp_old, weights (B, T); advantages (B,). -> loss, clip fraction."""
+    ratio = torch.exp(lp - lp_old)                                         # (B, T)
+    adv = advantages[:, None]                                              # (B, 1), one per sequence
+    per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    if weights is not None:
+        per_token = per_token * weights
+    m = response_mask.to(lp.dtype)
+    clipped = ((ratio - 1).abs() > clip_eps).to(lp.dtype)
+    return (per_token * m).sum() / m.sum(), ((clipped * m).sum() / m.sum()).item()
+
+
+def check_finite(value, what):
+    if not torch.isfinite(torch.as_tensor(value)).all():
+        raise FloatingPointError(f"{what} is {value}: stopping (lower lr, or check the last checkpoint)")
+
+
+def grpo_step(model, optimizer, problems, cfg, generator):
+    """One GRPO iteration: sample group_size completions of each problem, score them, and take
+    updates_per_batch gradient steps. Returns the numbers a practitioner diagnoses with."""
+    t0 = time.time()
+    P, R = max_lengths()
+    G, mode = cfg["group_size"], cfg["mode"]
+    group_problems = [p for p in problems for _ in range(G)]               # B = len(problems) * G, group-major
+    compressed = mode != "dense"
+    ro = smd.rollout(model, [encode(format_prompt(p)) for p in group_problems],
+                     policy=cfg["policy"] if compressed else "full", budget=cfg["budget"] if compressed else P + R,
+                     max_new_tokens=R, temperature=cfg["temperature"], eos_id=EOS_ID, generator=generator)
+    tokens, resp, lp_sampler = ro.tokens, ro.response_mask, ro.logprobs     # (B, T) each
+    rewards = torch.tensor([reward(p, decode(tokens[i, P:].tolist())) for i, p in enumerate(group_problems)],
+                           device=tokens.device)                           # (B,)
+    adv = group_advantages(rewards, G)                                     # (B,)
+    mask = ro.mask if mode == "smd" else None  # only SMD shows the learner what the sampler saw
+    attention = cfg["learner_attention"] if mode == "smd" else "dense"
+
+    def learner(m):
+        return smd.learner_logits(model, tokens, m, attention=attention if m is not None else "dense")
+
+    with torch.no_grad():  # the learner's view of the batch before any update: what the mismatch measures
+        lp_learner = smd.token_logprobs(learner(mask), tokens, cfg["temperature"])   # (B, T)
+    mm_max, mm_k3 = mismatch(lp_learner, lp_sampler, resp)
+    # dense, smd: the sampler's log-probs are the learner's own (to rounding). naive, tis: the usual practice
+    # of recomputing them with the learner, which hides that the samples came from another policy
+    lp_old = lp_sampler if mode in ("dense", "smd") else lp_learner
+    weights = tis_weights(lp_learner, lp_sampler, cfg["tis_cap"]) if mode == "tis" else None
+
+    for _ in range(cfg["updates_per_batch"]):
+        logits = learner(mask)                                             # (B, T, vocab)
+        pg_loss, clip_frac = grpo_loss(smd.token_logprobs(logits, tokens, cfg["temperature"]), lp_old, adv,
+                                       resp, cfg["clip_eps"], weights)
+        kl = torch.zeros((), device=tokens.device)
+        if mode == "smd" and cfg["distill_coef"] > 0:
+            if cfg["distill_teacher"] == "dense":
+                with torch.no_grad():
+                    teacher = learner(None)                                # the unmasked pass, same weights
+                kl = smd.distill_kl(logits, teacher, resp)
+            else:
+                kl = smd.distill_kl(learner(None), logits, resp)           # distill_kl detaches the teacher
+        loss = pg_loss + cfg["distill_coef"] * kl
+        check_finite(loss, "loss")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"]).item()
+        check_finite(grad_norm, "grad norm")
+        optimizer.step()
+
+    return dict(reward=rewards.mean().item(), mismatch_max=mm_max, mismatch_k3=mm_k3, loss=loss.item(),
+                distill_kl=kl.item(), clip_frac=clip_frac, grad_norm=grad_norm,
+                tis_w_mean=None if weights is None else weights[resp].mean().item(),
+                kv_bytes=ro.kv_bytes, full_kv_bytes=ro.full_kv_bytes,
+                tok_per_s=resp.sum().item() / (time.time() - t0))
+
+
+@torch.no_grad()
+def evaluate(model, problems, policy, budget):
+    """Greedy exact-match accuracy on `problems` with a cache of `budget` slots evicted by `policy`."""
+    P, R = max_lengths()
+    ro = smd.rollout(model, [encode(format_prompt(p)) for p in problems], policy=policy, budget=budget,
+                     max_new_tokens=R, temperature=0, eos_id=EOS_ID)
+    return sum(reward(p, decode(ro.tokens[i, P:].tolist())) for i, p in enumerate(problems)) / len(problems)
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    t_start = time.time()
+    cfg = dict(CONFIG, **parse_overrides(argv))
+    validate_config(cfg)  # before any work: a typo should cost a second, not a warm-up
+    cfg["run_name"] = cfg["run_name"] or f"{cfg['mode']}_{cfg['policy']}{cfg['budget']}"
+    ckpt_path = os.path.join(cfg["out_dir"], cfg["run_name"] + ".pt")
+    if cfg["resume"] and not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"--resume=True but there is no checkpoint at {ckpt_path}")
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    torch.set_num_threads(cfg["cpu_threads"])
+    random.seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    generator = torch.Generator(device=cfg["device"]).manual_seed(cfg["seed"])  # batches and sampling
+    P, R = max_lengths()
+    train_problems, val_problems, _ = make_splits(cfg["seed"], cfg["n_train"], cfg["eval_problems"], 0)
+    model = GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=VOCAB_SIZE, n_layer=cfg["n_layer"],
+                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0)).to(cfg["device"])
+    dense_eval = lambda: evaluate(model, val_problems, "full", P + R)
+    compressed_eval = lambda: evaluate(model, val_problems, cfg["policy"], cfg["budget"])
+
+    # phase 1, shared by every mode: the checkpoint is named by everything that determines it
+    sft_key = {k: cfg[k] for k in ("seed", "n_train", "n_layer", "n_head", "n_embd", "block_size", "sft_steps",
+                                   "sft_batch_size", "sft_lr", "sft_warmup", "grad_clip")}
+    sft_key.update(n_operands=N_OPERANDS, n_digits=N_DIGITS)
+    sft_path = os.path.join(cfg["out_dir"], "sft_" + hashlib.sha1(json.dumps(sft_key, sort_keys=True).encode())
+                            .hexdigest()[:10] + ".pt")
+    if os.path.exists(sft_path):
+        model.load_state_dict(torch.load(sft_path, map_location=cfg["device"]))
+        print(f"sft: reusing {sft_path}")
+    elif not cfg["resume"]:
+        t0 = time.time()
+        sft(model, train_problems, cfg, generator)
+        save_atomic(model.state_dict(), sft_path)
+        print(f"sft: {cfg['sft_steps']} steps in {time.time() - t0:.1f}s, saved {sft_path}")
+    generator.manual_seed(cfg["seed"] + 1)  # RL sees the same stream whether the warm-up ran or was reused
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    start, history = 0, dict(mismatch_max=[], grad_norm=[], kv_frac=[])
+    log_path = os.path.join(cfg["out_dir"], cfg["run_name"] + ".jsonl")
+    if cfg["resume"]:
+        ckpt = torch.load(ckpt_path, map_location=cfg["device"], weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        generator.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        random.setstate(ckpt["python_rng"])
+        start, history = ckpt["step"], ckpt["history"]
+        print(f"resuming {ckpt_path} at step {start}")
+    log_file = open(log_path, "a" if cfg["resume"] else "w")
+
+    def log(record):
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    if start == 0:
+        acc_dense, acc_comp = dense_eval(), compressed_eval()
+        print(f"eval  {0:4d} | greedy acc dense {acc_dense:.3f} | {cfg['policy']}@{cfg['budget']} {acc_comp:.3f}")
+        log(dict(kind="eval", step=0, acc_dense=acc_dense, acc_compressed=acc_comp))
+    print(f"grpo: mode={cfg['mode']} policy={cfg['policy']} budget={cfg['budget']} "
+          f"batch={cfg['prompts_per_step']}x{cfg['group_size']} device={cfg['device']}")
+    for step in range(start, cfg["n_steps"]):
+        idx = torch.randint(len(train_problems), (cfg["prompts_per_step"],), generator=generator,
+                            device=generator.device)
+        s = grpo_step(model, optimizer, [train_problems[i] for i in idx.tolist()], cfg, generator)
+        elapsed = time.time() - t_start
+        history["mismatch_max"].append(s["mismatch_max"])
+        history["grad_norm"].append(s["grad_norm"])
+        history["kv_frac"].append(s["kv_bytes"] / s["full_kv_bytes"])
+        log(dict(kind="train", step=step + 1, elapsed_s=elapsed, **s))
+        if (step + 1) % cfg["log_interval"] == 0:
+            print(f"step {step + 1:4d} | reward {s['reward']:.3f} | mismatch max {s['mismatch_max']:.1e} "
+                  f"k3 {s['mismatch_k3']:.1e} | loss {s['loss']:+.4f} kl {s['distill_kl']:.4f} "
+                  f"clip {s['clip_frac']:.2f} | grad {s['grad_norm']:.3f} | kv {s['kv_bytes'] / 1024:.0f}/"
+                  f"{s['full_kv_bytes'] / 1024:.0f} KiB | {s['tok_per_s']:.0f} tok/s | {elapsed:.1f}s")
+        last = step + 1 == cfg["n_steps"]
+        if (step + 1) % cfg["eval_interval"] == 0 or last:
+            acc_dense, acc_comp = dense_eval(), compressed_eval()
+            print(f"eval  {step + 1:4d} | greedy acc dense {acc_dense:.3f} | "
+                  f"{cfg['policy']}@{cfg['budget']} {acc_comp:.3f}")
+            log(dict(kind="eval", step=step + 1, acc_dense=acc_dense, acc_compressed=acc_comp))
+        if (step + 1) % cfg["ckpt_interval"] == 0 or last:
+            save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step + 1,
+                             generator=generator.get_state(), torch_rng=torch.get_rng_state(),
+                             python_rng=random.getstate(), history=history, config=cfg), ckpt_path)
+
+    if start >= cfg["n_steps"]:  # resumed a finished run: nothing trained, evaluate for the summary
+        acc_dense, acc_comp = dense_eval(), compressed_eval()
+    grad_norms = torch.tensor(history["grad_norm"])
+    summary = dict(mode=cfg["mode"], policy=cfg["policy"], budget=cfg["budget"], acc_dense=acc_dense,
+                   acc_compressed=acc_comp, mismatch_max_mean=sum(history["mismatch_max"]) / len(grad_norms),
+                   grad_norm_std=grad_norms.std(unbiased=False).item(),
+                   kv_frac=sum(history["kv_frac"]) / len(grad_norms), wall_s=time.time() - t_start)
+    log(dict(kind="summary", **summary))
+    log_file.close()
+    print("summary: " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
