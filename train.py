@@ -13,7 +13,7 @@ and speed; out/<run_name>.jsonl holds the same for plotting; the last line print
     python train.py                                    # smd, h2o, budget 16: a few minutes on 2 CPU cores
     python train.py --mode=naive                       # same base, shows the off-policy mismatch
     python train.py --mode=tis --policy=streaming --budget=24
-    # one GPU (picked automatically when present), a bigger model and batch:
+    # one GPU (picked automatically when present), a bigger model and batch (a suggestion, not measured here):
     python train.py --n_layer=4 --n_embd=128 --sft_steps=4000 --sft_batch_size=256 --n_steps=300 \
         --prompts_per_step=32 --group_size=16 --eval_problems=1000
 
@@ -73,8 +73,9 @@ clip_eps = 0.2              # PPO ratio clip
 grad_clip = 1.0
 tis_cap = 2.0               # C in min(pi_learner / pi_sampler, C), mode=tis
 distill_coef = 0.001        # weight of the SMD distillation KL, mode=smd; 0 = on-policy GRPO under the mask only.
-#                             Small on purpose: measured on the default run (30 steps), 0.1 and 0.01 drove dense
-#                             greedy accuracy from 54% to 0% (the shared weights let the "frozen" teacher drift)
+#                             Small because it leads whenever a batch has no reward signal (Adam rescales a KL-only
+#                             gradient to full-size steps). Default run, 30 steps, dense/h2o@16 greedy accuracy
+#                             from 54%/4.5%: coef 0.1 -> 0%/3.5%, 0.01 -> 0%/8%, 0.001 -> 8%/9%, 0 -> 33%/7%
 distill_teacher = "dense"   # "dense": dense pass teaches the masked pass (stop-gradient teacher), the
 #                             compressed policy learns what full context knows; "sparse": the reverse, the
 #                             dense pass is pulled towards what the compressed policy does
@@ -379,7 +380,9 @@ def main(argv):
     if start >= cfg["n_steps"]:  # resumed a finished run: nothing trained, evaluate for the summary
         acc_dense, acc_comp = dense_eval(), compressed_eval()
     grad_norms = torch.tensor(history["grad_norm"])
-    summary = dict(mode=cfg["mode"], policy=cfg["policy"], budget=cfg["budget"], acc_dense=acc_dense,
+    compressed = cfg["mode"] != "dense"  # a dense run's rollouts used a full cache, whatever --policy says
+    summary = dict(mode=cfg["mode"], policy=cfg["policy"] if compressed else "full",
+                   budget=cfg["budget"] if compressed else P + R, acc_dense=acc_dense,
                    acc_compressed=acc_comp, mismatch_max_mean=sum(history["mismatch_max"]) / len(grad_norms),
                    grad_norm_std=grad_norms.std(unbiased=False).item(),
                    kv_frac=sum(history["kv_frac"]) / len(grad_norms), wall_s=time.time() - t_start)
