@@ -32,6 +32,7 @@ def tiny_model(seed=0, std=0.5):
 
 def one_step(mode, seed=0, **overrides):
     cfg = dict(TINY, mode=mode, **overrides)
+    torch.set_num_threads(cfg["cpu_threads"])  # as train.main does: a busy second core slows 2 threads 50x
     model = tiny_model(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
     problems, _, _ = train.make_splits(seed, 2, 0, 0)
@@ -89,6 +90,15 @@ def test_grpo_loss_is_clipped_outside_the_trust_region():
     assert loss.item() == pytest.approx(-(1.2 + 1.0 + 0.5) / 3, abs=1e-6)   # min(r A, clip(r) A), A = 1
     assert lp.grad[0, 0].item() == 0.0                           # above 1 + eps: no push further up
     assert clip_frac == pytest.approx(2 / 3, abs=1e-6)
+
+
+def test_a_non_finite_loss_stops_before_the_weights_change(monkeypatch):
+    monkeypatch.setattr(train.smd, "distill_kl", lambda *a, **k: torch.tensor(float("nan")))
+    model, untouched = tiny_model(0), tiny_model(0)
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        train.grpo_step(model, torch.optim.AdamW(model.parameters()), train.make_splits(0, 2, 0, 0)[0],
+                        dict(TINY, mode="smd"), torch.Generator().manual_seed(0))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), untouched.parameters()))
 
 
 @pytest.mark.parametrize("overrides, message", [
