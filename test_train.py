@@ -127,8 +127,9 @@ def test_bad_config_fails_before_any_work(tmp_path):
 def test_overrides_keep_their_types_and_reject_unknown_keys():
     assert train.parse_overrides(["--budget=8", "--mode=tis", "--lr=1", "--resume=True"]) == \
         dict(budget=8, mode="tis", lr=1.0, resume=True)
-    with pytest.raises(ValueError, match="unknown config key"):
-        train.parse_overrides(["--bugdet=8"])
+    for typo in ("--bugdet=8", "--N_OPERANDS=5"):  # a task constant is not config: it would be ignored
+        with pytest.raises(ValueError, match="unknown config key"):
+            train.parse_overrides([typo])
     with pytest.raises(ValueError, match="wants a int"):
         train.parse_overrides(["--budget=8.5"])
 

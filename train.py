@@ -83,7 +83,8 @@ learner_attention = "dense"  # mode=smd: "dense" (T x T boolean mask) or "gather
 log_interval = 1
 eval_interval = 10
 ckpt_interval = 10
-CONFIG = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+CONFIG = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_")  # not the imported constants
+          and isinstance(v, (bool, int, float, str))}
 # -----------------------------------------------------------------------------
 
 MODES = ("dense", "naive", "tis", "smd")
