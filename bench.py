@@ -142,8 +142,8 @@ for T in lengths:
                      [r.response_mask].abs().max().item() for a in ("dense", "gather")}
         dense_mask_bytes = n_layer * batch_size * n_head * T * T  # one bool byte per (query, key) pair
         rows_sampler.append((T, S, r.kv_bytes / 2**10, r.full_kv_bytes / 2**10, r.kv_bytes / r.full_kv_bytes,
-                             n_new / comp_s, n_new / full_s, full_s / comp_s, r.mask.slots.nbytes / 2**10,
-                             dense_mask_bytes / 2**10, r.mask.slots.nbytes / dense_mask_bytes,
+                             n_new / comp_s, n_new / full_s, full_s / comp_s, r.mask.written.nbytes / 2**10,
+                             dense_mask_bytes / 2**10, r.mask.written.nbytes / dense_mask_bytes,
                              delta["dense"], delta["gather"]))
         batch = r.tokens, r.response_mask.float(), r.mask
         t = {a: best_time(lambda: fwd_bwd(lambda: learner_loss(*batch, a)))[0] for a in ("dense", "gather")}
@@ -170,7 +170,7 @@ print(f"device={device} policy={policy} B={batch_size} prompt={prompt_len} L={n_
 table("(a) sampler: compressed (S slots) vs full KV cache; shadow mask vs a dense T x T bool mask; "
       "max |sampler - learner| log-prob on response tokens",
       ["T", "S", "KV KiB", "full KiB", "KV ratio", "tok/s", "full tok/s", "speed ratio",
-       "mask KiB", "dense KiB", "mask ratio", "|d| dense", "|d| gather"],
+       ""mask KiB", "dense KiB", "mask ratio", "|d| dense", "|d| gather"],
       ["{}", "{}", "{:.0f}", "{:.0f}", "{:.3f}", "{:.0f}", "{:.0f}", "{:.2f}x", "{:.0f}", "{:.0f}", "{:.3f}",
        "{:.1e}", "{:.1e}"], rows_sampler)
 table("(a) learner forward+backward with the shadow mask, as ratios to plain causal attention",

@@ -105,19 +105,30 @@ def make_policy(name, **policy_kwargs):
 
 
 class ShadowMask:
-    """slots (L, B, nh, T, S) int16: slots[l, b, h, t] lists the absolute positions query t could attend to
-    in layer l, row b, head h, in the sampler's slot order; -1 marks an empty or invisible slot.
-    O(T * budget) storage instead of a dense T x T mask. Indexing by layer, mask[l], gives that layer's dense
-    (B, nh, T, T) bool mask, so GPT.forward(mask=shadow_mask) densifies one layer at a time."""
+    """What every query could see, stored as the cache's write log: written (L, B, nh, T) int16 is the slot
+    that position t's key/value went into (each token is written once, evicting whatever held the slot).
+    Query t therefore saw, in each slot, the latest position <= t written there. That is O(T) per layer and
+    head, less than the KV cache itself, and the learner expands it one layer at a time:
+    mask.slots(l) (B, nh, T, S) lists those positions in slot order (-1 = empty), for the gather path;
+    mask[l] is the dense (B, nh, T, T) bool mask, so GPT.forward(mask=shadow_mask) works as is."""
 
-    def __init__(self, slots):
-        self.slots = slots
+    def __init__(self, written, budget):
+        self.written = written
+        self.budget = budget
 
     def __len__(self):
-        return self.slots.shape[0]
+        return self.written.shape[0]
+
+    def slots(self, layer):
+        written = self.written[layer]                                      # (B, nh, T)
+        T, S = written.shape[-1], self.budget
+        positions = torch.arange(T, device=written.device, dtype=written.dtype)
+        went_there = written[..., None] == torch.arange(S, device=written.device, dtype=written.dtype)  # (B, nh, T, S)
+        table = torch.where(went_there, positions[:, None], -1)            # position t, in the slot it filled
+        return table.cummax(dim=2).values                                  # (B, nh, T, S): latest write <= t
 
     def __getitem__(self, layer):
-        slots = self.slots[layer].long()                                   # (B, nh, T, S)
+        slots = self.slots(layer).long()                                   # (B, nh, T, S)
         T = slots.shape[2]
         dense = torch.zeros(*slots.shape[:3], T + 1, dtype=torch.bool, device=slots.device)
         dense.scatter_(-1, torch.where(slots < 0, T, slots), True)         # empty slots land in a spare column
@@ -126,8 +137,8 @@ class ShadowMask:
     def to_dense(self):
         return torch.stack([self[layer] for layer in range(len(self))])    # (L, B, nh, T, T)
 
-    def to(self, device):
-        return ShadowMask(self.slots.to(device))
+    def truncate(self, T):
+        return ShadowMask(self.written[..., :T], self.budget)
 
 
 class KVCache:
@@ -144,7 +155,7 @@ class KVCache:
         self.pos = torch.full((L, B, nh, S), -1, device=device, dtype=torch.long)  # -1 = empty slot
         self.score = torch.zeros(L, B, nh, S, device=device, dtype=dtype)    # attention received (H2O)
         self.last_att = torch.zeros(L, B, nh, S, device=device, dtype=dtype) # newest query's attention (TOVA)
-        self.mask = ShadowMask(torch.full((L, B, nh, seq_len, S), -1, device=device, dtype=torch.int16))
+        self.mask = ShadowMask(torch.zeros(L, B, nh, seq_len, device=device, dtype=torch.int16), budget)
         self.length = 0
 
     def nbytes(self):
@@ -159,6 +170,7 @@ class KVCache:
             self.k[layer, :, :, :T] = k
             self.v[layer, :, :, :T] = v
             self.pos[layer, :, :, :T] = torch.arange(T, device=k.device)
+            self.mask.written[layer, :, :, :T] = torch.arange(T, device=k.device)
         else:
             if t0 < S:  # not full yet: every row and head fills slot t0
                 slot = torch.full(self.pos.shape[1:3], t0, device=k.device, dtype=torch.long)  # (B, nh)
@@ -170,10 +182,10 @@ class KVCache:
             self.v[layer].scatter_(2, hs_index, v)
             self.pos[layer].scatter_(2, index[..., 0], t0)
             self.score[layer].scatter_(2, index[..., 0], 0.0)              # a new token starts with no mass
+            self.mask.written[layer, :, :, t0] = slot                      # the shadow mask is this log
         pos = self.pos[layer][:, :, None, :]                               # (B, nh, 1, S)
         query_pos = torch.arange(t0, t0 + T, device=k.device)[:, None]     # (T, 1)
         visible = (pos >= 0) & (pos <= query_pos)                          # (B, nh, T, S)
-        self.mask.slots[layer, :, :, t0:t0 + T] = torch.where(visible, pos, -1).to(torch.int16)
         return self.k[layer], self.v[layer], visible
 
     def observe(self, layer, att):
@@ -270,8 +282,8 @@ def rollout(model, prompts, *, policy, budget, max_new_tokens, temperature=1.0, 
             break
 
     full_bytes = cache.nbytes() // budget * T
-    mask = ShadowMask(cache.mask.slots[:, :, :, :T])
-    return Rollout(tokens[:, :T], logprobs[:, :T], response_mask[:, :T], mask, cache.nbytes(), full_bytes)
+    return Rollout(tokens[:, :T], logprobs[:, :T], response_mask[:, :T], cache.mask.truncate(T), cache.nbytes(),
+                   full_bytes)
 
 # -----------------------------------------------------------------------------
 # 5-6. The learner
@@ -286,10 +298,11 @@ def learner_logits(model, tokens, mask=None, *, attention="dense", exact=False):
         raise ValueError(f"attention must be 'dense' or 'gather', got {attention!r}")
     if attention == "gather" and mask is None:
         raise ValueError("attention='gather' needs a ShadowMask")
-    if mask is not None and mask.slots.shape[3] != tokens.shape[1]:
-        raise ValueError(f"mask covers {mask.slots.shape[3]} positions, tokens have {tokens.shape[1]}")
+    if mask is not None and mask.written.shape[-1] != tokens.shape[1]:
+        raise ValueError(f"mask covers {mask.written.shape[-1]} positions, tokens have {tokens.shape[1]}")
     if attention == "gather":
-        logits, _ = model(tokens, slots=mask.slots, exact=exact)
+        slots = [mask.slots(layer) for layer in range(len(mask))]          # L x (B, nh, T, S)
+        logits, _ = model(tokens, slots=slots, exact=exact)
     else:
         logits, _ = model(tokens, mask=mask, exact=exact)
     return logits

@@ -79,12 +79,16 @@ def test_budget_covering_the_sequence_gives_the_causal_mask(policy):
 @pytest.mark.parametrize("policy", COMPRESSED)
 def test_cache_and_mask_rows_never_exceed_budget(policy, monkeypatch):
     held = []  # live entries per (layer, row, head) after every cache update
+    seen = {}  # (layer, query position) -> the slot positions that query attended over, -1 = invisible
     update = smd.KVCache.update
 
     def counting_update(self, layer, k, v):
         out = update(self, layer, k, v)
         pos = self.pos[layer]                                              # (B, nh, S)
         held.append(int((pos >= 0).sum(-1).max()))
+        visible = out[2]                                                   # (B, nh, T_new, S)
+        for i in range(visible.shape[2]):
+            seen[layer, self.length + i] = torch.where(visible[:, :, i], pos, -1)
         filled = pos.sort(-1).values
         assert not ((filled[..., 1:] == filled[..., :-1]) & (filled[..., 1:] >= 0)).any(), "a position is held twice"
         return out
@@ -98,7 +102,13 @@ def test_cache_and_mask_rows_never_exceed_budget(policy, monkeypatch):
     assert dense.sum(-1).max() == BUDGET
     assert not (dense & ~torch.ones(T, T, dtype=torch.bool).tril()).any(), "a query sees its future"
     assert dense.diagonal(dim1=-2, dim2=-1).all(), "every query sees itself"
-    assert r.mask.slots.shape[-1] == BUDGET and r.mask.slots.dtype == torch.int16
+    L, B, nh = 2, 3, 2
+    assert r.mask.written.shape == (L, B, nh, T) and r.mask.written.dtype == torch.int16  # O(T) storage
+    for layer in range(L):  # the write log replays to exactly the slots, in order, that each query saw
+        slots = r.mask.slots(layer)                                        # (B, nh, T, S)
+        assert slots.shape == (B, nh, T, BUDGET)
+        for t in range(T):
+            assert torch.equal(slots[:, :, t].long(), seen[layer, t]), f"layer {layer} query {t}"
     assert r.kv_bytes * T == r.full_kv_bytes * BUDGET
 
 
@@ -124,6 +134,28 @@ def test_h2o_always_sees_its_recent_window():
         assert dense[..., t, t - n_recent + 1:t + 1].all(), f"query {t}"
     # and it is not just a window: per head, some old (heavy-hitter) token survives beyond it
     assert dense[..., -1, :T - BUDGET].any()
+
+
+def test_eviction_policies_pick_the_documented_victim():
+    pos = torch.tensor([[[0, 1, 2, 3, 9, 5, 8, 7]]])                     # (B, nh, S) = (1, 1, 8), newest 9
+    score = torch.tensor([[[5.0, 0.5, 3.0, 0.9, 0.0, 4.0, 0.1, 2.0]]])    # attention mass received
+    last_att = torch.tensor([[[0.3, 0.2, 0.1, 0.02, 0.1, 0.08, 0.1, 0.1]]])
+    assert smd.Streaming(n_sink=2).victim(pos, score, last_att).item() == 2  # the oldest non-sink
+    assert smd.H2O(n_recent=3).victim(pos, score, last_att).item() == 1      # 8, 9 are recent: least mass
+    assert smd.TOVA().victim(pos, score, last_att).item() == 3               # least liked by the newest query
+
+
+def test_cache_scores_accumulate_attention_since_written():
+    config = GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=1, n_embd=4)
+    cache = smd.KVCache(config, 1, 2, 4, smd.H2O(n_recent=1), "cpu", torch.float32)
+    k = torch.zeros(1, 1, 1, 4)
+    for t, att in enumerate([[1.0, 0.0], [0.25, 0.75], [0.5, 0.5]]):
+        cache.update(0, k, k)
+        cache.observe(0, torch.tensor(att).view(1, 1, 1, 2))
+        cache.length += 1
+    # positions 0, 1 filled the slots; position 2 evicted position 1 (less mass: 0.75 < 1.25) from slot 1
+    assert cache.pos[0].flatten().tolist() == [0, 2]
+    assert cache.score[0].flatten().tolist() == [1.75, 0.5]
 
 
 def test_sampler_decodes_one_token_per_step(monkeypatch):
@@ -197,7 +229,7 @@ def test_hand_written_attention_matches_sdpa():
         reference = attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
         ours = attn(x, mask=mask if mask.dim() == 4 else None)
         assert (ours - reference).abs().max() <= 1e-5
-    gathered = attn(x, slots=r.mask.slots[0])
+    gathered = attn(x, slots=r.mask.slots(0))
     assert (gathered - reference).abs().max() <= 1e-5
 
 
