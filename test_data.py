@@ -1,6 +1,6 @@
 """
 Specification of data/arithmetic.py: the tokenizer round-trips exactly and rejects what it cannot encode,
-the splits are disjoint and reproducible, the reward checks exactly what its docstring promises, and the
+the splits are disjoint and reproducible, both rewards check exactly what their docstrings promise, and the
 default sequence is long enough that a KV budget of 16 forces eviction. No model is involved.
 """
 import random
@@ -8,7 +8,7 @@ import random
 import pytest
 
 from data.arithmetic import (CHARS, EOS_ID, N_DIGITS, N_OPERANDS, VOCAB_SIZE, Problem, decode, encode,
-                             format_prompt, format_response, make_splits, max_lengths, reward)
+                             format_prompt, format_response, make_splits, max_lengths, partial_reward, reward)
 
 DEFAULT_KV_BUDGET = 16  # the trainer's default cache budget; the task must be >= 3x longer to make it bite
 
@@ -135,3 +135,30 @@ def test_reward_ignores_what_was_sampled_after_eos():
     p = Problem((31, 7, 58, 24, 5, 90, 12), 2)
     ids = encode(format_response(p)) + [EOS_ID] + encode("999")
     assert reward(p, decode(ids)) == 1.0
+
+
+def test_partial_reward_is_one_exactly_for_the_worked_example():
+    train, _, _ = make_splits(seed=0, n_train=300, n_val=0, n_test=0)
+    assert all(partial_reward(p, format_response(p)) == 1.0 for p in train)
+
+
+@pytest.mark.parametrize("response, expected", [  # 7 operands: 7 running sums + the total = 8 fields
+    ("031>038>096>120>125>215>227;227", 8 / 8),
+    ("031>038>096>120>125>215>228;227", 7 / 8),   # one wrong running sum, right total
+    ("031>038>096>120>125>215>227;228", 7 / 8),   # right scratchpad, wrong total: reward() gives 0
+    ("031>038>096>999>999>999>999;999", 3 / 8),   # lost the thread after three sums
+    ("031>038", 2 / 8),                           # cut off: missing sums and no total count as wrong
+    ("031>038;227", 3 / 8),                       # skipped the middle of the scratchpad
+    ("031>038>096>120>125>215>227>999;227", 8 / 9),  # an extra field counts against the score
+    ("31>038>096>120>125>215>227;227", 7 / 8),    # the zero padding is part of each field
+    ("", 0.0),
+])
+def test_partial_reward_on_hand_made_responses(response, expected):
+    p = Problem((31, 7, 58, 24, 5, 90, 12), 2)
+    assert partial_reward(p, response) == pytest.approx(expected, abs=1e-12)
+
+
+def test_partial_reward_ignores_what_was_sampled_after_eos():
+    p = Problem((31, 7, 58, 24, 5, 90, 12), 2)
+    ids = encode("031>038>096") + [EOS_ID] + encode(">120>125>215>227;227")
+    assert partial_reward(p, decode(ids)) == pytest.approx(3 / 8, abs=1e-12)

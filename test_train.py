@@ -30,13 +30,13 @@ def tiny_model(seed=0, std=0.5):
     return model
 
 
-def one_step(mode, seed=0, **overrides):
+def one_step(mode, seed=0, frozen_teacher=None, **overrides):
     cfg = dict(TINY, mode=mode, **overrides)
     torch.set_num_threads(cfg["cpu_threads"])  # as train.main does: a busy second core slows 2 threads 50x
     model = tiny_model(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
     problems, _, _ = train.make_splits(seed, 2, 0, 0)
-    stats = train.grpo_step(model, optimizer, problems, cfg, torch.Generator().manual_seed(seed))
+    stats = train.grpo_step(model, optimizer, problems, cfg, torch.Generator().manual_seed(seed), frozen_teacher)
     return stats, model
 
 
@@ -61,6 +61,17 @@ def test_smd_learner_matches_the_sampler_to_float32_rounding_and_naive_does_not(
 def test_smd_gather_learner_is_on_policy_too():
     stats, _ = one_step("smd", learner_attention="gather")
     assert stats["mismatch_max"] <= 1e-5
+
+
+def test_a_frozen_teacher_equal_to_the_weights_teaches_like_the_dense_pass_until_the_weights_move():
+    def step(teacher, updates):
+        return one_step("smd", frozen_teacher=tiny_model(0) if teacher == "frozen" else None, distill_coef=0.1,
+                        distill_teacher=teacher, updates_per_batch=updates)
+    (frozen, model_f), (dense, model_d) = step("frozen", 1), step("dense", 1)
+    assert frozen == dense | {"tok_per_s": frozen["tok_per_s"]}                 # one update: the same teacher
+    assert all(torch.equal(p, q) for p, q in zip(model_f.parameters(), model_d.parameters()))
+    frozen, dense = step("frozen", 2)[0], step("dense", 2)[0]
+    assert abs(frozen["distill_kl"] - dense["distill_kl"]) > 1e-6          # 2nd update: only the shared one moved
 
 
 def test_advantages_are_zero_mean_per_group_and_zero_for_a_uniform_group():
@@ -111,6 +122,7 @@ def test_a_non_finite_loss_stops_before_the_weights_change(monkeypatch):
     (dict(n_layer=0), "n_layer"),
     (dict(lr=0.0), "lr"),
     (dict(distill_teacher="both"), "distill_teacher"),
+    (dict(reward="shaped"), "reward"),
 ])
 def test_bad_config_is_rejected_with_a_message(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -160,3 +172,41 @@ def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
     assert records[-1]["kind"] == "summary"
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))  # checkpoints written atomically
+
+
+def test_rl_seeds_share_one_warm_up_and_one_held_out_set(tmp_path):
+    cfg = {k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "prompts_per_step", "group_size", "sft_steps",
+                                "sft_batch_size", "n_train", "eval_problems", "eval_interval", "lr", "n_steps")}
+    cfg.update(out_dir=str(tmp_path), mode="tis")
+    runs = [train.main(args(cfg, seed=seed, run_name=f"seed{seed}")) for seed in (0, 1)]
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 1    # the RL seed is not in the key
+    logs = [[json.loads(line) for line in open(tmp_path / f"seed{seed}.jsonl")] for seed in (0, 1)]
+    assert logs[0][0] == logs[1][0] and logs[0][0]["kind"] == "eval"              # same base, same problems
+    k3 = [[r["mismatch_k3"] for r in log if r["kind"] == "train"] for log in logs]
+    assert k3[0] != k3[1]                                                         # but different RL samples
+    for run, values in zip(runs, k3):
+        assert run["mismatch_k3_mean"] == pytest.approx(sum(values) / len(values), rel=1e-12)
+    train.main(args(cfg, sft_seed=1, run_name="other_base"))
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 2    # another sft_seed: another base
+
+
+def test_compare_runs_every_mode_and_seed_from_one_base_and_reports_mean_and_std(monkeypatch, tmp_path):
+    import compare
+    calls = []
+
+    def fake_main(argv):  # a summary whose numbers encode the run, so the table's arithmetic can be checked
+        calls.append(argv)
+        cfg = train.parse_overrides(argv)
+        acc = {"dense": 0.5, "naive": 0.2, "tis": 0.3, "smd": 0.4}[cfg["mode"]] + 0.1 * cfg["seed"]
+        return dict(acc_dense=acc, acc_compressed=acc / 2, mismatch_k3_mean=1e-3, mismatch_max_mean=1.0,
+                    grad_norm_std=0.1, kv_frac=0.3, rl_s=10.0, policy="h2o", budget=16)
+    monkeypatch.setattr(train, "main", fake_main)
+    rows = compare.main([f"--out_dir={tmp_path}", "--budget=24", "--seeds=3"])
+    assert [mode for mode, _ in rows] == list(train.MODES)
+    assert len(calls) == 12 and all("--budget=24" in argv for argv in calls)     # overrides reach every run
+    assert sorted({a for argv in calls for a in argv if a.startswith("--seed=")}) == ["--seed=0", "--seed=1", "--seed=2"]
+    assert not any(a.startswith("--sft_seed=") for argv in calls for a in argv)  # one warm-up for all
+    smd_row = compare.table(rows).splitlines()[-1].split()
+    assert smd_row[:4] == ["smd", "0.500", "±", "0.082"]                         # 0.4, 0.5, 0.6: mean, pstdev
+    with pytest.raises(ValueError, match="sets --seed"):
+        compare.main(["--seed=1"])

@@ -21,6 +21,7 @@ Not here: the model (model.py), the cache, shadow mask, rollout and learner pass
 """
 
 import ast
+import copy
 import hashlib
 import json
 import math
@@ -33,7 +34,8 @@ import torch
 
 import smd
 from data.arithmetic import EOS_ID, N_DIGITS, N_OPERANDS, VOCAB_SIZE, decode, encode, format_prompt, \
-    format_response, make_splits, max_lengths, reward
+    format_response, make_splits, max_lengths, partial_reward
+from data.arithmetic import reward as exact_reward
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -42,7 +44,9 @@ from model import GPT, GPTConfig
 mode = "smd"                # dense | naive | tis | smd
 policy = "h2o"              # eviction policy of the compressed rollouts: streaming | h2o | tova | random | full
 budget = 16                 # KV slots per layer and head during compressed rollouts (the sequence is 53 tokens)
-seed = 0
+seed = 0                    # RL: batches, sampling, evaluation order
+sft_seed = 0                # data splits, initial weights and warm-up: one base (and one held-out set) for
+#                             every RL seed, so seeds measure the RL run and not the warm-up
 device = "cuda" if torch.cuda.is_available() else "cpu"
 cpu_threads = 1             # the matrices are too small to gain from more, and an extra thread busy-waits
 #                             (50x slower here) whenever another process shares the cores
@@ -63,6 +67,8 @@ sft_batch_size = 64
 sft_lr = 3e-3
 sft_warmup = 50             # linear warm-up steps, then cosine decay to 10% of sft_lr
 # phase 2: GRPO
+reward = "exact"            # training reward: "exact" (1 for the right total) | "partial" (the fraction of
+#                             right running sums and total, data.arithmetic.partial_reward); eval is always exact
 n_steps = 30
 prompts_per_step = 8
 group_size = 8              # G samples per prompt; advantages are normalized within each group
@@ -78,7 +84,9 @@ distill_coef = 0.001        # weight of the SMD distillation KL, mode=smd; 0 = o
 #                             from 54%/4.5%: coef 0.1 -> 0%/3.5%, 0.01 -> 0%/8%, 0.001 -> 8%/9%, 0 -> 33%/7%
 distill_teacher = "dense"   # "dense": dense pass teaches the masked pass (stop-gradient teacher), the
 #                             compressed policy learns what full context knows; "sparse": the reverse, the
-#                             dense pass is pulled towards what the compressed policy does
+#                             dense pass is pulled towards what the compressed policy does; "frozen": the
+#                             dense pass of a frozen copy of the warm-up weights teaches the masked pass, a
+#                             target that does not move when the shared weights do
 learner_attention = "dense"  # mode=smd: "dense" (T x T boolean mask) or "gather" (O(T * budget) scores)
 log_interval = 1
 eval_interval = 10
@@ -88,6 +96,7 @@ CONFIG = {k: v for k, v in globals().items() if k.islower() and not k.startswith
 # -----------------------------------------------------------------------------
 
 MODES = ("dense", "naive", "tis", "smd")
+REWARDS = {"exact": exact_reward, "partial": partial_reward}
 
 
 def parse_overrides(argv, defaults=CONFIG):
@@ -131,8 +140,10 @@ def validate_config(cfg):
         raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got {cfg['group_size']}")
     if not 0 <= cfg["clip_eps"] < 1 or cfg["distill_coef"] < 0:
         raise ValueError(f"need 0 <= clip_eps < 1 and distill_coef >= 0, got {cfg['clip_eps']}, {cfg['distill_coef']}")
-    if cfg["distill_teacher"] not in ("dense", "sparse"):
-        raise ValueError(f"distill_teacher must be 'dense' or 'sparse', got {cfg['distill_teacher']!r}")
+    if cfg["distill_teacher"] not in ("dense", "sparse", "frozen"):
+        raise ValueError(f"distill_teacher must be 'dense', 'sparse' or 'frozen', got {cfg['distill_teacher']!r}")
+    if cfg["reward"] not in REWARDS:
+        raise ValueError(f"reward must be one of {sorted(REWARDS)}, got {cfg['reward']!r}")
     if cfg["learner_attention"] not in ("dense", "gather"):
         raise ValueError(f"learner_attention must be 'dense' or 'gather', got {cfg['learner_attention']!r}")
     if cfg["n_embd"] % cfg["n_head"]:
@@ -226,9 +237,10 @@ def check_finite(value, what):
         raise FloatingPointError(f"{what} is {value}: stopping (lower lr, or check the last checkpoint)")
 
 
-def grpo_step(model, optimizer, problems, cfg, generator):
+def grpo_step(model, optimizer, problems, cfg, generator, frozen_teacher=None):
     """One GRPO iteration: sample group_size completions of each problem, score them, and take
-    updates_per_batch gradient steps. Returns the numbers a practitioner diagnoses with."""
+    updates_per_batch gradient steps. frozen_teacher: the model whose dense pass teaches the masked one
+    when distill_teacher="frozen". Returns the numbers a practitioner diagnoses with."""
     t0 = time.time()
     P, R = max_lengths()
     G, mode = cfg["group_size"], cfg["mode"]
@@ -238,7 +250,7 @@ def grpo_step(model, optimizer, problems, cfg, generator):
                      policy=cfg["policy"] if compressed else "full", budget=cfg["budget"] if compressed else P + R,
                      max_new_tokens=R, temperature=cfg["temperature"], eos_id=EOS_ID, generator=generator)
     tokens, resp, lp_sampler = ro.tokens, ro.response_mask, ro.logprobs     # (B, T) each
-    rewards = torch.tensor([reward(p, decode(tokens[i, P:].tolist())) for i, p in enumerate(group_problems)],
+    rewards = torch.tensor([REWARDS[cfg["reward"]](p, decode(tokens[i, P:].tolist())) for i, p in enumerate(group_problems)],
                            device=tokens.device)                           # (B,)
     adv = group_advantages(rewards, G)                                     # (B,)
     mask = ro.mask if mode == "smd" else None  # only SMD shows the learner what the sampler saw
@@ -261,9 +273,10 @@ def grpo_step(model, optimizer, problems, cfg, generator):
                                        resp, cfg["clip_eps"], weights)
         kl = torch.zeros((), device=tokens.device)
         if mode == "smd" and cfg["distill_coef"] > 0:
-            if cfg["distill_teacher"] == "dense":
-                with torch.no_grad():
-                    teacher = learner(None)                                # the unmasked pass, same weights
+            if cfg["distill_teacher"] in ("dense", "frozen"):
+                with torch.no_grad():  # the unmasked pass, of the same weights or of the frozen warm-up
+                    teacher = smd.learner_logits(frozen_teacher if cfg["distill_teacher"] == "frozen" else model,
+                                                 tokens)
                 kl = smd.distill_kl(logits, teacher, resp)
             else:
                 kl = smd.distill_kl(learner(None), logits, resp)           # distill_kl detaches the teacher
@@ -288,7 +301,7 @@ def evaluate(model, problems, policy, budget):
     P, R = max_lengths()
     ro = smd.rollout(model, [encode(format_prompt(p)) for p in problems], policy=policy, budget=budget,
                      max_new_tokens=R, temperature=0, eos_id=EOS_ID)
-    return sum(reward(p, decode(ro.tokens[i, P:].tolist())) for i, p in enumerate(problems)) / len(problems)
+    return sum(exact_reward(p, decode(ro.tokens[i, P:].tolist())) for i, p in enumerate(problems)) / len(problems)
 
 # -----------------------------------------------------------------------------
 
@@ -304,17 +317,16 @@ def main(argv):
     os.makedirs(cfg["out_dir"], exist_ok=True)
     torch.set_num_threads(cfg["cpu_threads"])
     random.seed(cfg["seed"])
-    torch.manual_seed(cfg["seed"])
-    generator = torch.Generator(device=cfg["device"]).manual_seed(cfg["seed"])  # batches and sampling
+    torch.manual_seed(cfg["sft_seed"])  # the initial weights belong to the shared base
     P, R = max_lengths()
-    train_problems, val_problems, _ = make_splits(cfg["seed"], cfg["n_train"], cfg["eval_problems"], 0)
+    train_problems, val_problems, _ = make_splits(cfg["sft_seed"], cfg["n_train"], cfg["eval_problems"], 0)
     model = GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=VOCAB_SIZE, n_layer=cfg["n_layer"],
                           n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0)).to(cfg["device"])
     dense_eval = lambda: evaluate(model, val_problems, "full", P + R)
     compressed_eval = lambda: evaluate(model, val_problems, cfg["policy"], cfg["budget"])
 
     # phase 1, shared by every mode: the checkpoint is named by everything that determines it
-    sft_key = {k: cfg[k] for k in ("seed", "n_train", "n_layer", "n_head", "n_embd", "block_size", "sft_steps",
+    sft_key = {k: cfg[k] for k in ("sft_seed", "n_train", "n_layer", "n_head", "n_embd", "block_size", "sft_steps",
                                    "sft_batch_size", "sft_lr", "sft_warmup", "grad_clip")}
     sft_key.update(n_operands=N_OPERANDS, n_digits=N_DIGITS)
     sft_path = os.path.join(cfg["out_dir"], "sft_" + hashlib.sha1(json.dumps(sft_key, sort_keys=True).encode())
@@ -324,13 +336,19 @@ def main(argv):
         print(f"sft: reusing {sft_path}")
     elif not cfg["resume"]:
         t0 = time.time()
-        sft(model, train_problems, cfg, generator)
+        sft(model, train_problems, cfg, torch.Generator(device=cfg["device"]).manual_seed(cfg["sft_seed"]))
         save_atomic(model.state_dict(), sft_path)
         print(f"sft: {cfg['sft_steps']} steps in {time.time() - t0:.1f}s, saved {sft_path}")
-    generator.manual_seed(cfg["seed"] + 1)  # RL sees the same stream whether the warm-up ran or was reused
+    elif cfg["distill_teacher"] == "frozen" and cfg["mode"] == "smd":
+        raise FileNotFoundError(f"distill_teacher='frozen' needs the warm-up weights at {sft_path}")
+    # a copy taken before any RL step, so the teacher stays the warm-up model (also when resuming)
+    frozen_teacher = copy.deepcopy(model).requires_grad_(False) if cfg["distill_teacher"] == "frozen" else None
+    torch.manual_seed(cfg["seed"])
+    generator = torch.Generator(device=cfg["device"]).manual_seed(cfg["seed"])  # RL batches and sampling
 
+    t_rl = time.time()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    start, history = 0, dict(mismatch_max=[], grad_norm=[], kv_frac=[])
+    start, history = 0, dict(mismatch_max=[], mismatch_k3=[], grad_norm=[], kv_frac=[])
     log_path = os.path.join(cfg["out_dir"], cfg["run_name"] + ".jsonl")
     if cfg["resume"]:
         ckpt = torch.load(ckpt_path, map_location=cfg["device"], weights_only=False)
@@ -356,9 +374,10 @@ def main(argv):
     for step in range(start, cfg["n_steps"]):
         idx = torch.randint(len(train_problems), (cfg["prompts_per_step"],), generator=generator,
                             device=generator.device)
-        s = grpo_step(model, optimizer, [train_problems[i] for i in idx.tolist()], cfg, generator)
+        s = grpo_step(model, optimizer, [train_problems[i] for i in idx.tolist()], cfg, generator, frozen_teacher)
         elapsed = time.time() - t_start
         history["mismatch_max"].append(s["mismatch_max"])
+        history["mismatch_k3"].append(s["mismatch_k3"])
         history["grad_norm"].append(s["grad_norm"])
         history["kv_frac"].append(s["kv_bytes"] / s["full_kv_bytes"])
         log(dict(kind="train", step=step + 1, elapsed_s=elapsed, **s))
@@ -385,8 +404,10 @@ def main(argv):
     summary = dict(mode=cfg["mode"], policy=cfg["policy"] if compressed else "full",
                    budget=cfg["budget"] if compressed else P + R, acc_dense=acc_dense,
                    acc_compressed=acc_comp, mismatch_max_mean=sum(history["mismatch_max"]) / len(grad_norms),
+                   mismatch_k3_mean=sum(history["mismatch_k3"]) / len(grad_norms),
                    grad_norm_std=grad_norms.std(unbiased=False).item(),
-                   kv_frac=sum(history["kv_frac"]) / len(grad_norms), wall_s=time.time() - t_start)
+                   kv_frac=sum(history["kv_frac"]) / len(grad_norms), rl_s=time.time() - t_rl,
+                   wall_s=time.time() - t_start)
     log(dict(kind="summary", **summary))
     log_file.close()
     print("summary: " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))

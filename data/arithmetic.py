@@ -2,7 +2,7 @@
 The toy task and its tokenizer: add n_operands numbers and write the running sums as a scratchpad.
 Each step of the scratchpad needs an operand from far back in the prompt, so a KV cache that evicts old
 tokens loses exactly what the answer depends on. Here: vocabulary, problems, their seeded train/val/test
-splits, prompt/response text and the exact-match reward. Not here: batching, padding, any model.
+splits, prompt/response text, the exact-match reward and a partial-credit one. Not here: batching, padding, any model.
 
     prompt   "31+07+58+24+05+90+12="             operands zero-padded to n_digits
     response "031>038>096>120>125>215>227;227"   running sums, ';', the final sum; the trainer adds EOS
@@ -166,3 +166,20 @@ def reward(problem: Problem, response_text: str) -> float:
         return 0.0
     final = response_text.rsplit(";", 1)[1]
     return float(final == _answer_text(problem))
+
+
+def partial_reward(problem: Problem, response_text: str) -> float:
+    """Partial credit: the fraction of the n_operands + 1 fields that are right where format_response puts
+    them, the k-th running sum as the k-th '>'-separated field before the last ';' and the total after it.
+
+    A shaped reward for RL, not an accuracy: a sample that gets the first running sums right and then loses
+    an operand scores above one that is wrong from the start, so a group of samples that all miss the exact
+    answer still carries a signal. Each field is compared exactly, as in reward(). A missing field is wrong
+    (no ';' at all: no total), and extra fields count against the score (it divides by the number of fields
+    written when that is more than n_operands + 1), so 1.0 means exactly format_response's text.
+    """
+    *want_sums, want_total = format_response(problem).replace(";", ">").split(">")
+    scratch, total = response_text.rsplit(";", 1) if ";" in response_text else (response_text, None)
+    sums = scratch.split(">")
+    n_right = sum(got == want for got, want in zip(sums, want_sums)) + (total == want_total)
+    return n_right / (max(len(want_sums), len(sums)) + 1)                # + 1: the total
