@@ -170,7 +170,7 @@ print(f"device={device} policy={policy} B={batch_size} prompt={prompt_len} L={n_
 table("(a) sampler: compressed (S slots) vs full KV cache; shadow mask vs a dense T x T bool mask; "
       "max |sampler - learner| log-prob on response tokens",
       ["T", "S", "KV KiB", "full KiB", "KV ratio", "tok/s", "full tok/s", "speed ratio",
-       ""mask KiB", "dense KiB", "mask ratio", "|d| dense", "|d| gather"],
+       "mask KiB", "dense KiB", "mask ratio", "|d| dense", "|d| gather"],
       ["{}", "{}", "{:.0f}", "{:.0f}", "{:.3f}", "{:.0f}", "{:.0f}", "{:.2f}x", "{:.0f}", "{:.0f}", "{:.3f}",
        "{:.1e}", "{:.1e}"], rows_sampler)
 table("(a) learner forward+backward with the shadow mask, as ratios to plain causal attention",
