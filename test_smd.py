@@ -281,3 +281,15 @@ def test_gather_path_equals_dense_masked_path_values_and_gradients(policy):
     assert (lp_dense - lp_gather).abs().max() <= 1e-5
     for name in grad_dense:
         assert (grad_dense[name] - grad_gather[name]).abs().max() <= 1e-5, name
+
+
+def test_bench_runs_and_reports_budget_sized_kv_memory():
+    import subprocess
+    import sys
+    args = ["--lengths=(32,48)", "--budgets=(8,)", "--batch_size=1", "--n_layer=1", "--n_embd=32", "--n_head=2",
+            "--repeats=1", "--prompt_len=4"]
+    out = subprocess.run([sys.executable, "bench.py", *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:2] in (["32", "8"], ["48", "8"])]
+    assert len(rows) == 6  # T=32 and T=48 in each of the three tables
+    assert [float(rows[0][4]), float(rows[1][4])] == [0.25, round(8 / 48, 3)]  # KV ratio = S / T
