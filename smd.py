@@ -155,7 +155,8 @@ class KVCache:
         self.pos = torch.full((L, B, nh, S), -1, device=device, dtype=torch.long)  # -1 = empty slot
         self.score = torch.zeros(L, B, nh, S, device=device, dtype=dtype)    # attention received (H2O)
         self.last_att = torch.zeros(L, B, nh, S, device=device, dtype=dtype) # newest query's attention (TOVA)
-        self.mask = ShadowMask(torch.zeros(L, B, nh, seq_len, device=device, dtype=torch.int16), budget)
+        log_dtype = torch.int16 if seq_len <= torch.iinfo(torch.int16).max else torch.int32  # holds positions too
+        self.mask = ShadowMask(torch.zeros(L, B, nh, seq_len, device=device, dtype=log_dtype), budget)
         self.length = 0
 
     def nbytes(self):
