@@ -31,7 +31,9 @@ def tiny_model(seed=0, std=0.5):
 
 
 def one_step(mode, seed=0, frozen_teacher=None, **overrides):
+    """One GRPO step of a tiny random model; the frozen teacher defaults to a copy of the starting weights."""
     cfg = dict(TINY, mode=mode, **overrides)
+    frozen_teacher = tiny_model(seed) if frozen_teacher is None else frozen_teacher
     torch.set_num_threads(cfg["cpu_threads"])  # as train.main does: a busy second core slows 2 threads 50x
     model = tiny_model(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
@@ -65,8 +67,7 @@ def test_smd_gather_learner_is_on_policy_too():
 
 def test_a_frozen_teacher_equal_to_the_weights_teaches_like_the_dense_pass_until_the_weights_move():
     def step(teacher, updates):
-        return one_step("smd", frozen_teacher=tiny_model(0) if teacher == "frozen" else None, distill_coef=0.1,
-                        distill_teacher=teacher, updates_per_batch=updates)
+        return one_step("smd", distill_coef=0.1, distill_teacher=teacher, updates_per_batch=updates)
     (frozen, model_f), (dense, model_d) = step("frozen", 1), step("dense", 1)
     assert frozen == dense | {"tok_per_s": frozen["tok_per_s"]}                 # one update: the same teacher
     assert all(torch.equal(p, q) for p, q in zip(model_f.parameters(), model_d.parameters()))
@@ -108,7 +109,7 @@ def test_a_non_finite_loss_stops_before_the_weights_change(monkeypatch):
     model, untouched = tiny_model(0), tiny_model(0)
     with pytest.raises(FloatingPointError, match="loss is nan"):
         train.grpo_step(model, torch.optim.AdamW(model.parameters()), train.make_splits(0, 2, 0, 0)[0],
-                        dict(TINY, mode="smd"), torch.Generator().manual_seed(0))
+                        dict(TINY, mode="smd"), torch.Generator().manual_seed(0), frozen_teacher=tiny_model(0))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), untouched.parameters()))
 
 
