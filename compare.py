@@ -1,6 +1,6 @@
 """
 The comparison: every GRPO mode (dense, naive, tis, smd) trained from one shared warm-up with several RL
-seeds, then one table of mean +- std over seeds. It only calls train.main and reads its summaries; the
+seeds, then one table of mean ± std over seeds (population std). It only calls train.main and reads its summaries; the
 training itself, and what each column measures, is in train.py. Each run's full log goes to
 out/compare_<mode>_s<seed>.log (its JSONL next to it), so the terminal shows one line per run.
 
@@ -19,16 +19,16 @@ import time
 import train
 
 seeds = 3                   # RL seeds 0 .. seeds-1; the warm-up (train.py's sft_seed) is the same for all
-modes = "dense,naive,tis,smd"
+modes = "dense,naive,tis,smd"  # comma-separated subset, in table order
 
 COLUMNS = [  # (header, summary key, format)
-    ("dense acc", "acc_dense", "{:.3f}"),
-    ("compr. acc", "acc_compressed", "{:.3f}"),
-    ("mismatch k3", "mismatch_k3_mean", "{:.1e}"),
-    ("mismatch max", "mismatch_max_mean", "{:.1e}"),
-    ("grad-norm std", "grad_norm_std", "{:.3f}"),
-    ("KV frac", "kv_frac", "{:.3f}"),
-    ("RL time s", "rl_s", "{:.0f}"),
+    ("dense acc", "acc_dense", "{:.3f}"),             # final greedy accuracy, full KV cache
+    ("compr. acc", "acc_compressed", "{:.3f}"),       # final greedy accuracy, policy@budget (dense mode too)
+    ("mismatch k3", "mismatch_k3_mean", "{:.1e}"),    # KL(sampler || learner) per response token, mean over steps
+    ("mismatch max", "mismatch_max_mean", "{:.1e}"),  # max |log-prob difference| in a batch, mean over steps
+    ("grad-norm std", "grad_norm_std", "{:.3f}"),     # std over steps of the pre-clip gradient norm
+    ("KV frac", "kv_frac", "{:.3f}"),                 # rollout KV cache bytes / full-cache bytes
+    ("RL time s", "rl_s", "{:.0f}"),                  # phase 2 only: the shared warm-up is not counted
 ]
 
 
@@ -70,7 +70,7 @@ def main(argv):
             with open(os.path.join(cfg["out_dir"], name + ".log"), "w") as log, contextlib.redirect_stdout(log):
                 s = train.main(passed + [f"--mode={mode}", f"--seed={seed}", f"--run_name={name}"])
             summaries.append(s)
-            print(f"{mode:5s} seed {seed} | dense acc {s['acc_dense']:.3f} | {s['policy']}@{s['budget']} acc "
+            print(f"{mode:5s} seed {seed} | dense acc {s['acc_dense']:.3f} | {cfg['policy']}@{cfg['budget']} acc "
                   f"{s['acc_compressed']:.3f} | mismatch k3 {s['mismatch_k3_mean']:.1e} | {time.time() - t0:.0f}s",
                   flush=True)
         rows.append((mode, summaries))
