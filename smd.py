@@ -205,7 +205,7 @@ class Rollout:
     response_mask: torch.Tensor  # (B, T) bool: True on generated tokens (up to and including EOS)
     mask: ShadowMask             # what every query could see, (L, B, nh, T, budget)
     kv_bytes: int                # bytes of the preallocated K/V cache
-    full_kv_bytes: int           # what an uncompressed cache of the same sequence would take
+    full_kv_bytes: int           # what a full cache for prompt + max_new_tokens would preallocate
 
 
 def pad_prompts(prompts, pad_id, device):
@@ -282,7 +282,7 @@ def rollout(model, prompts, *, policy, budget, max_new_tokens, temperature=1.0, 
             T = t + 1                                                      # every row has finished
             break
 
-    full_bytes = cache.nbytes() // budget * T
+    full_bytes = cache.nbytes() // budget * (P + max_new_tokens)  # what a full cache would preallocate
     return Rollout(tokens[:, :T], logprobs[:, :T], response_mask[:, :T], cache.mask.truncate(T), cache.nbytes(),
                    full_bytes)
 

@@ -112,6 +112,12 @@ def test_cache_and_mask_rows_never_exceed_budget(policy, monkeypatch):
     assert r.kv_bytes * T == r.full_kv_bytes * BUDGET
 
 
+def test_full_cache_rollout_reports_kv_fraction_one_even_when_rows_stop_early():
+    _, r = variable_length_rollout(make_model(), "full", seed=3, budget=41)
+    assert r.tokens.shape[1] < 41  # every row hit EOS before the longest allowed length
+    assert r.kv_bytes == r.full_kv_bytes
+
+
 def test_streaming_keeps_sinks_and_recent_window():
     model = make_model()
     n_sink = 2
