@@ -58,7 +58,8 @@ class H2O:
 
     def check(self, budget, seq_len):
         if self.n_recent < 1 or budget <= self.n_recent:
-            raise ValueError(f"policy 'h2o' needs 1 <= n_recent < budget, got n_recent={self.n_recent}, budget {budget}")
+            raise ValueError(f"policy 'h2o' needs 1 <= n_recent < budget, "
+                             f"got n_recent={self.n_recent}, budget {budget}")
 
     def victim(self, pos, score, last_att):
         newest = pos.max(-1, keepdim=True).values                     # (B, nh, 1)
@@ -203,7 +204,7 @@ class Rollout:
     tokens: torch.Tensor         # (B, T) long: prompt, response, then padding (eos_id, or 0 without one)
     logprobs: torch.Tensor       # (B, T) float: sampler log-prob of each generated token, 0 elsewhere
     response_mask: torch.Tensor  # (B, T) bool: True on generated tokens (up to and including EOS)
-    mask: ShadowMask             # what every query could see, (L, B, nh, T, budget)
+    mask: ShadowMask             # what every query could see: the cache's write log, (L, B, nh, T)
     kv_bytes: int                # bytes of the preallocated K/V cache
     full_kv_bytes: int           # what a full cache for prompt + max_new_tokens would preallocate
 

@@ -258,7 +258,8 @@ def grpo_step(model, optimizer, problems, cfg, generator, frozen_teacher=None):
                      policy=cfg["policy"] if compressed else "full", budget=cfg["budget"] if compressed else P + R,
                      max_new_tokens=R, temperature=cfg["temperature"], eos_id=EOS_ID, generator=generator)
     tokens, resp, lp_sampler = ro.tokens, ro.response_mask, ro.logprobs     # (B, T) each
-    rewards = torch.tensor([REWARDS[cfg["reward"]](p, decode(tokens[i, P:].tolist())) for i, p in enumerate(group_problems)],
+    score = REWARDS[cfg["reward"]]
+    rewards = torch.tensor([score(p, decode(tokens[i, P:].tolist())) for i, p in enumerate(group_problems)],
                            device=tokens.device)                           # (B,)
     adv = group_advantages(rewards, G)                                     # (B,)
     mask = ro.mask if mode == "smd" else None  # only SMD shows the learner what the sampler saw
