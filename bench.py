@@ -141,7 +141,7 @@ for T in lengths:
             delta = {a: (learner_logprobs(model, r.tokens, r.mask, attention=a, exact=exact) - r.logprobs)
                      [r.response_mask].abs().max().item() for a in ("dense", "gather")}
         dense_mask_bytes = n_layer * batch_size * n_head * T * T  # one bool byte per (query, key) pair
-        rows_sampler.append((T, S, r.kv_bytes / 2**10, r.full_kv_bytes / 2**10, r.kv_bytes / r.full_kv_bytes,
+        rows_sampler.append((T, S, r.kv_bytes / 2**10, full.kv_bytes / 2**10, r.kv_bytes / full.kv_bytes,
                              n_new / comp_s, n_new / full_s, full_s / comp_s, r.mask.written.nbytes / 2**10,
                              dense_mask_bytes / 2**10, r.mask.written.nbytes / dense_mask_bytes,
                              delta["dense"], delta["gather"]))

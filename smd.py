@@ -15,82 +15,174 @@ import torch
 from torch.nn import functional as F
 
 # -----------------------------------------------------------------------------
-# 1. Eviction policies. Each gets the state of one layer's cache, every tensor (B, nh, S):
-#    pos (absolute position held by each slot), score (attention mass accumulated since the slot was
-#    written), last_att (attention of the newest query), and returns the slot to overwrite, (B, nh) long.
-#    It is called only when the cache is full, before the new token is written, so the new token is never
-#    a candidate and every score already includes the attention of the previous token.
+# 1. Eviction policies. The budget S counts the keys a query attends over, its own included. Once the cache
+#    is full, each new token is written into the slot of a victim that the policy picks per (row, head)
+#    from the keys the previous query saw, using what that query's attention showed. So a query never sees
+#    more than S keys, and this is the published rules' "add the new token, attend, drop one" with the drop
+#    taken after each query (the published codes hold S - 1 keys between steps plus the incoming one).
+#    A policy has check(budget, seq_len) (ValueError for settings that cannot work), observe(cache, layer,
+#    att) (update cache.score from the new queries' attention) and victim(cache, layer) -> (B, nh) slots.
 
 NEVER = torch.iinfo(torch.long).max  # a "position" so large argmin never picks it
 
 
-class Full:
+class Policy:
+    """Defaults: keeps no attention statistic (no score buffer is allocated), works with any budget."""
+    uses_score = False
+
+    def check(self, budget, seq_len):
+        pass
+
+    def observe(self, cache, layer, att):
+        pass
+
+
+class Full(Policy):
     """No eviction: the dense reference. The budget must hold the whole sequence."""
 
     def check(self, budget, seq_len):
         if budget < seq_len:
             raise ValueError(f"policy 'full' never evicts: budget {budget} must be >= sequence length {seq_len}")
 
-    def victim(self, pos, score, last_att):
+    def victim(self, cache, layer):
         raise AssertionError("a full-budget cache is never full")
 
 
-class Streaming:
-    """StreamingLLM: keep the first n_sink tokens (attention sinks) and a window of the most recent ones."""
+class Streaming(Policy):
+    """StreamingLLM (Xiao et al. 2024): keep the first n_sink tokens (attention sinks) and a window of the
+    most recent ones; the victim is the oldest non-sink."""
 
     def __init__(self, n_sink=4):
         self.n_sink = n_sink
 
     def check(self, budget, seq_len):
-        if budget <= self.n_sink:
-            raise ValueError(f"policy 'streaming' needs budget > n_sink={self.n_sink}, got budget {budget}")
+        if not isinstance(self.n_sink, int) or not 0 <= self.n_sink < budget:
+            raise ValueError(f"policy 'streaming' needs 0 <= n_sink < budget, got n_sink={self.n_sink!r}, "
+                             f"budget {budget}")
 
-    def victim(self, pos, score, last_att):
-        return pos.masked_fill(pos < self.n_sink, NEVER).argmin(-1)   # the oldest non-sink
-
-
-class H2O:
-    """Heavy-Hitter Oracle: keep a window of the n_recent newest tokens (the incoming one included), and
-    fill the rest with the tokens that received the most attention so far, per head."""
-
-    def __init__(self, n_recent=4):
-        self.n_recent = n_recent
-
-    def check(self, budget, seq_len):
-        if self.n_recent < 1 or budget <= self.n_recent:
-            raise ValueError(f"policy 'h2o' needs 1 <= n_recent < budget, "
-                             f"got n_recent={self.n_recent}, budget {budget}")
-
-    def victim(self, pos, score, last_att):
-        newest = pos.max(-1, keepdim=True).values                     # (B, nh, 1)
-        recent = pos > newest - (self.n_recent - 1)                    # the incoming token makes n_recent
-        return score.masked_fill(recent, float("inf")).argmin(-1)
+    def victim(self, cache, layer):
+        pos = cache.pos[layer]                                             # (B, nh, S)
+        return pos.masked_fill(pos < self.n_sink, NEVER).argmin(-1)
 
 
-class TOVA:
-    """Token Omission Via Attention: drop the token the newest query attended to least, per head."""
+class H2O(Policy):
+    """Heavy-Hitter Oracle (Zhang et al. 2023): n_recent newest tokens (the incoming one included) plus
+    the n_heavy older ones that received the most attention so far, per head; n_heavy + n_recent = budget.
+    Default: the paper's even split, n_heavy = budget // 2. Its code sizes the two separately
+    (hh_size, recent_size); ours are the same with recent_size = n_recent - 1 plus the incoming token."""
+    uses_score = True  # attention mass each key received since it was written
 
-    def check(self, budget, seq_len):
-        pass
+    def __init__(self, n_heavy=None, n_recent=None):
+        self.n_heavy, self.n_recent = n_heavy, n_recent
 
-    def victim(self, pos, score, last_att):
-        return last_att.argmin(-1)
-
-
-class Random:
-    """Evict a uniformly random slot, from its own seeded generator (a baseline with no signal)."""
-
-    def __init__(self, seed=0):
-        self.generator = torch.Generator().manual_seed(seed)
+    def sizes(self, budget):
+        n_heavy, n_recent = self.n_heavy, self.n_recent
+        if n_heavy is None and n_recent is None:
+            n_heavy = budget // 2
+        n_heavy = budget - n_recent if n_heavy is None else n_heavy
+        n_recent = budget - n_heavy if n_recent is None else n_recent
+        return n_heavy, n_recent
 
     def check(self, budget, seq_len):
-        pass
+        n_heavy, n_recent = self.sizes(budget)
+        if n_heavy < 0 or n_recent < 1 or n_heavy + n_recent != budget:
+            raise ValueError(f"policy 'h2o' needs n_heavy >= 0, n_recent >= 1 and n_heavy + n_recent = budget "
+                             f"{budget}, got n_heavy={self.n_heavy}, n_recent={self.n_recent}")
 
-    def victim(self, pos, score, last_att):
-        return torch.randint(pos.shape[-1], pos.shape[:-1], generator=self.generator).to(pos.device)
+    def observe(self, cache, layer, att):
+        cache.score[layer] += att.sum(2)                                   # (B, nh, S)
+
+    def victim(self, cache, layer):
+        _, n_recent = self.sizes(cache.budget)
+        recent = cache.pos[layer] > cache.length - n_recent                # with the incoming token: n_recent
+        return cache.score[layer].masked_fill(recent, float("inf")).argmin(-1)
 
 
-POLICIES = {"full": Full, "streaming": Streaming, "h2o": H2O, "tova": TOVA, "random": Random}
+class TOVA(Policy):
+    """Token Omission Via Attention (Oren et al. 2024, "Transformers are Multi-State RNNs"): after each
+    query attends, drop the key it attended to least, its own key a candidate too. head_average=True
+    (default, as the reference code does) averages that attention over the layer's heads, so every head
+    drops the same token; False decides per head."""
+    uses_score = True  # the newest query's attention
+
+    def __init__(self, head_average=True):
+        self.head_average = head_average
+
+    def check(self, budget, seq_len):
+        if not isinstance(self.head_average, bool):
+            raise ValueError(f"policy 'tova' needs head_average True or False, got {self.head_average!r}")
+
+    def observe(self, cache, layer, att):
+        cache.score[layer] = att[:, :, -1]                                 # (B, nh, S)
+
+    def victim(self, cache, layer):
+        att = cache.score[layer]                                           # (B, nh, S)
+        if self.head_average:  # heads hold the same positions in the same slots, having dropped the same ones
+            att = att.mean(1, keepdim=True).expand_as(att)
+        return att.argmin(-1)
+
+
+class SnapKV(Policy):
+    """SnapKV (Li et al. 2024) for the prompt, a sliding window for the rest. When a row's prompt has been
+    read, each prompt key is scored by the attention it received from the last `window` prompt queries (the
+    observation window), smoothed by an average pool of width `kernel` over neighbouring positions; the
+    window's own keys are always kept. SnapKV then decodes with what it selected, but our cache is capped
+    during decoding too, so a decode-time rule is needed: the victim is the remaining prompt key SnapKV
+    ranked lowest, and once only the window is left of the prompt, the oldest token (a sliding window, as
+    in StreamingLLM). So the prompt gives up what SnapKV judged least useful before the response loses its
+    own recent context. A prompt longer than the budget slides (oldest out) until it has been read.
+    Scaled to our 20-token prompts: window 4 (the published 32-64 are for prompts of thousands of tokens),
+    kernel 3 (a token and its two neighbours; published 5-7)."""
+    uses_score = True  # attention from the observation window, then the pooled score
+
+    def __init__(self, window=4, kernel=3):
+        self.window, self.kernel = window, kernel
+
+    def check(self, budget, seq_len):
+        if not isinstance(self.window, int) or not 1 <= self.window < budget:
+            raise ValueError(f"policy 'snapkv' needs 1 <= window < budget, got window={self.window!r}, budget {budget}")
+        if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"policy 'snapkv' needs an odd kernel >= 1, got kernel={self.kernel!r}")
+
+    def observe(self, cache, layer, att):
+        B, nh, T, S = att.shape
+        P = cache.prompt_lengths[:, None]                                  # (B, 1)
+        query_pos = cache.length + torch.arange(T, device=att.device)      # (T,)
+        in_window = (query_pos >= P - self.window) & (query_pos < P)       # (B, T)
+        cache.score[layer] += (att * in_window[:, None, :, None]).sum(2)   # (B, nh, S)
+        read = (query_pos == P - 1).any(-1)                                # (B,) rows whose prompt ends here
+        if read.any():  # freeze their scores: the pooled window attention of the prompt keys
+            pooled = self.pool(cache.pos[layer], cache.score[layer], P[:, :, None])
+            cache.score[layer] = torch.where(read[:, None, None], pooled, cache.score[layer])
+
+    def pool(self, pos, score, P):
+        """Average-pool the scores of the prompt keys before the window, in position order, zero-padded."""
+        B, nh, S = pos.shape
+        body = (pos >= 0) & (pos < P - self.window)                        # (B, nh, S)
+        order = pos.argsort(-1)                                            # slots by position: body keys are contiguous
+        ranked = score.masked_fill(~body, 0.0).gather(-1, order)           # (B, nh, S)
+        pooled = F.avg_pool1d(ranked.reshape(B * nh, 1, S), self.kernel, stride=1, padding=self.kernel // 2)
+        return torch.empty_like(score).scatter_(-1, order, pooled.view(B, nh, S))
+
+    def victim(self, cache, layer):
+        pos = cache.pos[layer]                                             # (B, nh, S), full: no empty slot
+        P = cache.prompt_lengths[:, None, None]                            # (B, 1, 1)
+        body = (pos < P - self.window) & (cache.length >= P)               # prompt keys, once scored
+        lowest = cache.score[layer].masked_fill(~body, float("inf")).argmin(-1)
+        return torch.where(body.any(-1), lowest, pos.argmin(-1))
+
+
+class Random(Policy):
+    """Evict a uniformly random slot, drawn from the rollout's generator (torch's global one without it):
+    reproducible for a seed, and different from one rollout to the next. A baseline with no signal."""
+
+    def victim(self, cache, layer):
+        pos, g = cache.pos[layer], cache.generator
+        slot = torch.randint(pos.shape[-1], pos.shape[:-1], generator=g, device=g.device if g else pos.device)
+        return slot.to(pos.device)
+
+
+POLICIES = {"full": Full, "streaming": Streaming, "h2o": H2O, "tova": TOVA, "snapkv": SnapKV, "random": Random}
 
 
 def make_policy(name, **policy_kwargs):
@@ -145,28 +237,35 @@ class ShadowMask:
 class KVCache:
     """A KV cache with a hard capacity of `budget` slots per layer, row and head, preallocated so memory is
     O(budget) whatever the sequence length. All rows advance in lockstep (one position per decode step),
-    so `length` is the position of the next token for every row. Records the shadow mask of every query."""
+    so `length` is the position of the next token for every row. Records the shadow mask of every query.
+    prompt_lengths (B,) tells prompt-aware policies (SnapKV) where each row's prompt ends; generator feeds
+    the random policy."""
 
-    def __init__(self, config, batch_size, budget, seq_len, policy, device, dtype):
+    def __init__(self, config, batch_size, budget, seq_len, policy, device, dtype, prompt_lengths=None,
+                 generator=None):
         L, B, nh, S = config.n_layer, batch_size, config.n_head, budget
         hs = config.n_embd // config.n_head
-        self.policy = policy
+        self.policy, self.budget, self.generator = policy, budget, generator
+        self.prompt_lengths = torch.zeros(B, dtype=torch.long, device=device) if prompt_lengths is None \
+            else prompt_lengths.to(device)
         self.k = torch.zeros(L, B, nh, S, hs, device=device, dtype=dtype)
         self.v = torch.zeros(L, B, nh, S, hs, device=device, dtype=dtype)
         self.pos = torch.full((L, B, nh, S), -1, device=device, dtype=torch.long)  # -1 = empty slot
-        self.score = torch.zeros(L, B, nh, S, device=device, dtype=dtype)    # attention received (H2O)
-        self.last_att = torch.zeros(L, B, nh, S, device=device, dtype=dtype) # newest query's attention (TOVA)
+        # the policy's per-slot attention statistic (H2O: mass received, TOVA: newest query's attention, ...)
+        self.score = torch.zeros(L, B, nh, S, device=device, dtype=dtype) if policy.uses_score else None
         log_dtype = torch.int16 if seq_len <= torch.iinfo(torch.int16).max else torch.int32  # holds positions too
         self.mask = ShadowMask(torch.zeros(L, B, nh, seq_len, device=device, dtype=log_dtype), budget)
         self.length = 0
 
     def nbytes(self):
-        return self.k.nbytes + self.v.nbytes
+        """Every per-slot buffer the cache holds: keys, values, positions and the policy's score, if any.
+        (The shadow mask's write log is O(T), not O(budget), and is counted separately.)"""
+        return sum(t.nbytes for t in (self.k, self.v, self.pos, self.score) if t is not None)
 
     def update(self, layer, k, v):
         """Store the keys/values k, v (B, nh, T, hs) of the next T tokens, then return this layer's cache
         k, v (B, nh, S, hs) and which slots each new query may see, visible (B, nh, T, S)."""
-        T, S, t0 = k.shape[2], self.k.shape[3], self.length
+        T, S, t0 = k.shape[2], self.budget, self.length
         if T > 1:  # prefill: the first tokens go into empty slots 0..T-1, no eviction
             assert t0 == 0 and T <= S, "prefill must start an empty cache and fit in it"
             self.k[layer, :, :, :T] = k
@@ -177,13 +276,14 @@ class KVCache:
             if t0 < S:  # not full yet: every row and head fills slot t0
                 slot = torch.full(self.pos.shape[1:3], t0, device=k.device, dtype=torch.long)  # (B, nh)
             else:
-                slot = self.policy.victim(self.pos[layer], self.score[layer], self.last_att[layer])
+                slot = self.policy.victim(self, layer)
             index = slot[:, :, None, None]                                 # (B, nh, 1, 1)
             hs_index = index.expand(-1, -1, 1, k.shape[-1])
             self.k[layer].scatter_(2, hs_index, k)
             self.v[layer].scatter_(2, hs_index, v)
             self.pos[layer].scatter_(2, index[..., 0], t0)
-            self.score[layer].scatter_(2, index[..., 0], 0.0)              # a new token starts with no mass
+            if self.score is not None:
+                self.score[layer].scatter_(2, index[..., 0], 0.0)          # a new token starts with no mass
             self.mask.written[layer, :, :, t0] = slot                      # the shadow mask is this log
         pos = self.pos[layer][:, :, None, :]                               # (B, nh, 1, S)
         query_pos = torch.arange(t0, t0 + T, device=k.device)[:, None]     # (T, 1)
@@ -192,8 +292,7 @@ class KVCache:
 
     def observe(self, layer, att):
         """att (B, nh, T, S): attention probabilities of the new queries, for content-based eviction."""
-        self.score[layer] += att.sum(2)
-        self.last_att[layer] = att[:, :, -1]
+        self.policy.observe(self, layer, att)
 
 # -----------------------------------------------------------------------------
 # 4. The sampler
@@ -205,8 +304,8 @@ class Rollout:
     logprobs: torch.Tensor       # (B, T) float: sampler log-prob of each generated token, 0 elsewhere
     response_mask: torch.Tensor  # (B, T) bool: True on generated tokens (up to and including EOS)
     mask: ShadowMask             # what every query could see: the cache's write log, (L, B, nh, T)
-    kv_bytes: int                # bytes of the preallocated K/V cache
-    full_kv_bytes: int           # what a full cache for prompt + max_new_tokens would preallocate
+    kv_bytes: int                # bytes of the cache's per-slot buffers: K, V, positions, policy score
+    full_kv_bytes: int           # the same for a full cache of prompt + max_new_tokens slots (built, not derived)
 
 
 def pad_prompts(prompts, pad_id, device):
@@ -257,7 +356,7 @@ def rollout(model, prompts, *, policy, budget, max_new_tokens, temperature=1.0, 
     logprobs = torch.zeros(B, T, dtype=next(model.parameters()).dtype, device=device)
     response_mask = torch.zeros(B, T, dtype=torch.bool, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = KVCache(model.config, B, budget, T, policy, device, logprobs.dtype)
+    cache = KVCache(model.config, B, budget, T, policy, device, logprobs.dtype, lengths, generator)
 
     # prefill: the prefix every row shares as prompt, in one parallel pass, as far as the cache holds it
     n_prefill = min(int(lengths.min()), budget)
@@ -269,7 +368,7 @@ def rollout(model, prompts, *, policy, budget, max_new_tokens, temperature=1.0, 
             sampled = logp.argmax(-1)                                      # (B,)
         else:
             sampled = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-        generating = (t >= lengths) & ~done                                # rows past their prompt, not finished
+        generating = (t >= lengths) & (t < lengths + max_new_tokens) & ~done  # each row: its own max_new_tokens
         in_prompt = t < lengths
         tokens[:, t] = torch.where(in_prompt, tokens[:, t], torch.where(generating, sampled, pad_id))
         logprobs[:, t] = torch.where(generating, logp.gather(-1, tokens[:, t:t + 1]).squeeze(-1), 0.0)
@@ -283,9 +382,10 @@ def rollout(model, prompts, *, policy, budget, max_new_tokens, temperature=1.0, 
             T = t + 1                                                      # every row has finished
             break
 
-    full_bytes = cache.nbytes() // budget * (P + max_new_tokens)  # what a full cache would preallocate
+    # a full cache of the same shapes, built on the meta device: its real byte count, nothing allocated
+    full = KVCache(model.config, B, P + max_new_tokens, P + max_new_tokens, Full(), "meta", logprobs.dtype)
     return Rollout(tokens[:, :T], logprobs[:, :T], response_mask[:, :T], cache.mask.truncate(T), cache.nbytes(),
-                   full_bytes)
+                   full.nbytes())
 
 # -----------------------------------------------------------------------------
 # 5-6. The learner

@@ -4,6 +4,8 @@ compressed sampler's (to float rounding, or bitwise on the exact path), without 
 cache and mask obey the budget. Every test uses a small random GPT on the CPU and runs in seconds.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ import smd
 from model import GPT, GPTConfig, gather_slots
 from smd import learner_logprobs, rollout
 
-COMPRESSED = ["streaming", "h2o", "tova", "random"]
+COMPRESSED = ["streaming", "h2o", "tova", "snapkv", "random"]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}  # max |log-prob difference| accepted per dtype
 EOS = 15
 BUDGET = 8  # with 40-42 positions per sequence, under 1/3 of the sequence
@@ -109,7 +111,15 @@ def test_cache_and_mask_rows_never_exceed_budget(policy, monkeypatch):
         assert slots.shape == (B, nh, T, BUDGET)
         for t in range(T):
             assert torch.equal(slots[:, :, t].long(), seen[layer, t]), f"layer {layer} query {t}"
-    assert r.kv_bytes * T == r.full_kv_bytes * BUDGET
+
+
+@pytest.mark.parametrize("policy, score_bytes", [("streaming", 0), ("h2o", 4), ("tova", 4), ("snapkv", 4),
+                                                 ("random", 0)])
+def test_kv_bytes_count_every_per_slot_buffer(policy, score_bytes):
+    r = sample(make_model(), policy)                   # L=2, B=3, nh=2, hs=16, float32; 10 + 30 positions
+    per_slot = 2 * 16 * 4 + 8 + score_bytes            # K and V, a long position, the policy's float score
+    assert r.kv_bytes == 2 * 3 * 2 * BUDGET * per_slot
+    assert r.full_kv_bytes == 2 * 3 * 2 * 40 * (2 * 16 * 4 + 8)  # a full cache: 40 slots, no score
 
 
 def test_full_cache_rollout_reports_kv_fraction_one_even_when_rows_stop_early():
@@ -142,13 +152,87 @@ def test_h2o_always_sees_its_recent_window():
     assert dense[..., -1, :T - BUDGET].any()
 
 
+def hand_made_cache(pos, score, prompt_length=0):
+    """The state victim() reads, for one layer: pos, score (B, nh, S); the next position is 10."""
+    return SimpleNamespace(pos=pos[None], score=score[None], length=10, budget=pos.shape[-1],
+                           prompt_lengths=torch.full(pos.shape[:1], prompt_length), generator=None)
+
+
 def test_eviction_policies_pick_the_documented_victim():
     pos = torch.tensor([[[0, 1, 2, 3, 9, 5, 8, 7]]])                     # (B, nh, S) = (1, 1, 8), newest 9
-    score = torch.tensor([[[5.0, 0.5, 3.0, 0.9, 0.0, 4.0, 0.1, 2.0]]])    # attention mass received
-    last_att = torch.tensor([[[0.3, 0.2, 0.1, 0.02, 0.1, 0.08, 0.1, 0.1]]])
-    assert smd.Streaming(n_sink=2).victim(pos, score, last_att).item() == 2  # the oldest non-sink
-    assert smd.H2O(n_recent=3).victim(pos, score, last_att).item() == 1      # 8, 9 are recent: least mass
-    assert smd.TOVA().victim(pos, score, last_att).item() == 3               # least liked by the newest query
+    mass = torch.tensor([[[5.0, 0.5, 3.0, 0.9, 0.0, 4.0, 0.1, 0.05]]])    # H2O: attention mass received
+    cache = hand_made_cache(pos, mass)
+    assert smd.Streaming(n_sink=2).victim(cache, 0).item() == 2  # the oldest non-sink
+    assert smd.H2O(n_recent=3).victim(cache, 0).item() == 7      # 8, 9 and the incoming 10 are recent: 7 goes
+    assert smd.H2O(n_recent=4).victim(cache, 0).item() == 1      # 7 joins the window: 0.5 is the least left
+    assert smd.H2O().victim(cache, 0).item() == 1                # even split: 4 recent (7, 8, 9, 10) + 4 heavy
+    newest_att = torch.tensor([[[0.3, 0.2, 0.1, 0.02, 0.1, 0.08, 0.1, 0.1]]])
+    assert smd.TOVA().victim(hand_made_cache(pos, newest_att), 0).item() == 3  # least liked by the newest query
+    assert smd.TOVA().victim(hand_made_cache(pos, 1 - newest_att), 0).item() == 0
+
+
+def test_tova_head_average_decides_for_all_heads_and_per_head_does_not():
+    pos = torch.arange(4).expand(1, 2, 4)                                  # (B, nh, S): 2 heads, same positions
+    att = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.5, 0.0, 0.3, 0.2]]])    # head means: 0.3 0.1 0.3 0.3
+    cache = hand_made_cache(pos, att)
+    assert smd.TOVA(head_average=True).victim(cache, 0).tolist() == [[1, 1]]
+    assert smd.TOVA(head_average=False).victim(cache, 0).tolist() == [[0, 1]]
+
+
+def test_snapkv_scores_prompt_keys_by_pooled_window_attention_then_slides():
+    # prompt of 8 tokens, window 2: positions 0..5 are the body, 6 and 7 the observation window
+    config = GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=1, n_embd=4)
+    policy = smd.SnapKV(window=2, kernel=3)
+    cache = smd.KVCache(config, 1, 8, 12, policy, "cpu", torch.float32, prompt_lengths=torch.tensor([8]))
+    k = torch.zeros(1, 1, 8, 4)
+    cache.update(0, k, k)
+    att = torch.zeros(1, 1, 8, 8)
+    att[0, 0, 6] = torch.tensor([0.0, 0.6, 0.0, 0.0, 0.0, 0.3, 0.1, 0.0])  # window query 6
+    att[0, 0, 7] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.9, 0.0, 0.0, 0.1])  # window query 7
+    att[0, 0, 0, 0] = 1.0                                                  # not a window query: ignored
+    cache.observe(0, att)
+    # raw body scores 0 .6 0 0 .9 .3 -> pooled (zero-padded, /3): .2 .2 .2 .3 .4 .4
+    assert torch.allclose(cache.score[0, 0, 0, :6], torch.tensor([0.2, 0.2, 0.2, 0.3, 0.4, 0.4]))
+    cache.length = 8
+    assert policy.victim(cache, 0).item() == 0        # the lowest pooled score, the first slot on a tie
+    cache.pos[0, 0, 0, :3] = torch.tensor([8, 9, 10])  # positions 0..2 gone: 3 is the lowest body key left
+    cache.length = 11
+    assert policy.victim(cache, 0).item() == 3
+    cache.pos[0, 0, 0, :6] = torch.tensor([8, 9, 10, 11, 12, 13])  # no body key left: the oldest goes (6)
+    cache.length = 14
+    assert policy.victim(cache, 0).item() == 6
+
+
+def test_snapkv_slides_while_a_long_prompt_is_still_being_read():
+    pos = torch.tensor([[[8, 1, 2, 3, 4, 5, 6, 7]]])                     # prompt of 12 tokens, 9 is next
+    cache = hand_made_cache(pos, torch.zeros(1, 1, 8), prompt_length=12)
+    cache.length = 9
+    assert smd.SnapKV(window=2).victim(cache, 0).item() == 1            # the oldest: position 1
+
+
+def test_random_policy_is_reproducible_per_seed_and_differs_between_rollouts():
+    model = make_model()
+    prompts = torch.randint(0, 15, (3, 10), generator=torch.Generator().manual_seed(0))
+
+    def log(generator):
+        return rollout(model, prompts, policy="random", budget=BUDGET, max_new_tokens=30, temperature=0,
+                       generator=generator).mask.written
+    same_seed = [log(torch.Generator().manual_seed(1)) for _ in range(2)]
+    assert torch.equal(*same_seed)
+    g = torch.Generator().manual_seed(1)
+    first, second = log(g), log(g)                                         # greedy: same tokens, same prompts
+    assert torch.equal(first, same_seed[0]) and not torch.equal(first, second)
+    assert not torch.equal(log(torch.Generator().manual_seed(2)), first)
+
+
+def test_each_row_stops_after_its_own_max_new_tokens():
+    prompts = [[1, 2, 3], [4] * 11, [5] * 7]
+    r = rollout(make_model(), prompts, policy="h2o", budget=BUDGET, max_new_tokens=5,
+                generator=torch.Generator().manual_seed(0))
+    assert r.response_mask.sum(1).tolist() == [5, 5, 5]
+    for b, prompt in enumerate(prompts):
+        assert r.response_mask[b].nonzero().squeeze(-1).tolist() == list(range(len(prompt), len(prompt) + 5))
+    assert r.tokens.shape[1] == 11 + 5
 
 
 def test_cache_scores_accumulate_attention_since_written():
@@ -249,7 +333,13 @@ def test_gather_slots_reads_positions_in_slot_order():
     (dict(policy="lru"), "unknown policy"),
     (dict(policy="h2o", budget=0), "budget must be"),
     (dict(policy="streaming", budget=4, n_sink=4), "n_sink"),
-    (dict(policy="h2o", budget=4, n_recent=4), "n_recent"),
+    (dict(policy="h2o", budget=4, n_recent=5), "n_recent"),
+    (dict(policy="h2o", budget=8, n_recent=3, n_heavy=3), "n_heavy \\+ n_recent"),
+    (dict(policy="streaming", n_sink=-1), "n_sink"),
+    (dict(policy="snapkv", window=8), "window"),
+    (dict(policy="snapkv", window=0), "window"),
+    (dict(policy="snapkv", kernel=4), "odd kernel"),
+    (dict(policy="tova", head_average=1), "head_average"),
     (dict(policy="full", budget=8), "never evicts"),
     (dict(policy="h2o", max_new_tokens=60), "exceeds block_size"),
     (dict(policy="streaming", window=3), "bad arguments"),
@@ -298,4 +388,7 @@ def test_bench_runs_and_reports_budget_sized_kv_memory():
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if line.split()[:2] in (["32", "8"], ["48", "8"])]
     assert len(rows) == 6  # T=32 and T=48 in each of the three tables
-    assert [float(rows[0][4]), float(rows[1][4])] == [0.25, round(8 / 48, 3)]  # KV ratio = S / T
+    # KV ratio, from the bytes per slot: h2o keeps K, V (2 x 16 floats), a long position and a float score;
+    # the full cache that was actually run (S = T) needs no score
+    per_slot, full_per_slot = 2 * 16 * 4 + 8 + 4, 2 * 16 * 4 + 8
+    assert [float(rows[0][4]), float(rows[1][4])] == [round(8 * per_slot / (T * full_per_slot), 3) for T in (32, 48)]
