@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train
 from model import GPT, GPTConfig
@@ -76,10 +77,11 @@ def test_a_frozen_teacher_equal_to_the_weights_teaches_like_the_dense_pass_until
 
 
 def test_advantages_are_zero_mean_per_group_and_zero_for_a_uniform_group():
-    rewards = torch.tensor([1., 0., 0., 1., 1., 1., 1., 1., 0., 0., 0., 1.])
-    adv = train.group_advantages(rewards, 4).view(3, 4)
+    rewards = torch.tensor([1., 0., 0., 1., 1., 1., 1., 1., 0., 0., 0., 1.] + [7 / 11] * 8)
+    adv = train.group_advantages(rewards, 4).view(5, 4)
     assert adv.mean(-1).abs().max().item() < 1e-6
     assert adv[1].abs().max().item() == 0.0                     # all four scored 1: no signal
+    assert adv[3:].abs().max().item() == 0.0                    # 7/11 is not exact in binary: still exactly 0
     assert adv[0, 0].item() == pytest.approx(1.0, abs=1e-5)     # normalized: unit std within the group
 
 
@@ -117,7 +119,13 @@ def test_a_non_finite_loss_stops_before_the_weights_change(monkeypatch):
     (dict(mode="ppo"), "unknown mode"),
     (dict(policy="lru"), "unknown policy"),
     (dict(budget=65), "larger than block_size"),
-    (dict(budget=4), "n_recent"),                     # h2o keeps 4 recent tokens: budget 4 leaves none
+    (dict(n_recent=33), "n_recent"),                  # more recent tokens than the budget of 32 holds
+    (dict(n_recent=-1), "n_recent"),
+    (dict(policy="snapkv", snap_window=32), "window"),  # the observation window must leave room in the cache
+    (dict(policy="snapkv", snap_kernel=2), "odd kernel"),
+    (dict(policy="streaming", n_sink=32), "n_sink"),
+    (dict(eval_problems=train.EVAL_POOL + 1), "eval_problems"),
+    (dict(eval_split="train"), "eval_split"),
     (dict(policy="full", budget=32), "never evicts"),
     (dict(group_size=1), "group_size"),
     (dict(n_layer=0), "n_layer"),
@@ -211,3 +219,62 @@ def test_compare_runs_every_mode_and_seed_from_one_base_and_reports_mean_and_std
     assert smd_row[:4] == ["smd", "0.500", "±", "0.082"]                         # 0.4, 0.5, 0.6: mean, pstdev
     with pytest.raises(ValueError, match="sets --seed"):
         compare.main(["--seed=1"])
+
+
+@pytest.mark.parametrize("mode", train.MODES)
+def test_first_update_scores_the_batch_with_its_old_logprobs_in_every_mode(mode):
+    # dense, smd: the learner (under the shadow mask for smd) reproduces the sampler's log-probs; naive, tis:
+    # the old log-probs are the dense learner's own. An smd update on the unmasked pass, or naive/tis
+    # taking the sampler's log-probs as old, would start with a ratio far from 1
+    stats, _ = one_step(mode, distill_coef=0.0)
+    assert stats["old_gap"] <= 1e-5
+    if mode in ("naive", "tis"):
+        assert stats["mismatch_max"] > 1e-2                     # while the sampler did differ
+
+
+def test_tis_weights_scale_the_policy_gradient_loss(monkeypatch):
+    # a reward that varies within a group (the random model scores 0 everywhere), so advantages are not all 0
+    monkeypatch.setitem(train.REWARDS, "partial", lambda problem, text: float(len(text) % 3))
+    naive, _ = one_step("naive", updates_per_batch=1)
+    monkeypatch.setattr(train, "tis_weights", lambda lp, lp_s, cap: torch.full_like(lp, 0.5))
+    tis, _ = one_step("tis", updates_per_batch=1)
+    assert naive["loss"] != 0.0
+    assert tis["loss"] == pytest.approx(0.5 * naive["loss"], rel=1e-6)   # same rollouts, every token weighted 0.5
+
+
+def test_distill_kl_is_teacher_to_student_and_follows_the_temperature():
+    student = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]]])         # (B, T, vocab); row 1 predicts token 1
+    teacher = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]])
+    response = torch.tensor([[False, True]])
+    for t in (1.0, 0.5):
+        p, q = F.softmax(teacher[0, 0] / t, -1), F.softmax(student[0, 0] / t, -1)
+        want = (p * (p.log() - q.log())).sum().item()                    # KL(teacher || student)
+        got = train.smd.distill_kl(student, teacher, response, temperature=t).item()
+        assert got == pytest.approx(want, rel=1e-6)
+        assert abs(got - (q * (q.log() - p.log())).sum().item()) > 1e-3  # not the reverse
+
+
+def test_no_training_problem_is_ever_evaluated_and_eval_size_does_not_move_train():
+    base = dict(train.CONFIG, n_train=3000)
+    first_train = None
+    for eval_problems in (1, 200, train.EVAL_POOL):
+        for split in ("val", "test"):
+            problems, held_out = train.problem_splits(dict(base, eval_problems=eval_problems, eval_split=split))
+            assert len(held_out) == eval_problems and not set(problems) & set(held_out)
+            first_train = first_train or problems
+            assert problems == first_train
+    val = train.problem_splits(dict(base, eval_problems=train.EVAL_POOL))[1]
+    test = train.problem_splits(dict(base, eval_problems=train.EVAL_POOL, eval_split="test"))[1]
+    assert not set(val) & set(test)
+
+
+def test_warm_up_key_ignores_rl_settings_and_names_what_shapes_the_weights(tmp_path):
+    cfg = {k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "prompts_per_step", "group_size", "sft_steps",
+                                "sft_batch_size", "n_train", "eval_interval", "lr")}
+    cfg.update(out_dir=str(tmp_path), mode="dense", n_steps=1, eval_problems=2)
+    for i, extra in enumerate([{}, dict(grad_clip=0.5), dict(eval_problems=3), dict(eval_split="test"),
+                               dict(lr=1e-4)]):
+        train.main(args(cfg, run_name=f"r{i}", **extra))
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 1    # RL and eval knobs: same base
+    train.main(args(cfg, run_name="clip", sft_grad_clip=0.5))
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 2    # the warm-up's own clip: new base

@@ -44,11 +44,17 @@ from model import GPT, GPTConfig
 # config: every default here, any of them overridden by --key=value
 # run
 mode = "smd"                # dense | naive | tis | smd
-policy = "h2o"              # eviction policy of the compressed rollouts: streaming | h2o | tova | random | full
+policy = "h2o"              # eviction policy of the compressed rollouts: streaming | h2o | tova | snapkv | random | full
 budget = 32                 # KV slots per layer and head during compressed rollouts (the sequence is 53 tokens).
 #                             32 (60% of the full cache): h2o keeps what the sums need, but the warm-up model,
 #                             trained with full attention, gets 4% right under it, so there is something to learn.
 #                             At 16 and 24 the needed operands are gone: no mode got past 9%, SMD included
+n_sink = 4                  # streaming: attention-sink tokens always kept
+n_recent = 0                # h2o: newest tokens kept (the incoming one included), the rest of the budget are heavy
+#                             hitters; 0 = half the budget, the H2O paper's even split
+tova_head_average = True    # tova: average the newest query's attention over heads (the reference code) or not
+snap_window = 4             # snapkv: observation window, the last prompt queries whose attention scores the prompt
+snap_kernel = 3             # snapkv: width of the average pool that smooths those scores (odd)
 seed = 0                    # RL: batches, sampling, evaluation order
 sft_seed = 0                # data splits, initial weights and warm-up: one base (and one held-out set) for
 #                             every RL seed, so seeds measure the RL run and not the warm-up
@@ -60,7 +66,8 @@ run_name = ""               # "" -> f"{mode}_{policy}{budget}"
 resume = False              # continue out/<run_name>.pt (model, optimizer, step, RNG states)
 # data
 n_train = 20000
-eval_problems = 200         # held-out (val split) problems for greedy accuracy
+eval_problems = 200         # held-out problems for greedy accuracy, <= EVAL_POOL
+eval_split = "val"          # "val" to choose settings, "test" to report them
 # model (dropout stays 0: with it the learner could never reproduce the sampler's log-probs)
 n_layer = 2
 n_head = 4
@@ -71,6 +78,7 @@ sft_steps = 600
 sft_batch_size = 64
 sft_lr = 3e-3
 sft_warmup = 50             # linear warm-up steps, then cosine decay to 10% of sft_lr
+sft_grad_clip = 1.0         # gradient-norm clip of the warm-up (RL has its own, grad_clip)
 # phase 2: GRPO
 reward = "partial"          # training reward: "exact" (1 for the right total) | "partial" (the fraction of
 #                             right running sums and total, data.arithmetic.partial_reward); eval is always exact.
@@ -105,6 +113,21 @@ CONFIG = {k: v for k, v in globals().items() if k.islower() and not k.startswith
 
 MODES = ("dense", "naive", "tis", "smd")
 REWARDS = {"exact": exact_reward, "partial": partial_reward}
+EVAL_POOL = 1000  # val and test each hold this many problems, dealt before train: eval_problems never moves them
+
+
+def problem_splits(cfg):
+    """(train, eval) problems. Test and val are fixed pools dealt before train, so no setting of
+    eval_problems or eval_split can put a training problem into an evaluation."""
+    train_problems, val, test = make_splits(cfg["sft_seed"], cfg["n_train"], EVAL_POOL, EVAL_POOL)
+    return train_problems, (val if cfg["eval_split"] == "val" else test)[:cfg["eval_problems"]]
+
+
+def policy_kwargs(cfg):
+    """The settings of cfg's eviction policy, as smd.make_policy takes them."""
+    return {"streaming": dict(n_sink=cfg["n_sink"]), "h2o": dict(n_recent=cfg["n_recent"] or None),
+            "tova": dict(head_average=cfg["tova_head_average"]),
+            "snapkv": dict(window=cfg["snap_window"], kernel=cfg["snap_kernel"])}.get(cfg["policy"], {})
 
 
 def parse_overrides(argv, defaults=CONFIG):
@@ -141,7 +164,7 @@ def validate_config(cfg):
     for key in ("sft_steps", "sft_warmup"):
         if cfg[key] < 0:
             raise ValueError(f"{key} must be >= 0, got {cfg[key]}")
-    for key in ("sft_lr", "lr", "temperature", "tis_cap", "grad_clip"):
+    for key in ("sft_lr", "lr", "temperature", "tis_cap", "grad_clip", "sft_grad_clip"):
         if not cfg[key] > 0:
             raise ValueError(f"{key} must be > 0, got {cfg[key]}")
     if cfg["group_size"] < 2:
@@ -150,6 +173,11 @@ def validate_config(cfg):
         raise ValueError(f"need 0 <= clip_eps < 1 and distill_coef >= 0, got {cfg['clip_eps']}, {cfg['distill_coef']}")
     if cfg["distill_teacher"] not in ("dense", "sparse", "frozen"):
         raise ValueError(f"distill_teacher must be 'dense', 'sparse' or 'frozen', got {cfg['distill_teacher']!r}")
+    if cfg["eval_problems"] > EVAL_POOL or cfg["eval_split"] not in ("val", "test"):
+        raise ValueError(f"need eval_problems <= {EVAL_POOL} and eval_split 'val' or 'test', "
+                         f"got {cfg['eval_problems']}, {cfg['eval_split']!r}")
+    if cfg["n_recent"] < 0:
+        raise ValueError(f"n_recent must be >= 0 (0 = half the budget), got {cfg['n_recent']}")
     if cfg["reward"] not in REWARDS:
         raise ValueError(f"reward must be one of {sorted(REWARDS)}, got {cfg['reward']!r}")
     if cfg["learner_attention"] not in ("dense", "gather"):
@@ -161,7 +189,8 @@ def validate_config(cfg):
         raise ValueError(f"block_size {cfg['block_size']} must hold prompt + response = {seq_len} tokens")
     if cfg["budget"] > cfg["block_size"]:
         raise ValueError(f"budget {cfg['budget']} is larger than block_size {cfg['block_size']}")
-    smd.make_policy(cfg["policy"]).check(cfg["budget"], seq_len)  # unknown policy, or budget too small for it
+    # unknown policy, or settings that cannot work with this budget (the policy's ValueError names them)
+    smd.make_policy(cfg["policy"], **policy_kwargs(cfg)).check(cfg["budget"], seq_len)
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no GPU is visible")
 
@@ -197,7 +226,7 @@ def sft(model, train_problems, cfg, generator):
         check_finite(loss, f"sft step {step} loss")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["sft_grad_clip"])
         optimizer.step()
         if step % 100 == 0 or step == cfg["sft_steps"] - 1:
             print(f"sft {step:4d} | loss {loss.item():.4f} | lr {lr_now:.2e}")
@@ -208,10 +237,12 @@ def sft(model, train_problems, cfg, generator):
 
 def group_advantages(rewards, group_size):
     """rewards (B,) with B = n_prompts * group_size, group-major -> (B,) advantages, zero mean per group.
-    A group whose samples all scored the same carries no signal and gets advantage 0."""
+    A group whose samples all scored the same carries no signal and gets advantage exactly 0 (its mean
+    can differ from its values in the last bit, which the division by a tiny std would blow up)."""
     r = rewards.view(-1, group_size)                                       # (n_prompts, G)
     adv = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True, unbiased=False) + 1e-6)
-    return adv.view(-1)
+    uniform = (r == r[:, :1]).all(-1, keepdim=True)                        # (n_prompts, 1)
+    return adv.masked_fill(uniform, 0.0).view(-1)
 
 
 def tis_weights(lp_learner, lp_sampler, cap):
@@ -256,10 +287,11 @@ def grpo_step(model, optimizer, problems, cfg, generator, frozen_teacher=None):
     compressed = mode != "dense"
     ro = smd.rollout(model, [encode(format_prompt(p)) for p in group_problems],
                      policy=cfg["policy"] if compressed else "full", budget=cfg["budget"] if compressed else P + R,
-                     max_new_tokens=R, temperature=cfg["temperature"], eos_id=EOS_ID, generator=generator)
+                     max_new_tokens=R, temperature=cfg["temperature"], eos_id=EOS_ID, generator=generator,
+                     **(policy_kwargs(cfg) if compressed else {}))
     tokens, resp, lp_sampler = ro.tokens, ro.response_mask, ro.logprobs     # (B, T) each
-    score = REWARDS[cfg["reward"]]
-    rewards = torch.tensor([score(p, decode(tokens[i, P:].tolist())) for i, p in enumerate(group_problems)],
+    reward_fn = REWARDS[cfg["reward"]]
+    rewards = torch.tensor([reward_fn(p, decode(tokens[i, P:].tolist())) for i, p in enumerate(group_problems)],
                            device=tokens.device)                           # (B,)
     adv = group_advantages(rewards, G)                                     # (B,)
     mask = ro.mask if mode == "smd" else None  # only SMD shows the learner what the sampler saw
@@ -276,10 +308,12 @@ def grpo_step(model, optimizer, problems, cfg, generator, frozen_teacher=None):
     lp_old = lp_sampler if mode in ("dense", "smd") else lp_learner
     weights = tis_weights(lp_learner, lp_sampler, cfg["tis_cap"]) if mode == "tis" else None
 
-    for _ in range(cfg["updates_per_batch"]):
+    for update in range(cfg["updates_per_batch"]):
         logits = learner(mask)                                             # (B, T, vocab)
-        pg_loss, clip_frac = grpo_loss(smd.token_logprobs(logits, tokens, cfg["temperature"]), lp_old, adv,
-                                       resp, cfg["clip_eps"], weights)
+        lp = smd.token_logprobs(logits, tokens, cfg["temperature"])       # (B, T)
+        if update == 0:  # before any step the ratio must be 1 (to rounding) in every mode: lp is what lp_old is
+            old_gap = (lp.detach() - lp_old)[resp].abs().max().item()
+        pg_loss, clip_frac = grpo_loss(lp, lp_old, adv, resp, cfg["clip_eps"], weights)
         kl = torch.zeros((), device=tokens.device)
         if mode == "smd" and cfg["distill_coef"] > 0:
             if cfg["distill_teacher"] == "frozen" and frozen_teacher is None:
@@ -288,9 +322,9 @@ def grpo_step(model, optimizer, problems, cfg, generator, frozen_teacher=None):
                 with torch.no_grad():  # the unmasked pass, of the same weights or of the frozen warm-up
                     teacher = smd.learner_logits(frozen_teacher if cfg["distill_teacher"] == "frozen" else model,
                                                  tokens)
-                kl = smd.distill_kl(logits, teacher, resp)
+                kl = smd.distill_kl(logits, teacher, resp, cfg["temperature"])
             else:
-                kl = smd.distill_kl(learner(None), logits, resp)           # distill_kl detaches the teacher
+                kl = smd.distill_kl(learner(None), logits, resp, cfg["temperature"])  # the teacher is detached
         loss = pg_loss + cfg["distill_coef"] * kl
         check_finite(loss, "loss")
         optimizer.zero_grad(set_to_none=True)
@@ -300,18 +334,18 @@ def grpo_step(model, optimizer, problems, cfg, generator, frozen_teacher=None):
         optimizer.step()
 
     return dict(reward=rewards.mean().item(), mismatch_max=mm_max, mismatch_k3=mm_k3, loss=loss.item(),
-                distill_kl=kl.item(), clip_frac=clip_frac, grad_norm=grad_norm,
+                distill_kl=kl.item(), clip_frac=clip_frac, grad_norm=grad_norm, old_gap=old_gap,
                 tis_w_mean=None if weights is None else weights[resp].mean().item(),
                 kv_bytes=ro.kv_bytes, full_kv_bytes=ro.full_kv_bytes,
                 tok_per_s=resp.sum().item() / (time.time() - t0))
 
 
 @torch.no_grad()
-def evaluate(model, problems, policy, budget):
+def evaluate(model, problems, policy, budget, **policy_kwargs):
     """Greedy exact-match accuracy on `problems` with a cache of `budget` slots evicted by `policy`."""
     P, R = max_lengths()
     ro = smd.rollout(model, [encode(format_prompt(p)) for p in problems], policy=policy, budget=budget,
-                     max_new_tokens=R, temperature=0, eos_id=EOS_ID)
+                     max_new_tokens=R, temperature=0, eos_id=EOS_ID, **policy_kwargs)
     return sum(exact_reward(p, decode(ro.tokens[i, P:].tolist())) for i, p in enumerate(problems)) / len(problems)
 
 # -----------------------------------------------------------------------------
@@ -330,16 +364,17 @@ def main(argv):
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["sft_seed"])  # the initial weights belong to the shared base
     P, R = max_lengths()
-    train_problems, val_problems, _ = make_splits(cfg["sft_seed"], cfg["n_train"], cfg["eval_problems"], 0)
+    train_problems, held_out = problem_splits(cfg)
     model = GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=VOCAB_SIZE, n_layer=cfg["n_layer"],
                           n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0)).to(cfg["device"])
-    dense_eval = lambda: evaluate(model, val_problems, "full", P + R)
-    compressed_eval = lambda: evaluate(model, val_problems, cfg["policy"], cfg["budget"])
+    dense_eval = lambda: evaluate(model, held_out, "full", P + R)
+    compressed_eval = lambda: evaluate(model, held_out, cfg["policy"], cfg["budget"], **policy_kwargs(cfg))
 
     # phase 1, shared by every mode: the checkpoint is named by everything that determines it
     sft_key = {k: cfg[k] for k in ("sft_seed", "n_train", "n_layer", "n_head", "n_embd", "block_size", "sft_steps",
-                                   "sft_batch_size", "sft_lr", "sft_warmup", "grad_clip")}
-    sft_key.update(n_operands=N_OPERANDS, n_digits=N_DIGITS)
+                                   "sft_batch_size", "sft_lr", "sft_warmup", "sft_grad_clip", "device")}
+    sft_key.update(n_operands=N_OPERANDS, n_digits=N_DIGITS, eval_pool=EVAL_POOL,
+                   dtype=str(next(model.parameters()).dtype))
     sft_path = os.path.join(cfg["out_dir"], "sft_" + hashlib.sha1(json.dumps(sft_key, sort_keys=True).encode())
                             .hexdigest()[:10] + ".pt")
     if os.path.exists(sft_path):
