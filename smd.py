@@ -5,7 +5,7 @@ Shadow Mask Distillation, the SMD-specific parts, read top to bottom:
   3. ShadowMask: for every layer, row, head and query, the positions that query could see;
   4. rollout(): a real incremental sampler (prefill, then one-token decode steps) under the compressed cache;
   5. learner_logprobs(): teacher-forced log-probs, with the shadow mask injected into attention;
-  6. distill_kl(): the KL between the masked (sparse) and the unmasked (dense) pass of the same weights.
+  6. kl_divergence(): the KL between two passes (SMD: the unmasked and the masked pass of the same weights).
 The model itself (and the attention arithmetic) lives in model.py; training lives in train.py.
 """
 
@@ -426,14 +426,15 @@ def learner_logprobs(model, tokens, mask=None, *, attention="dense", temperature
     return token_logprobs(logits, tokens, temperature)
 
 
-def distill_kl(student_logits, teacher_logits, response_mask, temperature=1.0):
-    """Mean per-token KL(teacher || student) over response positions, the teacher a stop-gradient.
-    In SMD the usual pairing is teacher = the dense (unmasked) pass, student = the masked pass of the same
-    weights: full-context knowledge flows into the compressed policy. Logits (B, T, vocab); the logits at
-    t-1 predict token t, so response position t weighs the prediction made at t-1."""
+def kl_divergence(p_logits, q_logits, response_mask, temperature=1.0):
+    """Mean over response positions of KL(p || q) = sum_v p (log p - log q), p and q the next-token
+    distributions two passes give (logits (B, T, vocab); the logits at t-1 predict token t, so response
+    position t weighs the prediction made at t-1). Gradients reach both arguments: detach the one that is
+    a fixed target. SMD's distillation, as its authors state it, is KL(pi_dense || sg(pi_masked)):
+    kl_divergence(dense_logits, masked_logits.detach(), response_mask)."""
     t = temperature if temperature > 0 else 1.0
-    student = F.log_softmax(student_logits[:, :-1] / t, dim=-1)           # (B, T-1, vocab)
-    teacher = F.log_softmax(teacher_logits[:, :-1].detach() / t, dim=-1)
-    kl = (teacher.exp() * (teacher - student)).sum(-1)                     # (B, T-1)
+    log_p = F.log_softmax(p_logits[:, :-1] / t, dim=-1)                   # (B, T-1, vocab)
+    log_q = F.log_softmax(q_logits[:, :-1] / t, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)                           # (B, T-1)
     weights = response_mask[:, 1:].to(kl.dtype)
     return (kl * weights).sum() / weights.sum().clamp(min=1)

@@ -31,15 +31,15 @@ def tiny_model(seed=0, std=0.5):
     return model
 
 
-def one_step(mode, seed=0, frozen_teacher=None, **overrides):
-    """One GRPO step of a tiny random model; the frozen teacher defaults to a copy of the starting weights."""
+def one_step(mode, seed=0, reference=None, **overrides):
+    """One GRPO step of a tiny random model; the reference defaults to a copy of the starting weights."""
     cfg = dict(TINY, mode=mode, **overrides)
-    frozen_teacher = tiny_model(seed) if frozen_teacher is None else frozen_teacher
+    reference = tiny_model(seed) if reference is None else reference
     torch.set_num_threads(cfg["cpu_threads"])  # as train.main does: a busy second core slows 2 threads 50x
     model = tiny_model(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
     problems, _, _ = train.make_splits(seed, 2, 0, 0)
-    stats = train.grpo_step(model, optimizer, problems, cfg, torch.Generator().manual_seed(seed), frozen_teacher)
+    stats = train.grpo_step(model, optimizer, problems, cfg, torch.Generator().manual_seed(seed), reference)
     return stats, model
 
 
@@ -66,14 +66,96 @@ def test_smd_gather_learner_is_on_policy_too():
     assert stats["mismatch_max"] <= 1e-5
 
 
-def test_a_frozen_teacher_equal_to_the_weights_teaches_like_the_dense_pass_until_the_weights_move():
-    def step(teacher, updates):
-        return one_step("smd", distill_coef=0.1, distill_teacher=teacher, updates_per_batch=updates)
-    (frozen, model_f), (dense, model_d) = step("frozen", 1), step("dense", 1)
-    assert frozen == dense | {"tok_per_s": frozen["tok_per_s"]}                 # one update: the same teacher
-    assert all(torch.equal(p, q) for p, q in zip(model_f.parameters(), model_d.parameters()))
-    frozen, dense = step("frozen", 2)[0], step("dense", 2)[0]
-    assert abs(frozen["distill_kl"] - dense["distill_kl"]) > 1e-6          # 2nd update: only the shared one moved
+def step_gradient(monkeypatch, mode, **overrides):
+    """The gradient one update of grpo_step applies (clipping off), the rollout it used, and the starting
+    weights, so a test can rebuild the intended loss by hand and compare gradients."""
+    rollouts = []
+    rollout = train.smd.rollout
+    monkeypatch.setattr(train.smd, "rollout", lambda *a, **k: rollouts.append(rollout(*a, **k)) or rollouts[-1])
+    monkeypatch.setitem(train.REWARDS, "partial", lambda problem, text: float(len(text) % 3))  # advantages != 0
+    cfg = dict(updates_per_batch=1, grad_clip=1e9, **overrides)
+    stats, model = one_step(mode, **cfg)
+    return {n: p.grad for n, p in model.named_parameters()}, rollouts[0], stats
+
+
+def gradient_of(loss_fn):
+    model = tiny_model(0)
+    loss_fn(model).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_same_gradient(got, want, tol=1e-5):
+    scale = max(g.abs().max().item() for g in want.values())
+    assert scale > 0
+    for name in want:
+        assert (got[name] - want[name]).abs().max().item() <= tol * scale, name
+
+
+def pg_surrogate(model, ro, mask, cfg=TINY):
+    """At the first update the ratio is 1, so the clipped GRPO loss has the gradient of -mean(A * log pi)."""
+    rewards = torch.tensor([float(len(train.decode(t[train.max_lengths()[0]:].tolist())) % 3) for t in ro.tokens])
+    adv = train.group_advantages(rewards, cfg["group_size"])
+    lp = train.smd.learner_logprobs(model, ro.tokens, mask)
+    m = ro.response_mask.float()
+    return -(lp * adv[:, None] * m).sum() / m.sum()
+
+
+def test_smd_paper_objective_policy_gradient_on_the_masked_pass_and_kl_into_the_dense_pass(monkeypatch):
+    # GRPO(pi_masked) + lambda KL(pi_dense || sg(pi_masked)): the policy gradient flows through the masked
+    # pass only, the KL through the dense pass only, in that direction
+    lam = 0.5
+    got, ro, _ = step_gradient(monkeypatch, "smd", distill="paper", distill_coef=lam)
+    kl = lambda model: train.smd.kl_divergence(train.smd.learner_logits(model, ro.tokens),
+                                                train.smd.learner_logits(model, ro.tokens, ro.mask).detach(),
+                                                ro.response_mask)
+    assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, ro.mask) + lam * kl(model)))
+    wrong = [  # the KL reversed, the stop-gradient on the dense side, the policy gradient on the unmasked pass
+        lambda model: pg_surrogate(model, ro, ro.mask) + lam * train.smd.kl_divergence(
+            train.smd.learner_logits(model, ro.tokens, ro.mask).detach(),
+            train.smd.learner_logits(model, ro.tokens), ro.response_mask),
+        lambda model: pg_surrogate(model, ro, ro.mask) + lam * train.smd.kl_divergence(
+            train.smd.learner_logits(model, ro.tokens).detach(),
+            train.smd.learner_logits(model, ro.tokens, ro.mask), ro.response_mask),
+        lambda model: pg_surrogate(model, ro, None) + lam * kl(model)]
+    for loss_fn in wrong:
+        with pytest.raises(AssertionError):
+            assert_same_gradient(got, gradient_of(loss_fn))
+
+
+def test_ablation_switches_do_what_their_names_say(monkeypatch):
+    got, ro, stats = step_gradient(monkeypatch, "smd", distill_coef=0.0)           # mask only
+    assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, ro.mask)))
+    assert stats["distill_kl"] == 0.0
+    got, ro, _ = step_gradient(monkeypatch, "smd", distill_coef=0.5, policy_gradient=False)  # distillation only
+    assert_same_gradient(got, gradient_of(lambda model: 0.5 * train.smd.kl_divergence(
+        train.smd.learner_logits(model, ro.tokens),
+        train.smd.learner_logits(model, ro.tokens, ro.mask).detach(), ro.response_mask)))
+    reference = tiny_model(seed=1)                                                  # frozen teacher
+    got, ro, _ = step_gradient(monkeypatch, "smd", distill="frozen", distill_coef=0.5, reference=reference)
+    with torch.no_grad():
+        teacher = train.smd.learner_logits(reference, ro.tokens)
+    assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, ro.mask) + 0.5 * train.smd.kl_divergence(
+        teacher, train.smd.learner_logits(model, ro.tokens, ro.mask), ro.response_mask)))
+
+
+@pytest.mark.parametrize("mode", ["dense", "smd"])
+def test_reference_kl_pulls_the_full_cache_pass_toward_the_warm_up_in_every_mode(monkeypatch, mode):
+    reference = tiny_model(seed=1)
+    got, ro, stats = step_gradient(monkeypatch, mode, distill_coef=0.0, ref_kl_coef=0.5, reference=reference)
+    mask = ro.mask if mode == "smd" else None
+    with torch.no_grad():
+        ref_logits = train.smd.learner_logits(reference, ro.tokens)
+    assert stats["ref_kl"] > 0
+    assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, mask) + 0.5 * train.smd.kl_divergence(
+        train.smd.learner_logits(model, ro.tokens), ref_logits, ro.response_mask)))
+
+
+def test_tis_diagnostics_on_a_constructed_batch():
+    lp_sampler = torch.zeros(1, 4)
+    lp_learner = torch.log(torch.tensor([[1.0, 1.0, 0.5, 3.0]]))          # ratios 1, 1, 0.5, 3 -> capped at 2
+    ess, capped = train.tis_diagnostics(lp_learner, lp_sampler, torch.ones(1, 4, dtype=torch.bool), cap=2.0)
+    assert ess == pytest.approx(4.5 ** 2 / (4 * 6.25), rel=1e-6)          # (sum w)^2 / (n sum w^2), w = 1 1 .5 2
+    assert capped == 0.25
 
 
 def test_advantages_are_zero_mean_per_group_and_zero_for_a_uniform_group():
@@ -107,11 +189,11 @@ def test_grpo_loss_is_clipped_outside_the_trust_region():
 
 
 def test_a_non_finite_loss_stops_before_the_weights_change(monkeypatch):
-    monkeypatch.setattr(train.smd, "distill_kl", lambda *a, **k: torch.tensor(float("nan")))
+    monkeypatch.setattr(train.smd, "kl_divergence", lambda *a, **k: torch.tensor(float("nan")))
     model, untouched = tiny_model(0), tiny_model(0)
     with pytest.raises(FloatingPointError, match="loss is nan"):
         train.grpo_step(model, torch.optim.AdamW(model.parameters()), train.make_splits(0, 2, 0, 0)[0],
-                        dict(TINY, mode="smd"), torch.Generator().manual_seed(0), frozen_teacher=tiny_model(0))
+                        dict(TINY, mode="smd"), torch.Generator().manual_seed(0), reference=tiny_model(0))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), untouched.parameters()))
 
 
@@ -130,7 +212,13 @@ def test_a_non_finite_loss_stops_before_the_weights_change(monkeypatch):
     (dict(group_size=1), "group_size"),
     (dict(n_layer=0), "n_layer"),
     (dict(lr=0.0), "lr"),
-    (dict(distill_teacher="both"), "distill_teacher"),
+    (dict(distill="both"), "distill"),
+    (dict(distill_coef=-0.1), "distill_coef"),
+    (dict(ref_kl_coef=-1.0), "ref_kl_coef"),
+    (dict(lr_warmup=-1), "lr_warmup"),
+    (dict(policy_gradient=False, mode="tis"), "policy_gradient"),
+    (dict(policy_gradient=False, distill_coef=0.0), "policy_gradient"),
+    (dict(preset="tpu"), "preset"),
     (dict(reward="shaped"), "reward"),
 ])
 def test_bad_config_is_rejected_with_a_message(overrides, message):
@@ -242,16 +330,15 @@ def test_tis_weights_scale_the_policy_gradient_loss(monkeypatch):
     assert tis["loss"] == pytest.approx(0.5 * naive["loss"], rel=1e-6)   # same rollouts, every token weighted 0.5
 
 
-def test_distill_kl_is_teacher_to_student_and_follows_the_temperature():
-    student = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]]])         # (B, T, vocab); row 1 predicts token 1
-    teacher = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]])
+def test_kl_divergence_is_kl_of_first_from_second_and_follows_the_temperature():
+    p_logits = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]])        # (B, T, vocab); row 1 predicts token 1
+    q_logits = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]]])
     response = torch.tensor([[False, True]])
     for t in (1.0, 0.5):
-        p, q = F.softmax(teacher[0, 0] / t, -1), F.softmax(student[0, 0] / t, -1)
-        want = (p * (p.log() - q.log())).sum().item()                    # KL(teacher || student)
-        got = train.smd.distill_kl(student, teacher, response, temperature=t).item()
-        assert got == pytest.approx(want, rel=1e-6)
-        assert abs(got - (q * (q.log() - p.log())).sum().item()) > 1e-3  # not the reverse
+        p, q = F.softmax(p_logits[0, 0] / t, -1), F.softmax(q_logits[0, 0] / t, -1)
+        got = train.smd.kl_divergence(p_logits, q_logits, response, temperature=t).item()
+        assert got == pytest.approx((p * (p.log() - q.log())).sum().item(), rel=1e-6)    # KL(p || q)
+        assert abs(got - (q * (q.log() - p.log())).sum().item()) > 1e-3                 # not KL(q || p)
 
 
 def test_no_training_problem_is_ever_evaluated_and_eval_size_does_not_move_train():

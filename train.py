@@ -4,20 +4,19 @@ rollouts. `--mode` picks how the learner treats those rollouts, so one command s
   dense  full-cache rollouts, dense learner: the on-policy reference;
   naive  compressed rollouts, dense learner: the learner silently trains on someone else's samples;
   tis    as naive, each token weighted by min(pi_learner / pi_sampler, tis_cap): patched, at a variance cost;
-  smd    compressed rollouts, learner under the recorded shadow mask (exactly on-policy), plus a KL that
-         distils a dense pass into the masked one (Shadow Mask Distillation): by default the dense pass of
-         the frozen warm-up weights (distill_teacher explains why not the current ones).
-Phase 1 is a supervised warm-up on worked examples, cached in out/sft_<hash>.pt so every mode starts from
-the same base; phase 2 is GRPO. Every step logs reward, sampler-vs-learner mismatch, grad norm, KV memory
-and speed; out/<run_name>.jsonl holds the same for plotting; the last line printed starts with "summary:".
+  smd    compressed rollouts, the policy-gradient pass under the recorded shadow mask (exactly on-policy),
+         plus distill_coef * KL(pi_dense || sg(pi_masked)): the unmasked pass of the same weights learns
+         from the masked one (Shadow Mask Distillation as its authors state it; `distill` has the variant).
+Phase 1 is a supervised warm-up on worked examples, cached in out/sft_<hash>.pt so every mode and RL seed
+starts from the same base; phase 2 is GRPO. Every step logs reward, sampler-vs-learner mismatch, TIS
+diagnostics, KL terms, grad norm, KV memory and speed; out/<run_name>.jsonl holds the same for plotting;
+the last line printed starts with "summary:".
 
-    python train.py                                    # smd, h2o, budget 32: about a minute on 2 CPU cores
-    python train.py --mode=naive                       # same base, shows the off-policy mismatch
-    python train.py --mode=tis --policy=streaming --budget=36
-    python compare.py                                  # all four modes x 3 RL seeds, one table (compare.py)
-    # one GPU (picked automatically when present), a bigger model and batch (a suggestion, not measured here):
-    python train.py --n_layer=4 --n_embd=128 --sft_steps=4000 --sft_batch_size=256 --n_steps=300 \
-        --prompts_per_step=32 --group_size=16 --eval_problems=1000
+    python train.py                          # smd, h2o; a few minutes on 2 CPU cores, warm-up included
+    python train.py --mode=naive             # same base, shows the off-policy mismatch
+    python train.py --mode=tis --policy=snapkv
+    python train.py --preset=gpu             # one GPU (picked automatically when present): larger model and batch
+    python compare.py                        # every mode and ablation x 3 RL seeds, and a budget sweep
 
 Not here: the model (model.py), the cache, shadow mask, rollout and learner passes (smd.py), the task (data/).
 """
@@ -41,31 +40,27 @@ from data.arithmetic import reward as exact_reward
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
-# config: every default here, any of them overridden by --key=value
+# config: every default here, one line per knob, any of them overridden by --key=value. Why each default is
+# what it is, with the runs that chose it: README.md and EXPERIMENTS.md.
 # run
-mode = "smd"                # dense | naive | tis | smd
-policy = "h2o"              # eviction policy of the compressed rollouts: streaming | h2o | tova | snapkv | random | full
-budget = 32                 # KV slots per layer and head during compressed rollouts (the sequence is 53 tokens).
-#                             32 (60% of the full cache): h2o keeps what the sums need, but the warm-up model,
-#                             trained with full attention, gets 4% right under it, so there is something to learn.
-#                             At 16 and 24 the needed operands are gone: no mode got past 9%, SMD included
+mode = "smd"                # dense | naive | tis | smd (see above)
+policy = "h2o"              # eviction policy of compressed rollouts: streaming | h2o | tova | snapkv | random | full
+budget = 26                 # KV slots per layer and head in compressed rollouts (the sequence is 53 tokens)
 n_sink = 4                  # streaming: attention-sink tokens always kept
-n_recent = 0                # h2o: newest tokens kept (the incoming one included), the rest of the budget are heavy
-#                             hitters; 0 = half the budget, the H2O paper's even split
-tova_head_average = True    # tova: average the newest query's attention over heads (the reference code) or not
+n_recent = 0                # h2o: newest tokens kept (the incoming one included); 0 = half the budget (paper's split)
+tova_head_average = True    # tova: average the newest query's attention over heads (reference code), or per head
 snap_window = 4             # snapkv: observation window, the last prompt queries whose attention scores the prompt
-snap_kernel = 3             # snapkv: width of the average pool that smooths those scores (odd)
-seed = 0                    # RL: batches, sampling, evaluation order
-sft_seed = 0                # data splits, initial weights and warm-up: one base (and one held-out set) for
-#                             every RL seed, so seeds measure the RL run and not the warm-up
+snap_kernel = 3             # snapkv: width of the average pool smoothing those scores (odd)
+seed = 0                    # RL seed: batches, sampling
+sft_seed = 0                # data splits, initial weights and warm-up: one base for every RL seed
 device = "cuda" if torch.cuda.is_available() else "cpu"
-cpu_threads = 1             # the matrices are too small to gain from more, and an extra thread busy-waits
-#                             (50x slower here) whenever another process shares the cores
+cpu_threads = 1             # torch threads; more only busy-wait on these tiny matrices
 out_dir = "out"
 run_name = ""               # "" -> f"{mode}_{policy}{budget}"
 resume = False              # continue out/<run_name>.pt (model, optimizer, step, RNG states)
+preset = ""                 # "gpu": a larger model and batch (PRESETS below), applied before the other overrides
 # data
-n_train = 20000
+n_train = 20000             # training problems (warm-up and RL prompts)
 eval_problems = 200         # held-out problems for greedy accuracy, <= EVAL_POOL
 eval_split = "val"          # "val" to choose settings, "test" to report them
 # model (dropout stays 0: with it the learner could never reproduce the sampler's log-probs)
@@ -74,41 +69,38 @@ n_head = 4
 n_embd = 64
 block_size = 64
 # phase 1: supervised warm-up on correct worked examples
-sft_steps = 600
-sft_batch_size = 64
-sft_lr = 3e-3
+sft_steps = 600             # optimizer steps
+sft_batch_size = 64         # worked examples per step
+sft_lr = 3e-3               # peak learning rate
 sft_warmup = 50             # linear warm-up steps, then cosine decay to 10% of sft_lr
 sft_grad_clip = 1.0         # gradient-norm clip of the warm-up (RL has its own, grad_clip)
-# phase 2: GRPO
-reward = "partial"          # training reward: "exact" (1 for the right total) | "partial" (the fraction of
-#                             right running sums and total, data.arithmetic.partial_reward); eval is always exact.
-#                             partial: with 4% exact under compression most groups would score all 0, advantage 0
-n_steps = 100
-prompts_per_step = 8
-group_size = 8              # G samples per prompt; advantages are normalized within each group
+# phase 2: GRPO, shared by every mode
+reward = "partial"          # training reward: "exact" | "partial" (fraction of right fields); eval is exact match
+n_steps = 100               # GRPO steps (one batch of rollouts each)
+prompts_per_step = 8        # problems per batch
+group_size = 8              # samples per problem; advantages are normalised within each group
 temperature = 1.0           # sampling temperature of the rollouts (the learner divides by the same)
-lr = 1e-4                   # at 3e-4 the policy gradient wipes out the warm-up in every mode (dense mode 54% -> 18%
-#                             in 100 steps); at 3e-5 the distillation barely moves in 100 steps (SMD compressed 20%)
-updates_per_batch = 2       # gradient steps on each batch of rollouts; from the 2nd on, the ratio clip acts
+lr = 1e-4                   # AdamW learning rate after the warm-up
+lr_warmup = 0               # steps of linear learning-rate warm-up from 0
+updates_per_batch = 2       # gradient steps on each batch; from the 2nd on, the ratio clip acts
 clip_eps = 0.2              # PPO ratio clip
-grad_clip = 1.0
-tis_cap = 2.0               # C in min(pi_learner / pi_sampler, C), mode=tis
-distill_coef = 1.0          # weight of the SMD distillation KL, mode=smd; 0 = on-policy GRPO under the mask only.
-#                             Default run, one seed, h2o@32 greedy accuracy dense/compressed from 54%/4%: coef 1
-#                             -> 20%/44%, coef 0 (on-policy policy gradient only) -> 26%/28%
-distill_teacher = "frozen"  # who teaches the masked pass: "frozen": the dense pass of a frozen copy of the warm-up
-#                             weights; "dense": the dense pass of the current (shared) weights, a stop-gradient
-#                             teacher; "sparse": the reverse, the dense pass is pulled towards the masked one.
-#                             "frozen" is the default because "dense" collapses here: the student shares the
-#                             teacher's weights, so every step that moves the masked pass also moves its target,
-#                             and the KL is cheapest to lower by making the dense pass as bad as the masked one
-#                             (coef 1: compressed and dense accuracy both went to ~0%, see compare.py / README)
-learner_attention = "dense"  # mode=smd: "dense" (T x T boolean mask) or "gather" (O(T * budget) scores)
-log_interval = 1
-eval_interval = 25
-ckpt_interval = 25
+grad_clip = 1.0             # gradient-norm clip
+ref_kl_coef = 0.0           # beta: KL(full-cache pass || frozen warm-up's full-cache pass), in every mode alike
+tis_cap = 2.0               # mode=tis: C in min(pi_learner / pi_sampler, C) (verl's default; TRL's is 3)
+# mode=smd
+distill = "paper"           # "paper": KL(pi_dense || sg(pi_masked)) trains the dense pass toward the masked one;
+#                             "frozen": KL(sg(pi_warmup_dense) || pi_masked) trains the masked pass toward the warm-up
+distill_coef = 0.1          # lambda, the weight of that KL; 0 = on-policy GRPO under the mask only
+policy_gradient = True      # False: no GRPO term, distillation only (an ablation)
+learner_attention = "dense"  # "dense" (T x T boolean mask) or "gather" (O(T * budget) scores)
+# logging
+log_interval = 1            # steps between printed lines (every step goes to the JSONL)
+eval_interval = 25          # steps between held-out evaluations
+ckpt_interval = 25          # steps between checkpoints
 CONFIG = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_")  # not the imported constants
           and isinstance(v, (bool, int, float, str))}
+PRESETS = {"gpu": dict(n_layer=4, n_embd=128, sft_steps=3000, sft_batch_size=256, prompts_per_step=32,
+                       group_size=16, eval_problems=1000, cpu_threads=4)}
 # -----------------------------------------------------------------------------
 
 MODES = ("dense", "naive", "tis", "smd")
@@ -171,8 +163,15 @@ def validate_config(cfg):
         raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got {cfg['group_size']}")
     if not 0 <= cfg["clip_eps"] < 1 or cfg["distill_coef"] < 0:
         raise ValueError(f"need 0 <= clip_eps < 1 and distill_coef >= 0, got {cfg['clip_eps']}, {cfg['distill_coef']}")
-    if cfg["distill_teacher"] not in ("dense", "sparse", "frozen"):
-        raise ValueError(f"distill_teacher must be 'dense', 'sparse' or 'frozen', got {cfg['distill_teacher']!r}")
+    if cfg["distill"] not in ("paper", "frozen"):
+        raise ValueError(f"distill must be 'paper' or 'frozen', got {cfg['distill']!r}")
+    if cfg["ref_kl_coef"] < 0 or cfg["lr_warmup"] < 0:
+        raise ValueError(f"need ref_kl_coef >= 0 and lr_warmup >= 0, got {cfg['ref_kl_coef']}, {cfg['lr_warmup']}")
+    if not cfg["policy_gradient"] and not (cfg["mode"] == "smd" and cfg["distill_coef"] > 0):
+        raise ValueError("policy_gradient=False (distillation only) needs mode='smd' and distill_coef > 0: "
+                         "otherwise nothing is trained")
+    if cfg["preset"] and cfg["preset"] not in PRESETS:
+        raise ValueError(f"unknown preset {cfg['preset']!r}; choose one of {sorted(PRESETS)} or ''")
     if cfg["eval_problems"] > EVAL_POOL or cfg["eval_split"] not in ("val", "test"):
         raise ValueError(f"need eval_problems <= {EVAL_POOL} and eval_split 'val' or 'test', "
                          f"got {cfg['eval_problems']}, {cfg['eval_split']!r}")
@@ -251,6 +250,14 @@ def tis_weights(lp_learner, lp_sampler, cap):
     return torch.exp(lp_learner - lp_sampler).clamp(max=cap).detach()
 
 
+def tis_diagnostics(lp_learner, lp_sampler, response_mask, cap):
+    """verl's rollout-correction checks over response tokens: the effective sample size (sum w)^2 / (n sum w^2)
+    of the truncated weights (1 = no correction needed; below 0.3 is a warning) and the fraction capped."""
+    ratio = torch.exp(lp_learner - lp_sampler)[response_mask]             # (n_response_tokens,)
+    w = ratio.clamp(max=cap)
+    return (w.sum() ** 2 / (w.numel() * (w ** 2).sum())).item(), (ratio > cap).float().mean().item()
+
+
 def mismatch(lp_learner, lp_sampler, response_mask):
     """Max |log pi_learner - log pi_sampler| and the mean k3 estimate of KL(sampler || learner)
     (exp(r) - 1 - r, r the log-ratio: unbiased and >= 0 per token) over response tokens."""
@@ -276,56 +283,75 @@ def check_finite(value, what):
         raise FloatingPointError(f"{what} is {value}: stopping (lower lr, or check the last checkpoint)")
 
 
-def grpo_step(model, optimizer, problems, cfg, generator, frozen_teacher=None):
-    """One GRPO iteration: sample group_size completions of each problem, score them, and take
-    updates_per_batch gradient steps. frozen_teacher: the model whose dense pass teaches the masked one
-    when distill_teacher="frozen". Returns the numbers a practitioner diagnoses with."""
-    t0 = time.time()
+def sample_batch(model, problems, cfg, generator):
+    """group_size samples of each problem (group-major), with a full cache in dense mode and the compressed
+    one otherwise, scored -> the rollout, rewards (B,) and group advantages (B,)."""
     P, R = max_lengths()
-    G, mode = cfg["group_size"], cfg["mode"]
-    group_problems = [p for p in problems for _ in range(G)]               # B = len(problems) * G, group-major
-    compressed = mode != "dense"
+    group_problems = [p for p in problems for _ in range(cfg["group_size"])]
+    compressed = cfg["mode"] != "dense"
     ro = smd.rollout(model, [encode(format_prompt(p)) for p in group_problems],
                      policy=cfg["policy"] if compressed else "full", budget=cfg["budget"] if compressed else P + R,
                      max_new_tokens=R, temperature=cfg["temperature"], eos_id=EOS_ID, generator=generator,
                      **(policy_kwargs(cfg) if compressed else {}))
-    tokens, resp, lp_sampler = ro.tokens, ro.response_mask, ro.logprobs     # (B, T) each
     reward_fn = REWARDS[cfg["reward"]]
-    rewards = torch.tensor([reward_fn(p, decode(tokens[i, P:].tolist())) for i, p in enumerate(group_problems)],
-                           device=tokens.device)                           # (B,)
-    adv = group_advantages(rewards, G)                                     # (B,)
-    mask = ro.mask if mode == "smd" else None  # only SMD shows the learner what the sampler saw
-    attention = cfg["learner_attention"] if mode == "smd" else "dense"
+    rewards = torch.tensor([reward_fn(p, decode(ro.tokens[i, P:].tolist())) for i, p in enumerate(group_problems)],
+                           device=ro.tokens.device)                        # (B,)
+    return ro, rewards, group_advantages(rewards, cfg["group_size"])
 
-    def learner(m):
-        return smd.learner_logits(model, tokens, m, attention=attention if m is not None else "dense")
 
+def policy_pass(model, ro, cfg):
+    """The learner's logits for the policy-gradient term (B, T, vocab): SMD's pass sees, through the shadow
+    mask, exactly what the sampler saw; every other mode's is the plain causal (full-cache) pass."""
+    if cfg["mode"] == "smd":
+        return smd.learner_logits(model, ro.tokens, ro.mask, attention=cfg["learner_attention"])
+    return smd.learner_logits(model, ro.tokens)
+
+
+def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
+    """One GRPO iteration: sample, score, and take updates_per_batch gradient steps on
+        policy_gradient * GRPO(policy pass) + distill_coef * distillation KL (smd) + ref_kl_coef * reference KL.
+    reference: the frozen warm-up model (the "frozen" teacher and the reference KL need it).
+    Returns the numbers a practitioner diagnoses with."""
+    t0 = time.time()
+    mode, temp = cfg["mode"], cfg["temperature"]
+    ro, rewards, adv = sample_batch(model, problems, cfg, generator)
+    tokens, resp, lp_sampler = ro.tokens, ro.response_mask, ro.logprobs    # (B, T) each
     with torch.no_grad():  # the learner's view of the batch before any update: what the mismatch measures
-        lp_learner = smd.token_logprobs(learner(mask), tokens, cfg["temperature"])   # (B, T)
+        lp_learner = smd.token_logprobs(policy_pass(model, ro, cfg), tokens, temp)  # (B, T)
     mm_max, mm_k3 = mismatch(lp_learner, lp_sampler, resp)
     # dense, smd: the sampler's log-probs are the learner's own (to rounding). naive, tis: the usual practice
     # of recomputing them with the learner, which hides that the samples came from another policy
     lp_old = lp_sampler if mode in ("dense", "smd") else lp_learner
-    weights = tis_weights(lp_learner, lp_sampler, cfg["tis_cap"]) if mode == "tis" else None
+    weights, ess, capped = None, None, None
+    if mode == "tis":
+        weights = tis_weights(lp_learner, lp_sampler, cfg["tis_cap"])
+        ess, capped = tis_diagnostics(lp_learner, lp_sampler, resp, cfg["tis_cap"])
+    distill_on = mode == "smd" and cfg["distill_coef"] > 0
+    needs_reference = cfg["ref_kl_coef"] > 0 or (distill_on and cfg["distill"] == "frozen")
+    if needs_reference and reference is None:
+        raise ValueError("the reference KL and distill='frozen' need the frozen warm-up model (reference=)")
+    with torch.no_grad():
+        ref_logits = smd.learner_logits(reference, tokens) if needs_reference else None  # (B, T, vocab)
+    zero = torch.zeros((), device=tokens.device)
 
     for update in range(cfg["updates_per_batch"]):
-        logits = learner(mask)                                             # (B, T, vocab)
-        lp = smd.token_logprobs(logits, tokens, cfg["temperature"])       # (B, T)
+        logits = policy_pass(model, ro, cfg)                               # (B, T, vocab)
+        lp = smd.token_logprobs(logits, tokens, temp)                      # (B, T)
         if update == 0:  # before any step the ratio must be 1 (to rounding) in every mode: lp is what lp_old is
             old_gap = (lp.detach() - lp_old)[resp].abs().max().item()
         pg_loss, clip_frac = grpo_loss(lp, lp_old, adv, resp, cfg["clip_eps"], weights)
-        kl = torch.zeros((), device=tokens.device)
-        if mode == "smd" and cfg["distill_coef"] > 0:
-            if cfg["distill_teacher"] == "frozen" and frozen_teacher is None:
-                raise ValueError("distill_teacher='frozen' needs the frozen_teacher model")
-            if cfg["distill_teacher"] in ("dense", "frozen"):
-                with torch.no_grad():  # the unmasked pass, of the same weights or of the frozen warm-up
-                    teacher = smd.learner_logits(frozen_teacher if cfg["distill_teacher"] == "frozen" else model,
-                                                 tokens)
-                kl = smd.distill_kl(logits, teacher, resp, cfg["temperature"])
-            else:
-                kl = smd.distill_kl(learner(None), logits, resp, cfg["temperature"])  # the teacher is detached
-        loss = pg_loss + cfg["distill_coef"] * kl
+        # the full-cache pass of the current weights: the policy pass itself, except in smd
+        dense_logits = logits if mode != "smd" else None
+        if mode == "smd" and ((distill_on and cfg["distill"] == "paper") or cfg["ref_kl_coef"] > 0):
+            dense_logits = smd.learner_logits(model, tokens)
+        distill_kl = zero
+        if distill_on and cfg["distill"] == "paper":  # KL(pi_dense || sg(pi_masked)): the dense pass learns
+            distill_kl = smd.kl_divergence(dense_logits, logits.detach(), resp, temp)
+        elif distill_on:                              # KL(sg(pi_warmup_dense) || pi_masked): the masked pass learns
+            distill_kl = smd.kl_divergence(ref_logits, logits, resp, temp)
+        ref_kl = smd.kl_divergence(dense_logits, ref_logits, resp, temp) if cfg["ref_kl_coef"] > 0 else zero
+        loss = (pg_loss if cfg["policy_gradient"] else zero) + cfg["distill_coef"] * distill_kl \
+            + cfg["ref_kl_coef"] * ref_kl
         check_finite(loss, "loss")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -333,9 +359,9 @@ def grpo_step(model, optimizer, problems, cfg, generator, frozen_teacher=None):
         check_finite(grad_norm, "grad norm")
         optimizer.step()
 
-    return dict(reward=rewards.mean().item(), mismatch_max=mm_max, mismatch_k3=mm_k3, loss=loss.item(),
-                distill_kl=kl.item(), clip_frac=clip_frac, grad_norm=grad_norm, old_gap=old_gap,
-                tis_w_mean=None if weights is None else weights[resp].mean().item(),
+    return dict(reward=rewards.mean().item(), mismatch_max=mm_max, mismatch_k3=mm_k3, old_gap=old_gap,
+                loss=loss.item(), pg_loss=pg_loss.item(), distill_kl=distill_kl.item(), ref_kl=ref_kl.item(),
+                clip_frac=clip_frac, grad_norm=grad_norm, tis_ess=ess, tis_capped=capped,
                 kv_bytes=ro.kv_bytes, full_kv_bytes=ro.full_kv_bytes,
                 tok_per_s=resp.sum().item() / (time.time() - t0))
 
@@ -351,51 +377,67 @@ def evaluate(model, problems, policy, budget, **policy_kwargs):
 # -----------------------------------------------------------------------------
 
 
-def main(argv):
-    t_start = time.time()
-    cfg = dict(CONFIG, **parse_overrides(argv))
+def make_config(argv):
+    """The run's config: the defaults, then the preset if one is named, then the other overrides; checked."""
+    overrides = parse_overrides(argv)
+    preset = overrides.get("preset", CONFIG["preset"])
+    if preset and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} or ''")
+    cfg = dict(CONFIG, **PRESETS.get(preset, {}), **overrides)
     validate_config(cfg)  # before any work: a typo should cost a second, not a warm-up
     cfg["run_name"] = cfg["run_name"] or f"{cfg['mode']}_{cfg['policy']}{cfg['budget']}"
+    return cfg
+
+
+def build_model(cfg):
+    torch.manual_seed(cfg["sft_seed"])  # the initial weights belong to the shared base
+    return GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=VOCAB_SIZE, n_layer=cfg["n_layer"],
+                         n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0)).to(cfg["device"])
+
+
+def warm_up(model, cfg):
+    """Phase 1, shared by every mode and RL seed: load the warm-up checkpoint named by everything that
+    determines its weights (and nothing RL-only), or train and save it. Returns its path."""
+    key = {k: cfg[k] for k in ("sft_seed", "n_train", "n_layer", "n_head", "n_embd", "block_size", "sft_steps",
+                               "sft_batch_size", "sft_lr", "sft_warmup", "sft_grad_clip", "device")}
+    key.update(n_operands=N_OPERANDS, n_digits=N_DIGITS, eval_pool=EVAL_POOL, dtype=str(next(model.parameters()).dtype))
+    path = os.path.join(cfg["out_dir"], "sft_" + hashlib.sha1(json.dumps(key, sort_keys=True).encode())
+                        .hexdigest()[:10] + ".pt")
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, map_location=cfg["device"]))
+        print(f"sft: reusing {path}")
+        return path
+    t0 = time.time()
+    train_problems, _ = problem_splits(cfg)
+    sft(model, train_problems, cfg, torch.Generator(device=cfg["device"]).manual_seed(cfg["sft_seed"]))
+    save_atomic(model.state_dict(), path)
+    print(f"sft: {cfg['sft_steps']} steps in {time.time() - t0:.1f}s, saved {path}")
+    return path
+
+
+def main(argv):
+    t_start = time.time()
+    cfg = make_config(argv)
     ckpt_path = os.path.join(cfg["out_dir"], cfg["run_name"] + ".pt")
     if cfg["resume"] and not os.path.exists(ckpt_path):
         raise FileNotFoundError(f"--resume=True but there is no checkpoint at {ckpt_path}")
     os.makedirs(cfg["out_dir"], exist_ok=True)
     torch.set_num_threads(cfg["cpu_threads"])
     random.seed(cfg["seed"])
-    torch.manual_seed(cfg["sft_seed"])  # the initial weights belong to the shared base
     P, R = max_lengths()
     train_problems, held_out = problem_splits(cfg)
-    model = GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=VOCAB_SIZE, n_layer=cfg["n_layer"],
-                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0)).to(cfg["device"])
+    model = build_model(cfg)
+    warm_up(model, cfg)
+    # a copy taken before any RL step: the reference KL's anchor and the "frozen" teacher (also when resuming)
+    reference = copy.deepcopy(model).requires_grad_(False)
     dense_eval = lambda: evaluate(model, held_out, "full", P + R)
     compressed_eval = lambda: evaluate(model, held_out, cfg["policy"], cfg["budget"], **policy_kwargs(cfg))
-
-    # phase 1, shared by every mode: the checkpoint is named by everything that determines it
-    sft_key = {k: cfg[k] for k in ("sft_seed", "n_train", "n_layer", "n_head", "n_embd", "block_size", "sft_steps",
-                                   "sft_batch_size", "sft_lr", "sft_warmup", "sft_grad_clip", "device")}
-    sft_key.update(n_operands=N_OPERANDS, n_digits=N_DIGITS, eval_pool=EVAL_POOL,
-                   dtype=str(next(model.parameters()).dtype))
-    sft_path = os.path.join(cfg["out_dir"], "sft_" + hashlib.sha1(json.dumps(sft_key, sort_keys=True).encode())
-                            .hexdigest()[:10] + ".pt")
-    if os.path.exists(sft_path):
-        model.load_state_dict(torch.load(sft_path, map_location=cfg["device"]))
-        print(f"sft: reusing {sft_path}")
-    elif not cfg["resume"]:
-        t0 = time.time()
-        sft(model, train_problems, cfg, torch.Generator(device=cfg["device"]).manual_seed(cfg["sft_seed"]))
-        save_atomic(model.state_dict(), sft_path)
-        print(f"sft: {cfg['sft_steps']} steps in {time.time() - t0:.1f}s, saved {sft_path}")
-    elif cfg["distill_teacher"] == "frozen" and cfg["mode"] == "smd":
-        raise FileNotFoundError(f"distill_teacher='frozen' needs the warm-up weights at {sft_path}")
-    # a copy taken before any RL step, so the teacher stays the warm-up model (also when resuming)
-    use_frozen = cfg["mode"] == "smd" and cfg["distill_teacher"] == "frozen"
-    frozen_teacher = copy.deepcopy(model).requires_grad_(False) if use_frozen else None
     torch.manual_seed(cfg["seed"])
     generator = torch.Generator(device=cfg["device"]).manual_seed(cfg["seed"])  # RL batches and sampling
 
     t_rl = time.time()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    start, history = 0, dict(mismatch_max=[], mismatch_k3=[], grad_norm=[], kv_frac=[])
+    start, history = 0, dict(reward=[], mismatch_max=[], mismatch_k3=[], old_gap=[], kv_frac=[], tis_ess=[], evals=[])
     log_path = os.path.join(cfg["out_dir"], cfg["run_name"] + ".jsonl")
     if cfg["resume"]:
         ckpt = torch.load(ckpt_path, map_location=cfg["device"], weights_only=False)
@@ -412,49 +454,58 @@ def main(argv):
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
 
-    if start == 0:
+    def run_eval(step):
         acc_dense, acc_comp = dense_eval(), compressed_eval()
-        print(f"eval  {0:4d} | greedy acc dense {acc_dense:.3f} | {cfg['policy']}@{cfg['budget']} {acc_comp:.3f}")
-        log(dict(kind="eval", step=0, acc_dense=acc_dense, acc_compressed=acc_comp))
+        print(f"eval  {step:4d} | greedy acc ({cfg['eval_split']}) full cache {acc_dense:.3f} | "
+              f"{cfg['policy']}@{cfg['budget']} {acc_comp:.3f}")
+        log(dict(kind="eval", step=step, acc_dense=acc_dense, acc_compressed=acc_comp))
+        history["evals"].append((step, acc_dense, acc_comp))
+
+    if start == 0:
+        run_eval(0)
     print(f"grpo: mode={cfg['mode']} policy={cfg['policy']} budget={cfg['budget']} "
           f"batch={cfg['prompts_per_step']}x{cfg['group_size']} device={cfg['device']}")
     for step in range(start, cfg["n_steps"]):
+        lr_now = cfg["lr"] * min(1.0, (step + 1) / cfg["lr_warmup"]) if cfg["lr_warmup"] else cfg["lr"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
         idx = torch.randint(len(train_problems), (cfg["prompts_per_step"],), generator=generator,
                             device=generator.device)
-        s = grpo_step(model, optimizer, [train_problems[i] for i in idx.tolist()], cfg, generator, frozen_teacher)
+        s = grpo_step(model, optimizer, [train_problems[i] for i in idx.tolist()], cfg, generator, reference)
         elapsed = time.time() - t_start
-        history["mismatch_max"].append(s["mismatch_max"])
-        history["mismatch_k3"].append(s["mismatch_k3"])
-        history["grad_norm"].append(s["grad_norm"])
+        for key in ("reward", "mismatch_max", "mismatch_k3", "old_gap", "tis_ess"):
+            history[key].append(s[key])
         history["kv_frac"].append(s["kv_bytes"] / s["full_kv_bytes"])
-        log(dict(kind="train", step=step + 1, elapsed_s=elapsed, **s))
+        log(dict(kind="train", step=step + 1, lr=lr_now, elapsed_s=elapsed, **s))
         if (step + 1) % cfg["log_interval"] == 0:
+            tis = f" ess {s['tis_ess']:.2f} capped {s['tis_capped']:.2f} |" if cfg["mode"] == "tis" else ""
             print(f"step {step + 1:4d} | reward {s['reward']:.3f} | mismatch max {s['mismatch_max']:.1e} "
-                  f"k3 {s['mismatch_k3']:.1e} | loss {s['loss']:+.4f} kl {s['distill_kl']:.4f} "
-                  f"clip {s['clip_frac']:.2f} | grad {s['grad_norm']:.3f} | kv {s['kv_bytes'] / 1024:.0f}/"
-                  f"{s['full_kv_bytes'] / 1024:.0f} KiB | {s['tok_per_s']:.0f} tok/s | {elapsed:.1f}s")
+                  f"k3 {s['mismatch_k3']:.1e} |{tis} loss {s['loss']:+.4f} distill {s['distill_kl']:.4f} "
+                  f"ref {s['ref_kl']:.4f} clip {s['clip_frac']:.2f} | grad {s['grad_norm']:.3f} | "
+                  f"kv {s['kv_bytes'] / 1024:.0f}/{s['full_kv_bytes'] / 1024:.0f} KiB | {s['tok_per_s']:.0f} tok/s "
+                  f"| {elapsed:.1f}s")
         last = step + 1 == cfg["n_steps"]
         if (step + 1) % cfg["eval_interval"] == 0 or last:
-            acc_dense, acc_comp = dense_eval(), compressed_eval()
-            print(f"eval  {step + 1:4d} | greedy acc dense {acc_dense:.3f} | "
-                  f"{cfg['policy']}@{cfg['budget']} {acc_comp:.3f}")
-            log(dict(kind="eval", step=step + 1, acc_dense=acc_dense, acc_compressed=acc_comp))
+            run_eval(step + 1)
         if (step + 1) % cfg["ckpt_interval"] == 0 or last:
             save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step + 1,
                              generator=generator.get_state(), torch_rng=torch.get_rng_state(),
                              python_rng=random.getstate(), history=history, config=cfg), ckpt_path)
 
     if start >= cfg["n_steps"]:  # resumed a finished run: nothing trained, evaluate for the summary
-        acc_dense, acc_comp = dense_eval(), compressed_eval()
-    grad_norms = torch.tensor(history["grad_norm"])
+        run_eval(start)
+    n, k = len(history["reward"]), min(10, len(history["reward"]))
+    mean = lambda values: sum(values) / len(values)
     compressed = cfg["mode"] != "dense"  # a dense run's rollouts used a full cache, whatever --policy says
+    (_, dense0, comp0), (_, dense1, comp1) = history["evals"][0], history["evals"][-1]
     summary = dict(mode=cfg["mode"], policy=cfg["policy"] if compressed else "full",
-                   budget=cfg["budget"] if compressed else P + R, acc_dense=acc_dense,
-                   acc_compressed=acc_comp, mismatch_max_mean=sum(history["mismatch_max"]) / len(grad_norms),
-                   mismatch_k3_mean=sum(history["mismatch_k3"]) / len(grad_norms),
-                   grad_norm_std=grad_norms.std(unbiased=False).item(),
-                   kv_frac=sum(history["kv_frac"]) / len(grad_norms), rl_s=time.time() - t_rl,
-                   wall_s=time.time() - t_start)
+                   budget=cfg["budget"] if compressed else P + R, eval_split=cfg["eval_split"],
+                   acc_dense_start=dense0, acc_dense=dense1, acc_compressed_start=comp0, acc_compressed=comp1,
+                   reward_start=mean(history["reward"][:k]), reward_end=mean(history["reward"][n - k:]),
+                   mismatch_max_mean=mean(history["mismatch_max"]), mismatch_k3_mean=mean(history["mismatch_k3"]),
+                   old_gap_max=max(history["old_gap"]),
+                   tis_ess_mean=mean(history["tis_ess"]) if cfg["mode"] == "tis" else None,
+                   kv_frac=mean(history["kv_frac"]), rl_s=time.time() - t_rl, wall_s=time.time() - t_start)
     log(dict(kind="summary", **summary))
     log_file.close()
     print("summary: " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
