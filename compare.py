@@ -1,84 +1,188 @@
 """
-The comparison: every GRPO mode (dense, naive, tis, smd) trained from one shared warm-up with several RL
-seeds, then one table of mean ± std over seeds (population std). It only calls train.main and reads its summaries; the
-training itself, and what each column measures, is in train.py. Each run's full log goes to
-out/compare_<mode>_s<seed>.log (its JSONL next to it), so the terminal shows one line per run.
+The experiment: every mode, and each SMD ablation, trained from one shared warm-up with several RL seeds,
+reported on the test split as mean ± sample std over seeds; then a budget sweep. It only launches train.py
+(`jobs` runs at a time, one thread each) and reads their summaries; what each column measures is computed
+in train.py. Each run's log is out/cmp_<row>_b<budget>_s<seed>.log, its JSONL next to it.
 
-    python compare.py                        # 4 modes x 3 seeds on train.py's defaults
-    python compare.py --budget=24 --seeds=5  # any train.py --key=value is passed to every run
+    python compare.py                              # the table and the sweep, ~40 min on 2 CPU cores
+    python compare.py --sweep=False --rows=dense,smd --seeds=5
+    python compare.py --budget=21 --lr=3e-5        # any train.py --key=value reaches every run
 
 Not here: any training logic, plotting.
 """
 
-import contextlib
+import concurrent.futures
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
+import torch
+
 import train
 
-seeds = 3                   # RL seeds 0 .. seeds-1; the warm-up (train.py's sft_seed) is the same for all
-modes = "dense,naive,tis,smd"  # comma-separated subset, in table order
+seeds = 3                          # RL seeds 0 .. seeds-1, all from one warm-up (train.py's sft_seed)
+rows = "dense,naive,tis,smd,mask_only,distill_only,frozen_teacher,smd_ref_kl"  # table rows, in order
+sweep = True                       # also run the budget sweep
+sweep_budgets = (13, 21, 32, 42)   # KV budgets of the sweep (25%, 40%, 60%, 80% of the 53-token sequence)
+sweep_rows = "naive,tis,smd"       # trained at every sweep budget; dense (full-cache rollouts) is evaluated there
+jobs = 2                           # train.py processes at a time
 
-COLUMNS = [  # (header, summary key, format)
-    ("dense acc", "acc_dense", "{:.3f}"),             # final greedy accuracy, full KV cache
-    ("compr. acc", "acc_compressed", "{:.3f}"),       # final greedy accuracy, policy@budget (dense mode too)
-    ("mismatch k3", "mismatch_k3_mean", "{:.1e}"),    # KL(sampler || learner) per response token, mean over steps
-    ("mismatch max", "mismatch_max_mean", "{:.1e}"),  # max |log-prob difference| in a batch, mean over steps
-    ("grad-norm std", "grad_norm_std", "{:.3f}"),     # std over steps of the pre-clip gradient norm
-    ("KV frac", "kv_frac", "{:.3f}"),                 # rollout KV cache bytes / full-cache bytes
-    ("RL time s", "rl_s", "{:.0f}"),                  # phase 2 only: the shared warm-up is not counted
+ROWS = {  # row name -> the train.py flags that make it; every other setting is shared
+    "dense": ["--mode=dense"],                                     # full-cache rollouts: the on-policy ceiling
+    "naive": ["--mode=naive"],                                     # compressed rollouts, dense learner
+    "tis": ["--mode=tis"],                                         # naive + truncated importance weights
+    "smd": ["--mode=smd"],                                         # GRPO(masked) + 0.1 KL(dense || sg(masked))
+    "mask_only": ["--mode=smd", "--distill_coef=0.0"],             # on-policy GRPO under the mask, no KL
+    "distill_only": ["--mode=smd", "--policy_gradient=False"],     # the KL alone, no policy gradient
+    "frozen_teacher": ["--mode=smd", "--distill=frozen", "--distill_coef=1.0"],  # the warm-up's dense pass teaches
+    "smd_ref_kl": ["--mode=smd", "--ref_kl_coef=0.1"],             # smd + a KL of the dense pass to the warm-up
+}
+
+COLUMNS = [  # (header, summary key, format); start -> end columns show both
+    ("full-cache acc", ("acc_dense_start", "acc_dense"), "{:.3f}"),        # greedy exact match, full KV cache
+    ("compressed acc", ("acc_compressed_start", "acc_compressed"), "{:.3f}"),  # greedy, policy@budget
+    ("reward", ("reward_start", "reward_end"), "{:.3f}"),                  # training reward, first/last 10 steps
+    ("mismatch k3", "mismatch_k3_mean", "{:.1e}"),                         # KL(sampler || learner) per token
+    ("TIS ESS", "tis_ess_mean", "{:.2f}"),                                 # effective sample size, tis only
+    ("KV frac", "kv_frac", "{:.2f}"),                                      # rollout KV bytes / full cache's
+    ("RL s", "rl_s", "{:.0f}"),                                            # phase 2 wall time per run
 ]
 
 
 def mean_std(values, fmt):
-    std = statistics.pstdev(values) if len(values) > 1 else 0.0
+    """'mean ± sample std' (n - 1 in the denominator); '-' where a row has no such number."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(std)}"
 
 
-def table(rows):
-    """rows: [(mode, [summary per seed])] -> aligned text, one line per mode."""
-    cells = [["mode"] + [h for h, _, _ in COLUMNS]]
-    for mode, summaries in rows:
-        cells.append([mode] + [mean_std([s[key] for s in summaries], fmt) for _, key, fmt in COLUMNS])
+def cell(summaries, key, fmt):
+    if isinstance(key, tuple):  # start -> end
+        return " -> ".join(mean_std([s[k] for s in summaries], fmt) for k in key)
+    return mean_std([s.get(key) for s in summaries], fmt)
+
+
+def aligned(cells):
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
     return "\n".join(lines[:1] + ["-" * len(lines[0])] + lines[1:])
 
 
-def main(argv):
-    own = {"seeds": seeds, "modes": modes}  # compare.py's settings; everything else goes to train.py
+def table(results):
+    """results: [(row name, [summary per seed])] -> one aligned line per row."""
+    cells = [["row"] + [h for h, _, _ in COLUMNS]]
+    cells += [[name] + [cell(summaries, key, fmt) for _, key, fmt in COLUMNS] for name, summaries in results]
+    return aligned(cells)
+
+
+def run(argv, out_dir, name):
+    """One `python train.py` in its own process (one thread), its output in out_dir/name.log -> its summary."""
+    with open(os.path.join(out_dir, name + ".log"), "w") as log:
+        done = subprocess.run([sys.executable, "train.py", *argv, f"--run_name={name}"], stdout=log,
+                              stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if done.returncode != 0:
+        raise RuntimeError(f"run {name} failed; see {os.path.join(out_dir, name + '.log')}")
+    with open(os.path.join(out_dir, name + ".jsonl")) as f:
+        return json.loads(f.readlines()[-1])
+
+
+@torch.no_grad()
+def evaluate_checkpoint(cfg, name, budget):
+    """Compressed accuracy of a finished run's weights at another budget (dense runs in the sweep)."""
+    model = train.build_model(cfg)
+    model.load_state_dict(torch.load(os.path.join(cfg["out_dir"], name + ".pt"), map_location=cfg["device"],
+                                     weights_only=False)["model"])
+    _, held_out = train.problem_splits(cfg)
+    return train.evaluate(model, held_out, cfg["policy"], budget, **train.policy_kwargs(dict(cfg, budget=budget)))
+
+
+def prepare_warm_up(cfg):
+    """Train (or find) the shared warm-up once, before the runs start in parallel and would all train it."""
+    train.warm_up(train.build_model(cfg), cfg)
+
+
+def parse(argv):
+    own = {"seeds": seeds, "rows": rows, "sweep": sweep, "sweep_budgets": sweep_budgets, "sweep_rows": sweep_rows,
+           "jobs": jobs}
     is_own = lambda arg: arg[2:].split("=", 1)[0] in own
-    own.update(train.parse_overrides([a for a in argv if is_own(a)], own))
-    passed = [a for a in argv if not is_own(a)]
-    mode_list = own["modes"].split(",")
-    if own["seeds"] < 1:
-        raise ValueError(f"--seeds must be >= 1, got {own['seeds']}")
-    for key in ("seed", "mode", "run_name"):
+    own_argv = [a.replace("=", "=(", 1) + ",)" if a.startswith("--sweep_budgets=") else a for a in argv if is_own(a)]
+    own.update(train.parse_overrides(own_argv, own))  # --sweep_budgets=16 or =16,24: a tuple either way
+    passed = [a for a in argv if not is_own(a)] + ["--eval_split=test"] * (not any("--eval_split=" in a for a in argv))
+    names = own["rows"].split(",") + (own["sweep_rows"].split(",") if own["sweep"] else [])
+    unknown = [n for n in names if n not in ROWS]
+    if unknown or own["seeds"] < 1 or own["jobs"] < 1:
+        raise ValueError(f"need rows from {sorted(ROWS)}, seeds >= 1, jobs >= 1; got unknown rows {unknown}, "
+                         f"seeds={own['seeds']}, jobs={own['jobs']}")
+    for key in ("seed", "mode", "run_name", "resume"):
         if any(a.startswith(f"--{key}=") for a in passed):
             raise ValueError(f"compare.py sets --{key} itself for every run")
-    for mode in mode_list:  # every run's config, checked before the first one starts
-        train.validate_config(dict(train.CONFIG, **train.parse_overrides(passed + [f"--mode={mode}"])))
-    cfg = dict(train.CONFIG, **train.parse_overrides(passed))
+    budgets = [int(b) for b in own["sweep_budgets"]] if own["sweep"] else []
+    return own, passed, budgets
+
+
+def main(argv):
+    own, passed, budgets = parse(argv)
+    cfg = train.make_config(passed)
+    plan = []  # (row, budget, seed, argv), each checked before anything runs
+    for name in own["rows"].split(","):
+        plan += [(name, cfg["budget"], s, passed + ROWS[name] + [f"--budget={cfg['budget']}", f"--seed={s}"])
+                 for s in range(own["seeds"])]
+    for budget in budgets:
+        for name in [n for n in own["sweep_rows"].split(",") if budget != cfg["budget"] or n not in own["rows"]]:
+            plan += [(name, budget, s, passed + ROWS[name] + [f"--budget={budget}", f"--seed={s}"])
+                     for s in range(own["seeds"])]
+    for _, _, _, argv_run in plan:
+        train.make_config(argv_run)
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    t0, rows = time.time(), []
-    for mode in mode_list:
-        summaries = []
-        for seed in range(own["seeds"]):
-            name = f"compare_{mode}_s{seed}"
-            with open(os.path.join(cfg["out_dir"], name + ".log"), "w") as log, contextlib.redirect_stdout(log):
-                s = train.main(passed + [f"--mode={mode}", f"--seed={seed}", f"--run_name={name}"])
-            summaries.append(s)
-            print(f"{mode:5s} seed {seed} | dense acc {s['acc_dense']:.3f} | {cfg['policy']}@{cfg['budget']} acc "
-                  f"{s['acc_compressed']:.3f} | mismatch k3 {s['mismatch_k3_mean']:.1e} | {time.time() - t0:.0f}s",
+    t0 = time.time()
+    prepare_warm_up(cfg)
+    summaries = {}
+    with concurrent.futures.ThreadPoolExecutor(own["jobs"]) as pool:
+        futures = {pool.submit(run, a, cfg["out_dir"], f"cmp_{n}_b{b}_s{s}"): (n, b, s) for n, b, s, a in plan}
+        for future in concurrent.futures.as_completed(futures):
+            n, b, s = futures[future]
+            summaries[n, b, s] = future.result()
+            r = summaries[n, b, s]
+            print(f"{n:14s} budget {b:2d} seed {s} | full-cache acc {r['acc_dense_start']:.3f} -> {r['acc_dense']:.3f} | "
+                  f"compressed {r['acc_compressed_start']:.3f} -> {r['acc_compressed']:.3f} | {time.time() - t0:.0f}s",
                   flush=True)
-        rows.append((mode, summaries))
-    print(f"\n{own['seeds']} RL seeds per mode, one warm-up (sft_seed={cfg['sft_seed']}), policy={cfg['policy']} "
-          f"budget={cfg['budget']} (dense mode: full cache), n_steps={cfg['n_steps']}, reward={cfg['reward']}; "
-          f"accuracy: greedy exact match on {cfg['eval_problems']} held-out problems; total {time.time() - t0:.0f}s")
-    print(table(rows))
-    return rows
+
+    results = [(n, [summaries[n, cfg["budget"], s] for s in range(own["seeds"])]) for n in own["rows"].split(",")]
+    print(f"\n{own['seeds']} RL seeds per row, one warm-up (sft_seed={cfg['sft_seed']}), policy={cfg['policy']} "
+          f"budget={cfg['budget']} (dense: full-cache rollouts), {cfg['n_steps']} GRPO steps; accuracy: greedy exact "
+          f"match on {cfg['eval_problems']} {cfg['eval_split']} problems, start -> end; mean ± sample std")
+    print(table(results))
+    if budgets:
+        print(sweep_table(cfg, own, budgets, summaries))
+    print(f"total {time.time() - t0:.0f}s")
+    return results
+
+
+def sweep_table(cfg, own, budgets, summaries):
+    """Final full-cache / compressed accuracy per budget; dense's weights do not depend on the budget, so its
+    final checkpoints are evaluated at each one."""
+    names = own["sweep_rows"].split(",")
+    cells = [["budget (KV frac)", "dense (ceiling)"] + names]
+    seq_len = sum(train.max_lengths())
+    for budget in budgets:
+        row = [f"{budget} ({budget / seq_len:.0%})"]
+        if ("dense", cfg["budget"], 0) in summaries:
+            dense = [summaries["dense", cfg["budget"], s] for s in range(own["seeds"])]
+            comp = [evaluate_checkpoint(cfg, f"cmp_dense_b{cfg['budget']}_s{s}", budget) for s in range(own["seeds"])]
+            row.append(f"{mean_std([d['acc_dense'] for d in dense], '{:.3f}')} / {mean_std(comp, '{:.3f}')}")
+        else:
+            row.append("-")
+        for name in names:
+            runs = [summaries[name, budget, s] for s in range(own["seeds"])]
+            row.append(f"{mean_std([r['acc_dense'] for r in runs], '{:.3f}')} / "
+                       f"{mean_std([r['acc_compressed'] for r in runs], '{:.3f}')}")
+        cells.append(row)
+    return f"\nbudget sweep: final full-cache / compressed accuracy ({cfg['policy']})\n" + aligned(cells)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 
 import train
+from conftest import DEVICE
 from model import GPT, GPTConfig
 from data.arithmetic import VOCAB_SIZE
 
 TINY = dict(train.CONFIG, n_layer=1, n_head=2, n_embd=16, prompts_per_step=2, group_size=4, budget=16,
             policy="h2o", sft_steps=3, sft_batch_size=8, n_steps=2, n_train=50, eval_problems=4,
-            eval_interval=1, ckpt_interval=1, lr=1e-3, cpu_threads=1, device="cpu")
+            eval_interval=1, ckpt_interval=1, lr=1e-3, cpu_threads=1, device=DEVICE)
 
 
 def tiny_model(seed=0, std=0.5):
@@ -28,7 +29,7 @@ def tiny_model(seed=0, std=0.5):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
+    return model.to(DEVICE)
 
 
 def one_step(mode, seed=0, reference=None, **overrides):
@@ -39,10 +40,11 @@ def one_step(mode, seed=0, reference=None, **overrides):
     model = tiny_model(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
     problems, _, _ = train.make_splits(seed, 2, 0, 0)
-    stats = train.grpo_step(model, optimizer, problems, cfg, torch.Generator().manual_seed(seed), reference)
+    stats = train.grpo_step(model, optimizer, problems, cfg, torch.Generator(DEVICE).manual_seed(seed), reference)
     return stats, model
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("mode", train.MODES)
 def test_one_grpo_step_runs_and_moves_the_weights_in_every_mode(mode):
     before = tiny_model(0).state_dict()
@@ -53,6 +55,7 @@ def test_one_grpo_step_runs_and_moves_the_weights_in_every_mode(mode):
     assert (stats["kv_bytes"] < stats["full_kv_bytes"]) == (mode != "dense")
 
 
+@pytest.mark.device
 def test_smd_learner_matches_the_sampler_to_float32_rounding_and_naive_does_not():
     smd_stats, _ = one_step("smd")
     naive_stats, _ = one_step("naive")
@@ -61,6 +64,7 @@ def test_smd_learner_matches_the_sampler_to_float32_rounding_and_naive_does_not(
     assert naive_stats["mismatch_k3"] > 1e3 * max(smd_stats["mismatch_k3"], 1e-12)
 
 
+@pytest.mark.device
 def test_smd_gather_learner_is_on_policy_too():
     stats, _ = one_step("smd", learner_attention="gather")
     assert stats["mismatch_max"] <= 1e-5
@@ -287,28 +291,38 @@ def test_rl_seeds_share_one_warm_up_and_one_held_out_set(tmp_path):
     assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 2    # another sft_seed: another base
 
 
-def test_compare_runs_every_mode_and_seed_from_one_base_and_reports_mean_and_std(monkeypatch, tmp_path):
+def test_compare_runs_every_row_seed_and_budget_and_reports_mean_and_sample_std(monkeypatch, tmp_path):
     import compare
     calls = []
 
-    def fake_main(argv):  # a summary whose numbers encode the run, so the table's arithmetic can be checked
+    def fake_run(argv, out_dir, name):  # a summary whose numbers encode the run, so the arithmetic can be checked
         calls.append(argv)
-        cfg = train.parse_overrides(argv)
+        cfg = train.make_config(argv)
         acc = {"dense": 0.5, "naive": 0.2, "tis": 0.3, "smd": 0.4}[cfg["mode"]] + 0.1 * cfg["seed"]
-        return dict(acc_dense=acc, acc_compressed=acc / 2, mismatch_k3_mean=1e-3, mismatch_max_mean=1.0,
-                    grad_norm_std=0.1, kv_frac=0.3, rl_s=10.0, policy="h2o", budget=16)
-    monkeypatch.setattr(train, "main", fake_main)
-    rows = compare.main([f"--out_dir={tmp_path}", "--budget=24", "--seeds=3"])
-    assert [mode for mode, _ in rows] == list(train.MODES)
-    assert len(calls) == 12 and all("--budget=24" in argv for argv in calls)     # overrides reach every run
+        return dict(acc_dense_start=0.5, acc_dense=acc, acc_compressed_start=0.1, acc_compressed=acc / 2,
+                    reward_start=0.4, reward_end=0.5, mismatch_k3_mean=1e-3, tis_ess_mean=None, kv_frac=0.5,
+                    rl_s=10.0)
+    monkeypatch.setattr(compare, "run", fake_run)
+    monkeypatch.setattr(compare, "prepare_warm_up", lambda cfg: None)
+    monkeypatch.setattr(compare, "evaluate_checkpoint", lambda cfg, name, budget: 0.25)
+    results = compare.main([f"--out_dir={tmp_path}", "--budget=24", "--seeds=3", "--sweep_budgets=16,24"])
+    assert [name for name, _ in results] == compare.rows.split(",")
+    n_sweep = len(compare.sweep_rows.split(","))               # budget 24 is the table's: only 16 is new
+    assert len(calls) == 3 * (len(results) + n_sweep)
+    assert all("--eval_split=test" in argv for argv in calls)  # reports are on the test split
     assert sorted({a for argv in calls for a in argv if a.startswith("--seed=")}) == ["--seed=0", "--seed=1", "--seed=2"]
     assert not any(a.startswith("--sft_seed=") for argv in calls for a in argv)  # one warm-up for all
-    smd_row = compare.table(rows).splitlines()[-1].split()
-    assert smd_row[:4] == ["smd", "0.500", "±", "0.082"]                         # 0.4, 0.5, 0.6: mean, pstdev
+    assert sum("--budget=16" in argv for argv in calls) == 3 * n_sweep
+    smd_row = compare.table(results).splitlines()[2 + compare.rows.split(",").index("smd")].split()
+    assert smd_row[:8] == ["smd", "0.500", "±", "0.000", "->", "0.500", "±", "0.100"]  # 0.4, 0.5, 0.6: sample std
     with pytest.raises(ValueError, match="sets --seed"):
         compare.main(["--seed=1"])
+    with pytest.raises(ValueError, match="unknown rows"):
+        compare.main(["--rows=dense,ppo"])
 
 
+
+@pytest.mark.device
 @pytest.mark.parametrize("mode", train.MODES)
 def test_first_update_scores_the_batch_with_its_old_logprobs_in_every_mode(mode):
     # dense, smd: the learner (under the shadow mask for smd) reproduces the sampler's log-probs; naive, tis:
@@ -365,3 +379,24 @@ def test_warm_up_key_ignores_rl_settings_and_names_what_shapes_the_weights(tmp_p
     assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 1    # RL and eval knobs: same base
     train.main(args(cfg, run_name="clip", sft_grad_clip=0.5))
     assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 2    # the warm-up's own clip: new base
+
+
+def test_relative_variance_and_cosine_on_a_constructed_case():
+    import variance
+    grads = torch.tensor([[1.0, 0.0], [3.0, 0.0], [1.0, 2.0], [3.0, 2.0]])  # mean (2, 1), deviations of norm^2 2
+    assert variance.relative_variance(grads) == pytest.approx(8 / (3 * 5))
+    assert variance.relative_variance(torch.ones(5, 3)) == 0.0
+    assert variance.cosine(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])) == pytest.approx(2 ** -0.5)
+
+
+@pytest.mark.parametrize("mode", train.MODES)
+def test_variance_estimates_are_the_training_policy_gradient(mode, monkeypatch):
+    import variance
+    # one batch: the estimator's gradient is the gradient grpo_step's first update applies (clip off)
+    got, ro, _ = step_gradient(monkeypatch, mode, distill_coef=0.0)
+    model = tiny_model(0)
+    cfg = dict(TINY, mode=mode)
+    problems, _, _ = train.make_splits(0, 2, 0, 0)
+    flat = variance.flat_gradient(model, cfg, torch.Generator().manual_seed(0), problems)
+    want = torch.cat([got[n].flatten() for n, _ in model.named_parameters()])
+    assert (flat - want).abs().max().item() <= 1e-5 * want.abs().max().item()

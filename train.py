@@ -408,6 +408,7 @@ def warm_up(model, cfg):
         print(f"sft: reusing {path}")
         return path
     t0 = time.time()
+    os.makedirs(cfg["out_dir"], exist_ok=True)
     train_problems, _ = problem_splits(cfg)
     sft(model, train_problems, cfg, torch.Generator(device=cfg["device"]).manual_seed(cfg["sft_seed"]))
     save_atomic(model.state_dict(), path)

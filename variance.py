@@ -1,0 +1,111 @@
+"""
+The paper's central claim, measured directly: how noisy and how biased each mode's policy-gradient
+estimator is, at fixed weights. For each mode, K independent rollout batches (the training batch size) at
+the same weights give K estimates g_k of the policy gradient: the GRPO term only (no distillation, no
+reference KL), at the first update of a batch, where the ratio is 1 and the clip is inactive. We report
+  rel. variance   sum_k ||g_k - g_bar||^2 / ((K - 1) ||g_bar||^2)   (per batch, relative to the signal)
+  cos compressed  cos(g_bar, gradient of the compressed policy's objective): the policy that samples,
+                  estimated by SMD's on-policy estimator averaged over n_ref independent batches
+  cos full-cache  cos(g_bar, gradient of the full-cache policy's objective): dense mode's estimator, likewise
+at the warm-up weights and at the weights of an smd run halfway through (train.py's defaults otherwise).
+An unbiased estimator's cosine with its own target is below 1 only by noise, about 1 / sqrt(1 + v / K) for
+relative variance v (and the reference's own noise); a biased one stays below that for any K.
+
+    python variance.py                        # ~N min on one CPU core
+    python variance.py --K=32 --budget=21     # any train.py --key=value sets the weights' and batches' config
+
+Not here: training (train.py), the table of final accuracies (compare.py).
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+import train
+
+K = 16          # independent batches per mode
+n_ref = 48      # batches averaged into each reference gradient
+modes = "dense,naive,tis,smd"
+
+
+def flat_gradient(model, cfg, generator, problems):
+    """One batch's policy-gradient estimate, flattened (n_params,): the same sampling, advantages, learner
+    pass and TIS weights as train.grpo_step, with lp_old = lp so the ratio is exactly 1."""
+    ro, _, adv = train.sample_batch(model, problems, cfg, generator)
+    logits = train.policy_pass(model, ro, cfg)
+    lp = train.smd.token_logprobs(logits, ro.tokens, cfg["temperature"])   # (B, T)
+    weights = None
+    if cfg["mode"] == "tis":
+        with torch.no_grad():
+            lp_learner = lp.detach()
+        weights = train.tis_weights(lp_learner, ro.logprobs, cfg["tis_cap"])
+    loss, _ = train.grpo_loss(lp, lp.detach(), adv, ro.response_mask, cfg["clip_eps"], weights)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def relative_variance(grads):
+    """grads (K, n) -> sum_k ||g_k - g_bar||^2 / ((K - 1) ||g_bar||^2): the per-batch noise over the signal."""
+    mean = grads.mean(0)
+    return ((grads - mean) ** 2).sum().item() / ((grads.shape[0] - 1) * (mean ** 2).sum().item())
+
+
+def cosine(a, b):
+    return (torch.dot(a, b) / (a.norm() * b.norm())).item()
+
+
+def estimates(model, cfg, mode, n, seed, train_problems):
+    """n independent batches' gradients (n, n_params) for `mode`, batches and samples from `seed`."""
+    cfg = dict(cfg, mode=mode)
+    generator = torch.Generator(device=cfg["device"]).manual_seed(seed)
+    out = []
+    for _ in range(n):
+        idx = torch.randint(len(train_problems), (cfg["prompts_per_step"],), generator=generator,
+                            device=generator.device)
+        out.append(flat_gradient(model, cfg, generator, [train_problems[i] for i in idx.tolist()]))
+    return torch.stack(out)
+
+
+def measure(model, cfg, own, train_problems, label):
+    t0 = time.time()
+    ref_compressed = estimates(model, cfg, "smd", own["n_ref"], 10_000, train_problems).mean(0)
+    ref_dense = estimates(model, cfg, "dense", own["n_ref"], 20_000, train_problems).mean(0)
+    lines = [f"\n{label}: K={own['K']} batches of {cfg['prompts_per_step']}x{cfg['group_size']} per mode, "
+             f"references from {own['n_ref']} other batches each; policy={cfg['policy']} budget={cfg['budget']}",
+             f"{'mode':6s}  {'rel. variance':>13s}  {'cos compressed':>14s}  {'cos full-cache':>14s}"]
+    for i, mode in enumerate(own["modes"].split(",")):
+        grads = estimates(model, cfg, mode, own["K"], 100 * (i + 1), train_problems)
+        mean = grads.mean(0)
+        lines.append(f"{mode:6s}  {relative_variance(grads):13.2f}  {cosine(mean, ref_compressed):14.3f}  "
+                     f"{cosine(mean, ref_dense):14.3f}")
+    lines.append(f"cos(compressed ref, full-cache ref) = {cosine(ref_compressed, ref_dense):.3f}; "
+                 f"{time.time() - t0:.0f}s")
+    print("\n".join(lines), flush=True)
+
+
+def main(argv):
+    own = {"K": K, "n_ref": n_ref, "modes": modes}
+    is_own = lambda arg: arg[2:].split("=", 1)[0] in own
+    own.update(train.parse_overrides([a for a in argv if is_own(a)], own))
+    if own["K"] < 2 or own["n_ref"] < 1 or any(m not in train.MODES for m in own["modes"].split(",")):
+        raise ValueError(f"need K >= 2, n_ref >= 1 and modes from {train.MODES}, got {own}")
+    passed = [a for a in argv if not is_own(a)]
+    cfg = train.make_config(passed + ["--mode=smd"])
+    torch.set_num_threads(cfg["cpu_threads"])
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    train_problems, _ = train.problem_splits(cfg)
+    model = train.build_model(cfg)
+    train.warm_up(model, cfg)
+    measure(model, cfg, own, train_problems, "warm-up weights")
+    mid = cfg["n_steps"] // 2  # an smd run, stopped halfway: weights the method itself visits
+    train.main(passed + ["--mode=smd", f"--n_steps={mid}", "--run_name=variance_mid", "--log_interval=1000"])
+    ckpt = torch.load(os.path.join(cfg["out_dir"], "variance_mid.pt"), map_location=cfg["device"], weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    measure(model, cfg, own, train_problems, f"smd run at step {mid}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
