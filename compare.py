@@ -37,7 +37,7 @@ ROWS = {  # row name -> the train.py flags that make it; every other setting is 
     "smd": ["--mode=smd"],                                         # GRPO(masked) + 0.1 KL(dense || sg(masked))
     "mask_only": ["--mode=smd", "--distill_coef=0.0"],             # on-policy GRPO under the mask, no KL
     "distill_only": ["--mode=smd", "--policy_gradient=False"],     # the KL alone, no policy gradient
-    "frozen_teacher": ["--mode=smd", "--distill=frozen", "--distill_coef=1.0"],  # the warm-up's dense pass teaches
+    "frozen_teacher": ["--mode=smd", "--distill=masked_from_warmup_dense", "--distill_coef=1.0"],  # the warm-up's dense pass teaches
     "smd_ref_kl": ["--mode=smd", "--ref_kl_coef=0.1"],             # smd + a KL of the dense pass to the warm-up
 }
 

@@ -108,7 +108,7 @@ def test_smd_paper_objective_policy_gradient_on_the_masked_pass_and_kl_into_the_
     # GRPO(pi_masked) + lambda KL(pi_dense || sg(pi_masked)): the policy gradient flows through the masked
     # pass only, the KL through the dense pass only, in that direction
     lam = 0.5
-    got, ro, _ = step_gradient(monkeypatch, "smd", distill="paper", distill_coef=lam)
+    got, ro, _ = step_gradient(monkeypatch, "smd", distill="dense_from_masked", distill_coef=lam)
     kl = lambda model: train.smd.kl_divergence(train.smd.learner_logits(model, ro.tokens),
                                                 train.smd.learner_logits(model, ro.tokens, ro.mask).detach(),
                                                 ro.response_mask)
@@ -135,7 +135,7 @@ def test_ablation_switches_do_what_their_names_say(monkeypatch):
         train.smd.learner_logits(model, ro.tokens),
         train.smd.learner_logits(model, ro.tokens, ro.mask).detach(), ro.response_mask)))
     reference = tiny_model(seed=1)                                                  # frozen teacher
-    got, ro, _ = step_gradient(monkeypatch, "smd", distill="frozen", distill_coef=0.5, reference=reference)
+    got, ro, _ = step_gradient(monkeypatch, "smd", distill="masked_from_warmup_dense", distill_coef=0.5, reference=reference)
     with torch.no_grad():
         teacher = train.smd.learner_logits(reference, ro.tokens)
     assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, ro.mask) + 0.5 * train.smd.kl_divergence(

@@ -88,8 +88,9 @@ grad_clip = 1.0             # gradient-norm clip
 ref_kl_coef = 0.0           # beta: KL(full-cache pass || frozen warm-up's full-cache pass), in every mode alike
 tis_cap = 2.0               # mode=tis: C in min(pi_learner / pi_sampler, C) (verl's default; TRL's is 3)
 # mode=smd
-distill = "paper"           # "paper": KL(pi_dense || sg(pi_masked)) trains the dense pass toward the masked one;
-#                             "frozen": KL(sg(pi_warmup_dense) || pi_masked) trains the masked pass toward the warm-up
+distill = "dense_from_masked"  # student_from_teacher. "dense_from_masked" (the paper): KL(pi_dense || sg(pi_masked)),
+#                             the current weights' dense pass learns from their masked pass; "masked_from_warmup_dense":
+#                             KL(sg(pi_warmup_dense) || pi_masked), the masked pass learns from the frozen warm-up's dense pass
 distill_coef = 0.1          # lambda, the weight of that KL; 0 = on-policy GRPO under the mask only
 policy_gradient = True      # False: no GRPO term, distillation only (an ablation)
 learner_attention = "dense"  # "dense" (T x T boolean mask) or "gather" (O(T * budget) scores)
@@ -105,6 +106,7 @@ PRESETS = {"gpu": dict(n_layer=4, n_embd=128, sft_steps=3000, sft_batch_size=256
 
 MODES = ("dense", "naive", "tis", "smd")
 REWARDS = {"exact": exact_reward, "partial": partial_reward}
+DISTILL = ("dense_from_masked", "masked_from_warmup_dense")  # student_from_teacher, see `distill` above
 EVAL_POOL = 1000  # val and test each hold this many problems, dealt before train: eval_problems never moves them
 
 
@@ -163,8 +165,8 @@ def validate_config(cfg):
         raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got {cfg['group_size']}")
     if not 0 <= cfg["clip_eps"] < 1 or cfg["distill_coef"] < 0:
         raise ValueError(f"need 0 <= clip_eps < 1 and distill_coef >= 0, got {cfg['clip_eps']}, {cfg['distill_coef']}")
-    if cfg["distill"] not in ("paper", "frozen"):
-        raise ValueError(f"distill must be 'paper' or 'frozen', got {cfg['distill']!r}")
+    if cfg["distill"] not in DISTILL:
+        raise ValueError(f"distill must be one of {DISTILL}, got {cfg['distill']!r}")
     if cfg["ref_kl_coef"] < 0 or cfg["lr_warmup"] < 0:
         raise ValueError(f"need ref_kl_coef >= 0 and lr_warmup >= 0, got {cfg['ref_kl_coef']}, {cfg['lr_warmup']}")
     if not cfg["policy_gradient"] and not (cfg["mode"] == "smd" and cfg["distill_coef"] > 0):
@@ -310,7 +312,7 @@ def policy_pass(model, ro, cfg):
 def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
     """One GRPO iteration: sample, score, and take updates_per_batch gradient steps on
         policy_gradient * GRPO(policy pass) + distill_coef * distillation KL (smd) + ref_kl_coef * reference KL.
-    reference: the frozen warm-up model (the "frozen" teacher and the reference KL need it).
+    reference: the frozen warm-up model (the reference KL and the warm-up teacher need it).
     Returns the numbers a practitioner diagnoses with."""
     t0 = time.time()
     mode, temp = cfg["mode"], cfg["temperature"]
@@ -327,9 +329,9 @@ def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
         weights = tis_weights(lp_learner, lp_sampler, cfg["tis_cap"])
         ess, capped = tis_diagnostics(lp_learner, lp_sampler, resp, cfg["tis_cap"])
     distill_on = mode == "smd" and cfg["distill_coef"] > 0
-    needs_reference = cfg["ref_kl_coef"] > 0 or (distill_on and cfg["distill"] == "frozen")
+    needs_reference = cfg["ref_kl_coef"] > 0 or (distill_on and cfg["distill"] == "masked_from_warmup_dense")
     if needs_reference and reference is None:
-        raise ValueError("the reference KL and distill='frozen' need the frozen warm-up model (reference=)")
+        raise ValueError("the reference KL and distill='masked_from_warmup_dense' need the warm-up model (reference=)")
     with torch.no_grad():
         ref_logits = smd.learner_logits(reference, tokens) if needs_reference else None  # (B, T, vocab)
     zero = torch.zeros((), device=tokens.device)
@@ -342,10 +344,10 @@ def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
         pg_loss, clip_frac = grpo_loss(lp, lp_old, adv, resp, cfg["clip_eps"], weights)
         # the full-cache pass of the current weights: the policy pass itself, except in smd
         dense_logits = logits if mode != "smd" else None
-        if mode == "smd" and ((distill_on and cfg["distill"] == "paper") or cfg["ref_kl_coef"] > 0):
+        if mode == "smd" and ((distill_on and cfg["distill"] == "dense_from_masked") or cfg["ref_kl_coef"] > 0):
             dense_logits = smd.learner_logits(model, tokens)
         distill_kl = zero
-        if distill_on and cfg["distill"] == "paper":  # KL(pi_dense || sg(pi_masked)): the dense pass learns
+        if distill_on and cfg["distill"] == "dense_from_masked":  # KL(pi_dense || sg(pi_masked)): the dense pass learns
             distill_kl = smd.kl_divergence(dense_logits, logits.detach(), resp, temp)
         elif distill_on:                              # KL(sg(pi_warmup_dense) || pi_masked): the masked pass learns
             distill_kl = smd.kl_divergence(ref_logits, logits, resp, temp)
@@ -429,7 +431,7 @@ def main(argv):
     train_problems, held_out = problem_splits(cfg)
     model = build_model(cfg)
     warm_up(model, cfg)
-    # a copy taken before any RL step: the reference KL's anchor and the "frozen" teacher (also when resuming)
+    # a copy taken before any RL step: the reference KL's anchor and the warm-up teacher (also when resuming)
     reference = copy.deepcopy(model).requires_grad_(False)
     dense_eval = lambda: evaluate(model, held_out, "full", P + R)
     compressed_eval = lambda: evaluate(model, held_out, cfg["policy"], cfg["budget"], **policy_kwargs(cfg))

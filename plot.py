@@ -1,0 +1,89 @@
+"""
+One picture of a comparison: per row of compare.py (mean over its RL seeds), the training reward, the
+full-cache and the compressed greedy accuracy, and the sampler/learner mismatch (log scale) over GRPO steps,
+read from the JSONL logs compare.py leaves in out/. Needs matplotlib, which nothing else does:
+`pip install matplotlib`.
+
+    python plot.py                                  # out/cmp_*.jsonl at the default budget -> run.png
+    python plot.py --out_dir=out --budget=26 --rows=dense,naive,tis,smd --file=run.png
+"""
+
+import glob
+import json
+import os
+import sys
+from collections import defaultdict
+
+out_dir = "out"
+budget = 26              # the compare.py budget whose runs to draw
+rows = "dense,naive,tis,smd,smd_ref_kl"
+file = "run.png"
+smooth = 10              # moving average over this many steps for the per-step curves
+
+
+def load(out_dir, row, budget):
+    """Per-seed records of one row: [(train records, eval records)]."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(out_dir, f"cmp_{row}_b{budget}_s*.jsonl"))):
+        records = [json.loads(line) for line in open(path)]
+        runs.append(([r for r in records if r["kind"] == "train"], [r for r in records if r["kind"] == "eval"]))
+    return runs
+
+
+def mean_curve(runs, kind, key):
+    """Steps and the mean over seeds of `key` (kind 0: train records, 1: eval records)."""
+    by_step = defaultdict(list)
+    for run in runs:
+        for r in run[kind]:
+            by_step[r["step"]].append(r[key])
+    steps = sorted(by_step)
+    return steps, [sum(by_step[s]) / len(by_step[s]) for s in steps]
+
+
+def moving_average(values, width):
+    return [sum(values[max(0, i - width + 1):i + 1]) / len(values[max(0, i - width + 1):i + 1])
+            for i in range(len(values))]
+
+
+def main(argv):
+    cfg = {"out_dir": out_dir, "budget": budget, "rows": rows, "file": file, "smooth": smooth}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq or key not in cfg:
+            raise ValueError(f"bad argument {arg!r}: use --key=value with key one of {sorted(cfg)}")
+        cfg[key] = type(cfg[key])(value)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("plot.py needs matplotlib, which nothing else here does: pip install matplotlib")
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    panels = [(0, "reward", "training reward (moving avg)"), (1, "acc_dense", "full-cache greedy accuracy"),
+              (1, "acc_compressed", f"compressed greedy accuracy (budget {cfg['budget']})"),
+              (0, "mismatch_k3", "mismatch KL(sampler || learner), k3")]
+    drawn = 0
+    for row in cfg["rows"].split(","):
+        runs = load(cfg["out_dir"], row, cfg["budget"])
+        if not runs:
+            print(f"no logs for row {row!r} at budget {cfg['budget']} in {cfg['out_dir']}: skipped")
+            continue
+        drawn += 1
+        for ax, (kind, key, title) in zip(axes, panels):
+            steps, values = mean_curve(runs, kind, key)
+            if kind == 0:
+                values = moving_average(values, cfg["smooth"])
+            ax.plot(steps, values, label=f"{row} ({len(runs)} seeds)", marker="o" if kind == 1 else None, ms=3)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("GRPO step", fontsize=8)
+    if not drawn:
+        sys.exit(f"nothing to draw: run compare.py first (looked for {cfg['out_dir']}/cmp_<row>_b{cfg['budget']}_s*.jsonl)")
+    axes[3].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(cfg["file"], dpi=80)
+    print(f"wrote {cfg['file']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
