@@ -66,6 +66,7 @@ with torch.no_grad():
     for p in model.parameters():
         if p.dim() >= 2:
             p.normal_(0.0, init_std)
+model.set_exact(exact)
 prompts = torch.randint(vocab_size, (batch_size, prompt_len), generator=torch.Generator().manual_seed(seed))
 sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -85,12 +86,11 @@ def best_time(fn):
 
 def sample(T, S, name):
     generator = torch.Generator(device).manual_seed(seed)  # same samples in every timed repeat
-    return rollout(model, prompts, policy=name, budget=S, max_new_tokens=T - prompt_len, generator=generator,
-                   exact=exact)
+    return rollout(model, prompts, policy=name, budget=S, max_new_tokens=T - prompt_len, generator=generator)
 
 
-def learner_loss(tokens, response_mask, mask, attention):
-    logp = learner_logprobs(model, tokens, mask, attention=attention, exact=exact)    # (B, T)
+def learner_loss(tokens, response_mask, shadow_mask, attention):
+    logp = learner_logprobs(model, tokens, shadow_mask, attention=attention)          # (B, T)
     return -(logp * response_mask).sum() / response_mask.sum()
 
 
@@ -138,20 +138,20 @@ for T in lengths:
     for S in budgets:
         comp_s, r = best_time(lambda: sample(T, S, policy))
         with torch.no_grad():
-            delta = {a: (learner_logprobs(model, r.tokens, r.mask, attention=a, exact=exact) - r.logprobs)
+            delta = {a: (learner_logprobs(model, r.tokens, r.shadow_mask, attention=a) - r.logprobs)
                      [r.response_mask].abs().max().item() for a in ("dense", "gather")}
         dense_mask_bytes = n_layer * batch_size * n_head * T * T  # one bool byte per (query, key) pair
         rows_sampler.append((T, S, r.kv_bytes / 2**10, full.kv_bytes / 2**10, r.kv_bytes / full.kv_bytes,
-                             n_new / comp_s, n_new / full_s, full_s / comp_s, r.mask.written.nbytes / 2**10,
-                             dense_mask_bytes / 2**10, r.mask.written.nbytes / dense_mask_bytes,
+                             n_new / comp_s, n_new / full_s, full_s / comp_s, r.shadow_mask.written.nbytes / 2**10,
+                             dense_mask_bytes / 2**10, r.shadow_mask.written.nbytes / dense_mask_bytes,
                              delta["dense"], delta["gather"]))
-        batch = r.tokens, r.response_mask.float(), r.mask
+        batch = r.tokens, r.response_mask.float(), r.shadow_mask
         t = {a: best_time(lambda: fwd_bwd(lambda: learner_loss(*batch, a)))[0] for a in ("dense", "gather")}
-        m = {a: learner_memory(lambda: learner_loss(*batch, a)) for a in ("dense", "gather")}
+        mem = {a: learner_memory(lambda: learner_loss(*batch, a)) for a in ("dense", "gather")}
         rows_learner.append((T, S, causal_s * 1e3, t["dense"] / causal_s, t["gather"] / causal_s,
-                             causal_mem / 2**20, m["dense"] / causal_mem, m["gather"] / causal_mem))
+                             causal_mem / 2**20, mem["dense"] / causal_mem, mem["gather"] / causal_mem))
         rows_paths.append((T, S, t["dense"] * 1e3, t["gather"] * 1e3, t["gather"] / t["dense"],
-                           m["dense"] / 2**20, m["gather"] / 2**20, m["gather"] / m["dense"]))
+                           mem["dense"] / 2**20, mem["gather"] / 2**20, mem["gather"] / mem["dense"]))
         print(f"measured T={T} S={S}", file=sys.stderr)
 
 

@@ -3,11 +3,12 @@ A small GPT (nanoGPT-sized: pre-LayerNorm blocks, learned absolute positions, ti
 attention is written out by hand, so a reader can see exactly where a visibility mask enters.
 
 Attention runs in one of three ways (see CausalSelfAttention.forward):
-  dense   scores for every (query, key) pair, then a boolean (B, nh, T, T) mask; causal if none is given;
+  dense   scores for every (query, key) pair, then a boolean attn_mask (B, nh, T, T); causal if none is given;
   gather  each query gathers only the keys/values its shadow mask names, as slot positions (B, nh, T, S);
   cached  new tokens attend over a KV cache of S slots (prefill: a few tokens at once; decode: one).
 Gather and cached share one function, `attend_slots`, so their arithmetic is identical. This file knows
-nothing about eviction: the cache object (smd.KVCache) decides what is kept and records the mask.
+nothing about eviction: the cache object (smd.KVCache) decides what is kept and records the shadow mask.
+The bitwise mode lives in one place: model.set_exact(True) makes every Linear batch-invariant (see Linear).
 """
 
 import math
@@ -41,16 +42,20 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
-def linear(x, layer, exact=False):
-    """layer(x). With exact=True every row is its own 1-row matmul (a batched bmm), so a row's result does
-    not depend on how many rows share the call: BLAS picks different kernels, and so different summation
-    orders, for 1 row (a decode step) and for B*T rows (the learner), which changes the last bits."""
-    if not exact:
-        return F.linear(x, layer.weight, layer.bias)
-    rows = x.reshape(-1, 1, x.shape[-1])                                   # (N, 1, C_in)
-    weight = layer.weight.t().expand(rows.shape[0], -1, -1)                # (N, C_in, C_out), a view
-    y = torch.bmm(rows, weight).reshape(*x.shape[:-1], -1)                 # (..., C_out)
-    return y if layer.bias is None else y + layer.bias
+class Linear(nn.Linear):
+    """nn.Linear, optionally batch-invariant. With exact=True (set for the whole model by GPT.set_exact) every
+    row is its own 1-row matmul (a batched bmm), so a row's result does not depend on how many rows share the
+    call: BLAS picks different kernels, and so different summation orders, for 1 row (a decode step) and for
+    B*T rows (the learner), which changes the last bits. Off by default: it is slower."""
+    exact = False
+
+    def forward(self, x):
+        if not self.exact:
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, 1, x.shape[-1])                               # (N, 1, C_in)
+        weight = self.weight.t().expand(rows.shape[0], -1, -1)             # (N, C_in, C_out), a view
+        y = torch.bmm(rows, weight).reshape(*x.shape[:-1], -1)             # (..., C_out)
+        return y if self.bias is None else y + self.bias
 
 
 def attend_slots(q, k, v, visible):
@@ -66,30 +71,30 @@ def attend_slots(q, k, v, visible):
     return y, att
 
 
-def attend_gathered(q, k, v, slots):
-    """The gather path: q, k, v (B, nh, T, hs), slots (B, nh, T, S) -> y (B, nh, T, hs). Queries go in
-    chunks, and each chunk's gathered keys/values are rebuilt during backward (checkpointing) instead of
+def attend_gathered(q, k, v, slot_positions):
+    """The gather path: q, k, v (B, nh, T, hs), slot_positions (B, nh, T, S) -> y (B, nh, T, hs). Queries go
+    in chunks, and each chunk's gathered keys/values are rebuilt during backward (checkpointing) instead of
     kept, so memory is O(T * S), not O(T * S * hs) nor O(T^2). Per-query arithmetic is unchanged."""
-    def chunk_attention(q, slots):
-        return attend_slots(q, gather_slots(k, slots), gather_slots(v, slots), slots >= 0)[0]
+    def chunk_attention(q, positions):
+        return attend_slots(q, gather_positions(k, positions), gather_positions(v, positions), positions >= 0)[0]
 
     ys = []
     for i in range(0, q.shape[2], GATHER_CHUNK):
-        q_chunk, slots_chunk = q[:, :, i:i + GATHER_CHUNK], slots[:, :, i:i + GATHER_CHUNK]
+        q_chunk, positions_chunk = q[:, :, i:i + GATHER_CHUNK], slot_positions[:, :, i:i + GATHER_CHUNK]
         if torch.is_grad_enabled():
-            ys.append(checkpoint(chunk_attention, q_chunk, slots_chunk, use_reentrant=False))
+            ys.append(checkpoint(chunk_attention, q_chunk, positions_chunk, use_reentrant=False))
         else:
-            ys.append(chunk_attention(q_chunk, slots_chunk))
+            ys.append(chunk_attention(q_chunk, positions_chunk))
     return torch.cat(ys, dim=2)
 
 
-def gather_slots(x, slots):
-    """x (B, nh, T, hs), slots (B, nh, Tq, S) positions (-1 = empty) -> (B, nh, Tq, S, hs): query row i
-    gets the keys (or values) at the positions its slots name, in slot order. Empty slots read position 0;
+def gather_positions(x, positions):
+    """x (B, nh, T, hs), positions (B, nh, Tq, S) held by each query's slots (-1 = empty) -> (B, nh, Tq, S, hs):
+    query row i gets the keys (or values) at those positions, in slot order. Empty slots read position 0;
     the caller masks them out. Backward scatters the gradient to every gathered position."""
-    B, nh, Tq, S = slots.shape
+    B, nh, Tq, S = positions.shape
     hs = x.shape[-1]
-    index = slots.clamp(min=0).long().reshape(B, nh, Tq * S, 1).expand(-1, -1, -1, hs)
+    index = positions.clamp(min=0).long().reshape(B, nh, Tq * S, 1).expand(-1, -1, -1, hs)
     return x.gather(2, index).reshape(B, nh, Tq, S, hs)
 
 
@@ -98,17 +103,18 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask=None, slots=None, cache=None, layer=0, exact=False):
-        """x (B, T, C). At most one of: mask (B, nh, T, T) bool, True = may attend; slots (B, nh, T, S)
-        int positions (gather); cache (smd.KVCache). None of them: plain causal attention."""
+    def forward(self, x, attn_mask=None, slot_positions=None, cache=None, layer=0):
+        """x (B, T, C). At most one of: attn_mask (B, nh, T, T) bool, True = may attend; slot_positions
+        (B, nh, T, S), the positions each query's slots held (gather); cache (smd.KVCache). None of them:
+        plain causal attention."""
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
-        q, k, v = linear(x, self.c_attn, exact).split(C, dim=2)
+        q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, nh, hs).transpose(1, 2)                           # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)                           # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)                           # (B, nh, T, hs)
@@ -118,29 +124,29 @@ class CausalSelfAttention(nn.Module):
             k_slots, v_slots, visible = cache.update(layer, k, v)         # (B, nh, S, hs) x2, (B, nh, T, S)
             y, att = attend_slots(q, k_slots.unsqueeze(2), v_slots.unsqueeze(2), visible)
             cache.observe(layer, att)                                      # eviction scores (H2O, TOVA)
-        elif slots is not None:
-            y = attend_gathered(q, k, v, slots)
+        elif slot_positions is not None:
+            y = attend_gathered(q, k, v, slot_positions)
         else:
-            if mask is None:
-                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            if attn_mask is None:
+                attn_mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))         # (B, nh, T, T)
-            att = att.masked_fill(~mask, float("-inf"))                    # <- the shadow mask enters here
+            att = att.masked_fill(~attn_mask, float("-inf"))               # <- the shadow mask enters here
             att = F.softmax(att, dim=-1)
             y = self.attn_dropout(att) @ v                                 # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                   # re-assemble heads
-        return self.resid_dropout(linear(y, self.c_proj, exact))
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, exact=False):
-        return self.dropout(linear(F.gelu(linear(x, self.c_fc, exact)), self.c_proj, exact))
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -154,7 +160,7 @@ class Block(nn.Module):
 
     def forward(self, x, **attn_kwargs):
         x = x + self.attn(self.ln_1(x), **attn_kwargs)
-        return x + self.mlp(self.ln_2(x), exact=attn_kwargs.get("exact", False))
+        return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
@@ -169,7 +175,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # scaled init of residual projections (GPT-2)
@@ -177,21 +183,30 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear):  # Linear too
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, mask=None, slots=None, cache=None, exact=False):
+    def set_exact(self, exact=True):
+        """Batch-invariant linears everywhere (see Linear): with attention="gather", the learner then
+        reproduces the sampler bit for bit on CPU. The one switch for the bitwise mode."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.exact = exact
+        return self
+
+    def forward(self, idx, targets=None, attn_mask=None, slot_positions=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy if targets are given.
-        mask:  per-layer bool visibility, mask[l] is (B, nh, T, T) (an (L, B, nh, T, T) tensor or smd.ShadowMask);
-        slots: per-layer slot positions, slots[l] is (B, nh, T, S), for the gather path;
-        cache: an smd.KVCache; idx then holds the next tokens, at positions cache.length, cache.length+1, ...
-        exact: batch-invariant linears (see `linear`), needed for bitwise sampler == learner."""
-        if sum(a is not None for a in (mask, slots, cache)) > 1:
-            raise ValueError("give at most one of mask, slots, cache")
+        attn_mask:      per-layer bool visibility, attn_mask[l] is (B, nh, T, T) (an (L, B, nh, T, T) tensor
+                        or an smd.ShadowMask, which expands one layer at a time);
+        slot_positions: per-layer positions held by each query's slots, [l] is (B, nh, T, S): the gather path;
+        cache:          an smd.KVCache; idx then holds the next tokens, at positions cache.length, ...; the
+                        cache's clock advances by T once every layer has written."""
+        if sum(a is not None for a in (attn_mask, slot_positions, cache)) > 1:
+            raise ValueError("give at most one of attn_mask, slot_positions, cache")
         B, T = idx.size()
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -199,11 +214,11 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, mask=None if mask is None else mask[layer], slots=None if slots is None else slots[layer],
-                      cache=cache, layer=layer, exact=exact)
+            x = block(x, attn_mask=None if attn_mask is None else attn_mask[layer],
+                      slot_positions=None if slot_positions is None else slot_positions[layer], cache=cache, layer=layer)
         if cache is not None:
-            cache.length += T
-        logits = linear(self.transformer.ln_f(x), self.lm_head, exact)    # (B, T, vocab)
+            cache.advance(T)
+        logits = self.lm_head(self.transformer.ln_f(x))                    # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)

@@ -21,14 +21,14 @@ from torch.nn import functional as F
 #    more than S keys, and this is the published rules' "add the new token, attend, drop one" with the drop
 #    taken after each query (the published codes hold S - 1 keys between steps plus the incoming one).
 #    A policy has check(budget, seq_len) (ValueError for settings that cannot work), observe(cache, layer,
-#    att) (update cache.score from the new queries' attention) and victim(cache, layer) -> (B, nh) slots.
+#    att) (update cache.attn_mass from the new queries' attention) and victim(cache, layer) -> (B, nh) slots.
 
 NEVER = torch.iinfo(torch.long).max  # a "position" so large argmin never picks it
 
 
 class Policy:
-    """Defaults: keeps no attention statistic (no score buffer is allocated), works with any budget."""
-    uses_score = False
+    """Defaults: keeps no attention statistic (no attn_mass buffer is allocated), works with any budget."""
+    uses_attn_mass = False
 
     def check(self, budget, seq_len):
         pass
@@ -61,7 +61,7 @@ class Streaming(Policy):
                              f"budget {budget}")
 
     def victim(self, cache, layer):
-        pos = cache.pos[layer]                                             # (B, nh, S)
+        pos = cache.positions[layer]                                       # (B, nh, S)
         return pos.masked_fill(pos < self.n_sink, NEVER).argmin(-1)
 
 
@@ -70,7 +70,7 @@ class H2O(Policy):
     the n_heavy older ones that received the most attention so far, per head; n_heavy + n_recent = budget.
     Default: the paper's even split, n_heavy = budget // 2. Its code sizes the two separately
     (hh_size, recent_size); ours are the same with recent_size = n_recent - 1 plus the incoming token."""
-    uses_score = True  # attention mass each key received since it was written
+    uses_attn_mass = True  # attention mass each key received since it was written
 
     def __init__(self, n_heavy=None, n_recent=None):
         self.n_heavy, self.n_recent = n_heavy, n_recent
@@ -90,12 +90,12 @@ class H2O(Policy):
                              f"{budget}, got n_heavy={self.n_heavy}, n_recent={self.n_recent}")
 
     def observe(self, cache, layer, att):
-        cache.score[layer] += att.sum(2)                                   # (B, nh, S)
+        cache.attn_mass[layer] += att.sum(2)                                   # (B, nh, S)
 
     def victim(self, cache, layer):
         _, n_recent = self.sizes(cache.budget)
-        recent = cache.pos[layer] > cache.length - n_recent                # with the incoming token: n_recent
-        return cache.score[layer].masked_fill(recent, float("inf")).argmin(-1)
+        recent = cache.positions[layer] > cache.length - n_recent          # with the incoming token: n_recent
+        return cache.attn_mass[layer].masked_fill(recent, float("inf")).argmin(-1)
 
 
 class TOVA(Policy):
@@ -103,7 +103,7 @@ class TOVA(Policy):
     query attends, drop the key it attended to least, its own key a candidate too. head_average=True
     (default, as the reference code does) averages that attention over the layer's heads, so every head
     drops the same token; False decides per head."""
-    uses_score = True  # the newest query's attention
+    uses_attn_mass = True  # the newest query's attention
 
     def __init__(self, head_average=True):
         self.head_average = head_average
@@ -113,10 +113,10 @@ class TOVA(Policy):
             raise ValueError(f"policy 'tova' needs head_average True or False, got {self.head_average!r}")
 
     def observe(self, cache, layer, att):
-        cache.score[layer] = att[:, :, -1]                                 # (B, nh, S)
+        cache.attn_mass[layer] = att[:, :, -1]                                 # (B, nh, S)
 
     def victim(self, cache, layer):
-        att = cache.score[layer]                                           # (B, nh, S)
+        att = cache.attn_mass[layer]                                           # (B, nh, S)
         if self.head_average:  # heads hold the same positions in the same slots, having dropped the same ones
             att = att.mean(1, keepdim=True).expand_as(att)
         return att.argmin(-1)
@@ -133,7 +133,7 @@ class SnapKV(Policy):
     own recent context. A prompt longer than the budget slides (oldest out) until it has been read.
     Scaled to our 20-token prompts: window 4 (the published 32-64 are for prompts of thousands of tokens),
     kernel 3 (a token and its two neighbours; published 5-7)."""
-    uses_score = True  # attention from the observation window, then the pooled score
+    uses_attn_mass = True  # attention from the observation window, then the pooled score
 
     def __init__(self, window=4, kernel=3):
         self.window, self.kernel = window, kernel
@@ -149,26 +149,26 @@ class SnapKV(Policy):
         P = cache.prompt_lengths[:, None]                                  # (B, 1)
         query_pos = cache.length + torch.arange(T, device=att.device)      # (T,)
         in_window = (query_pos >= P - self.window) & (query_pos < P)       # (B, T)
-        cache.score[layer] += (att * in_window[:, None, :, None]).sum(2)   # (B, nh, S)
+        cache.attn_mass[layer] += (att * in_window[:, None, :, None]).sum(2)   # (B, nh, S)
         read = (query_pos == P - 1).any(-1)                                # (B,) rows whose prompt ends here
         if read.any():  # freeze their scores: the pooled window attention of the prompt keys
-            pooled = self.pool(cache.pos[layer], cache.score[layer], P[:, :, None])
-            cache.score[layer] = torch.where(read[:, None, None], pooled, cache.score[layer])
+            pooled = self.pool(cache.positions[layer], cache.attn_mass[layer], P[:, :, None])
+            cache.attn_mass[layer] = torch.where(read[:, None, None], pooled, cache.attn_mass[layer])
 
-    def pool(self, pos, score, P):
-        """Average-pool the scores of the prompt keys before the window, in position order, zero-padded."""
+    def pool(self, pos, mass, P):
+        """Average-pool the window attention of the prompt keys before the window, in position order, zero-padded."""
         B, nh, S = pos.shape
         body = (pos >= 0) & (pos < P - self.window)                        # (B, nh, S)
         order = pos.argsort(-1)                                            # slots by position: body keys are contiguous
-        ranked = score.masked_fill(~body, 0.0).gather(-1, order)           # (B, nh, S)
+        ranked = mass.masked_fill(~body, 0.0).gather(-1, order)            # (B, nh, S)
         pooled = F.avg_pool1d(ranked.reshape(B * nh, 1, S), self.kernel, stride=1, padding=self.kernel // 2)
-        return torch.empty_like(score).scatter_(-1, order, pooled.view(B, nh, S))
+        return torch.empty_like(mass).scatter_(-1, order, pooled.view(B, nh, S))
 
     def victim(self, cache, layer):
-        pos = cache.pos[layer]                                             # (B, nh, S), full: no empty slot
+        pos = cache.positions[layer]                                       # (B, nh, S), full: no empty slot
         P = cache.prompt_lengths[:, None, None]                            # (B, 1, 1)
         body = (pos < P - self.window) & (cache.length >= P)               # prompt keys, once scored
-        lowest = cache.score[layer].masked_fill(~body, float("inf")).argmin(-1)
+        lowest = cache.attn_mass[layer].masked_fill(~body, float("inf")).argmin(-1)
         return torch.where(body.any(-1), lowest, pos.argmin(-1))
 
 
@@ -177,7 +177,7 @@ class Random(Policy):
     reproducible for a seed, and different from one rollout to the next. A baseline with no signal."""
 
     def victim(self, cache, layer):
-        pos, g = cache.pos[layer], cache.generator
+        pos, g = cache.positions[layer], cache.generator
         slot = torch.randint(pos.shape[-1], pos.shape[:-1], generator=g, device=g.device if g else pos.device)
         return slot.to(pos.device)
 
@@ -202,8 +202,9 @@ class ShadowMask:
     that position t's key/value went into (each token is written once, evicting whatever held the slot).
     Query t therefore saw, in each slot, the latest position <= t written there. That is O(T) per layer and
     head, less than the KV cache itself, and the learner expands it one layer at a time:
-    mask.slots(l) (B, nh, T, S) lists those positions in slot order (-1 = empty), for the gather path;
-    mask[l] is the dense (B, nh, T, T) bool mask, so GPT.forward(mask=shadow_mask) works as is."""
+    shadow_mask.slot_positions(l) (B, nh, T, S) lists those positions in slot order (-1 = empty), for the
+    gather path; shadow_mask[l] is the (B, nh, T, T) bool attn_mask, so GPT.forward(attn_mask=shadow_mask)
+    works as is."""
 
     def __init__(self, written, budget):
         self.written = written
@@ -212,7 +213,7 @@ class ShadowMask:
     def __len__(self):
         return self.written.shape[0]
 
-    def slots(self, layer):
+    def slot_positions(self, layer):
         written = self.written[layer]                                      # (B, nh, T)
         T, S = written.shape[-1], self.budget
         positions = torch.arange(T, device=written.device, dtype=written.dtype)
@@ -221,10 +222,10 @@ class ShadowMask:
         return table.cummax(dim=2).values                                  # (B, nh, T, S): latest write <= t
 
     def __getitem__(self, layer):
-        slots = self.slots(layer).long()                                   # (B, nh, T, S)
-        T = slots.shape[2]
-        dense = torch.zeros(*slots.shape[:3], T + 1, dtype=torch.bool, device=slots.device)
-        dense.scatter_(-1, torch.where(slots < 0, T, slots), True)         # empty slots land in a spare column
+        positions = self.slot_positions(layer).long()                      # (B, nh, T, S)
+        T = positions.shape[2]
+        dense = torch.zeros(*positions.shape[:3], T + 1, dtype=torch.bool, device=positions.device)
+        dense.scatter_(-1, torch.where(positions < 0, T, positions), True)  # empty slots land in a spare column
         return dense[..., :T]                                              # (B, nh, T, T)
 
     def to_dense(self):
@@ -237,7 +238,8 @@ class ShadowMask:
 class KVCache:
     """A KV cache with a hard capacity of `budget` slots per layer, row and head, preallocated so memory is
     O(budget) whatever the sequence length. All rows advance in lockstep (one position per decode step),
-    so `length` is the position of the next token for every row. Records the shadow mask of every query.
+    so `length` is the position of the next token for every row; GPT.forward advances it once per call, after
+    every layer has written (advance). Records the shadow mask of every query.
     prompt_lengths (B,) tells prompt-aware policies (SnapKV) where each row's prompt ends; generator feeds
     the random policy."""
 
@@ -250,17 +252,17 @@ class KVCache:
             else prompt_lengths.to(device)
         self.k = torch.zeros(L, B, nh, S, hs, device=device, dtype=dtype)
         self.v = torch.zeros(L, B, nh, S, hs, device=device, dtype=dtype)
-        self.pos = torch.full((L, B, nh, S), -1, device=device, dtype=torch.long)  # -1 = empty slot
+        self.positions = torch.full((L, B, nh, S), -1, device=device, dtype=torch.long)  # -1 = empty slot
         # the policy's per-slot attention statistic (H2O: mass received, TOVA: newest query's attention, ...)
-        self.score = torch.zeros(L, B, nh, S, device=device, dtype=dtype) if policy.uses_score else None
+        self.attn_mass = torch.zeros(L, B, nh, S, device=device, dtype=dtype) if policy.uses_attn_mass else None
         log_dtype = torch.int16 if seq_len <= torch.iinfo(torch.int16).max else torch.int32  # holds positions too
-        self.mask = ShadowMask(torch.zeros(L, B, nh, seq_len, device=device, dtype=log_dtype), budget)
+        self.shadow_mask = ShadowMask(torch.zeros(L, B, nh, seq_len, device=device, dtype=log_dtype), budget)
         self.length = 0
 
     def nbytes(self):
-        """Every per-slot buffer the cache holds: keys, values, positions and the policy's score, if any.
+        """Every per-slot buffer the cache holds: keys, values, positions and the policy's attn_mass, if any.
         (The shadow mask's write log is O(T), not O(budget), and is counted separately.)"""
-        return sum(t.nbytes for t in (self.k, self.v, self.pos, self.score) if t is not None)
+        return sum(t.nbytes for t in (self.k, self.v, self.positions, self.attn_mass) if t is not None)
 
     def update(self, layer, k, v):
         """Store the keys/values k, v (B, nh, T, hs) of the next T tokens, then return this layer's cache
@@ -270,22 +272,22 @@ class KVCache:
             assert t0 == 0 and T <= S, "prefill must start an empty cache and fit in it"
             self.k[layer, :, :, :T] = k
             self.v[layer, :, :, :T] = v
-            self.pos[layer, :, :, :T] = torch.arange(T, device=k.device)
-            self.mask.written[layer, :, :, :T] = torch.arange(T, device=k.device)
+            self.positions[layer, :, :, :T] = torch.arange(T, device=k.device)
+            self.shadow_mask.written[layer, :, :, :T] = torch.arange(T, device=k.device)
         else:
             if t0 < S:  # not full yet: every row and head fills slot t0
-                slot = torch.full(self.pos.shape[1:3], t0, device=k.device, dtype=torch.long)  # (B, nh)
+                slot = torch.full(self.positions.shape[1:3], t0, device=k.device, dtype=torch.long)  # (B, nh)
             else:
                 slot = self.policy.victim(self, layer)
             index = slot[:, :, None, None]                                 # (B, nh, 1, 1)
             hs_index = index.expand(-1, -1, 1, k.shape[-1])
             self.k[layer].scatter_(2, hs_index, k)
             self.v[layer].scatter_(2, hs_index, v)
-            self.pos[layer].scatter_(2, index[..., 0], t0)
-            if self.score is not None:
-                self.score[layer].scatter_(2, index[..., 0], 0.0)          # a new token starts with no mass
-            self.mask.written[layer, :, :, t0] = slot                      # the shadow mask is this log
-        pos = self.pos[layer][:, :, None, :]                               # (B, nh, 1, S)
+            self.positions[layer].scatter_(2, index[..., 0], t0)
+            if self.attn_mass is not None:
+                self.attn_mass[layer].scatter_(2, index[..., 0], 0.0)          # a new token starts with no mass
+            self.shadow_mask.written[layer, :, :, t0] = slot               # the shadow mask is this log
+        pos = self.positions[layer][:, :, None, :]                         # (B, nh, 1, S)
         query_pos = torch.arange(t0, t0 + T, device=k.device)[:, None]     # (T, 1)
         visible = (pos >= 0) & (pos <= query_pos)                          # (B, nh, T, S)
         return self.k[layer], self.v[layer], visible
@@ -293,6 +295,10 @@ class KVCache:
     def observe(self, layer, att):
         """att (B, nh, T, S): attention probabilities of the new queries, for content-based eviction."""
         self.policy.observe(self, layer, att)
+
+    def advance(self, T):
+        """The next T positions have been written in every layer: the clock moves on."""
+        self.length += T
 
 # -----------------------------------------------------------------------------
 # 4. The sampler
@@ -303,8 +309,8 @@ class Rollout:
     tokens: torch.Tensor         # (B, T) long: prompt, response, then padding (eos_id, or 0 without one)
     logprobs: torch.Tensor       # (B, T) float: sampler log-prob of each generated token, 0 elsewhere
     response_mask: torch.Tensor  # (B, T) bool: True on generated tokens (up to and including EOS)
-    mask: ShadowMask             # what every query could see: the cache's write log, (L, B, nh, T)
-    kv_bytes: int                # bytes of the cache's per-slot buffers: K, V, positions, policy score
+    shadow_mask: ShadowMask      # what every query could see: the cache's write log, (L, B, nh, T)
+    kv_bytes: int                # bytes of the cache's per-slot buffers: K, V, positions, policy attn_mass
     full_kv_bytes: int           # the same for a full cache of prompt + max_new_tokens slots (built, not derived)
 
 
@@ -324,7 +330,7 @@ def pad_prompts(prompts, pad_id, device):
 
 @torch.no_grad()
 def rollout(model, prompts, *, policy, budget, max_new_tokens, temperature=1.0, eos_id=None,
-            generator=None, exact=False, **policy_kwargs):
+            generator=None, **policy_kwargs):
     """Sample continuations of `prompts` with a KV cache of `budget` slots evicted by `policy`, recording
     the shadow mask. Prompts of different lengths share one layout: row b's prompt is at 0..P_b-1 and its
     response starts right after, so all rows advance one position per step: the tail of a longer prompt is
@@ -360,7 +366,7 @@ def rollout(model, prompts, *, policy, budget, max_new_tokens, temperature=1.0, 
 
     # prefill: the prefix every row shares as prompt, in one parallel pass, as far as the cache holds it
     n_prefill = min(int(lengths.min()), budget)
-    logits, _ = model(tokens[:, :n_prefill], cache=cache, exact=exact)
+    logits, _ = model(tokens[:, :n_prefill], cache=cache)
     logits = logits[:, -1]                                                 # (B, vocab): predicts position n_prefill
     for t in range(n_prefill, T):
         logp = F.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)  # (B, vocab)
@@ -376,7 +382,7 @@ def rollout(model, prompts, *, policy, budget, max_new_tokens, temperature=1.0, 
         if eos_id is not None:
             done |= generating & (tokens[:, t] == eos_id)
         # feed token t (even the last one: every position then has a recorded mask row)
-        logits, _ = model(tokens[:, t:t + 1], cache=cache, exact=exact)
+        logits, _ = model(tokens[:, t:t + 1], cache=cache)
         logits = logits[:, -1]
         if bool((done | (t + 1 >= lengths + max_new_tokens)).all()):
             T = t + 1                                                      # every row has finished
@@ -384,29 +390,29 @@ def rollout(model, prompts, *, policy, budget, max_new_tokens, temperature=1.0, 
 
     # a full cache of the same shapes, built on the meta device: its real byte count, nothing allocated
     full = KVCache(model.config, B, P + max_new_tokens, P + max_new_tokens, Full(), "meta", logprobs.dtype)
-    return Rollout(tokens[:, :T], logprobs[:, :T], response_mask[:, :T], cache.mask.truncate(T), cache.nbytes(),
+    return Rollout(tokens[:, :T], logprobs[:, :T], response_mask[:, :T], cache.shadow_mask.truncate(T), cache.nbytes(),
                    full.nbytes())
 
 # -----------------------------------------------------------------------------
 # 5-6. The learner
 
 
-def learner_logits(model, tokens, mask=None, *, attention="dense", exact=False):
-    """(B, T, vocab) teacher-forced logits. mask=None: plain causal attention (the dense learner).
-    mask=ShadowMask: every query sees exactly what the sampler saw, via attention="dense" (a T x T boolean
-    mask per layer) or "gather" (each query gathers its S slots: O(T * S) scores, and with exact=True
-    bitwise equal to the sampler on CPU)."""
+def learner_logits(model, tokens, shadow_mask=None, *, attention="dense"):
+    """(B, T, vocab) teacher-forced logits. shadow_mask=None: plain causal attention (the dense learner).
+    A ShadowMask: every query sees exactly what the sampler saw, via attention="dense" (a T x T boolean
+    attn_mask per layer) or "gather" (each query gathers its S slots: O(T * S) scores, and after
+    model.set_exact() bitwise equal to the sampler on CPU)."""
     if attention not in ("dense", "gather"):
         raise ValueError(f"attention must be 'dense' or 'gather', got {attention!r}")
-    if attention == "gather" and mask is None:
+    if attention == "gather" and shadow_mask is None:
         raise ValueError("attention='gather' needs a ShadowMask")
-    if mask is not None and mask.written.shape[-1] != tokens.shape[1]:
-        raise ValueError(f"mask covers {mask.written.shape[-1]} positions, tokens have {tokens.shape[1]}")
+    if shadow_mask is not None and shadow_mask.written.shape[-1] != tokens.shape[1]:
+        raise ValueError(f"shadow_mask covers {shadow_mask.written.shape[-1]} positions, tokens have {tokens.shape[1]}")
     if attention == "gather":
-        slots = [mask.slots(layer) for layer in range(len(mask))]          # L x (B, nh, T, S)
-        logits, _ = model(tokens, slots=slots, exact=exact)
+        positions = [shadow_mask.slot_positions(layer) for layer in range(len(shadow_mask))]  # L x (B, nh, T, S)
+        logits, _ = model(tokens, slot_positions=positions)
     else:
-        logits, _ = model(tokens, mask=mask, exact=exact)
+        logits, _ = model(tokens, attn_mask=shadow_mask)
     return logits
 
 
@@ -419,10 +425,10 @@ def token_logprobs(logits, tokens, temperature=1.0):
     return F.pad(logp, (1, 0))
 
 
-def learner_logprobs(model, tokens, mask=None, *, attention="dense", temperature=1.0, exact=False):
-    """(B, T) differentiable log-probs of `tokens` (see learner_logits); with mask=rollout.mask they
+def learner_logprobs(model, tokens, shadow_mask=None, *, attention="dense", temperature=1.0):
+    """(B, T) differentiable log-probs of `tokens` (see learner_logits); with rollout.shadow_mask they
     reproduce rollout.logprobs on response tokens."""
-    logits = learner_logits(model, tokens, mask, attention=attention, exact=exact)
+    logits = learner_logits(model, tokens, shadow_mask, attention=attention)
     return token_logprobs(logits, tokens, temperature)
 
 

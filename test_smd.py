@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import model as model_module
 import smd
-from model import GPT, GPTConfig, gather_slots
+from model import GPT, GPTConfig, gather_positions
 from conftest import DEVICE
 from smd import learner_logprobs, rollout
 
@@ -58,7 +58,7 @@ def test_smd_logprobs_equal_sampler_for_every_policy(policy, attention, dtype):
     model = make_model(dtype, device=DEVICE)
     r = sample(model, policy)
     assert BUDGET <= r.tokens.shape[1] / 3
-    lp = learner_logprobs(model, r.tokens, r.mask, attention=attention)
+    lp = learner_logprobs(model, r.tokens, r.shadow_mask, attention=attention)
     assert max_diff(lp, r.logprobs, r.response_mask) <= TOL[dtype]
 
 
@@ -76,8 +76,8 @@ def test_budget_covering_the_sequence_gives_the_causal_mask(policy):
     model = make_model()
     r = sample(model, policy, budget=40)
     T = r.tokens.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool).tril().expand_as(r.mask.to_dense())
-    assert torch.equal(r.mask.to_dense(), causal)
+    causal = torch.ones(T, T, dtype=torch.bool).tril().expand_as(r.shadow_mask.to_dense())
+    assert torch.equal(r.shadow_mask.to_dense(), causal)
     assert max_diff(learner_logprobs(model, r.tokens), r.logprobs, r.response_mask) <= TOL[torch.float32]
 
 
@@ -89,7 +89,7 @@ def test_cache_and_mask_rows_never_exceed_budget(policy, monkeypatch):
 
     def counting_update(self, layer, k, v):
         out = update(self, layer, k, v)
-        pos = self.pos[layer]                                              # (B, nh, S)
+        pos = self.positions[layer]                                              # (B, nh, S)
         held.append(int((pos >= 0).sum(-1).max()))
         visible = out[2]                                                   # (B, nh, T_new, S)
         for i in range(visible.shape[2]):
@@ -102,27 +102,27 @@ def test_cache_and_mask_rows_never_exceed_budget(policy, monkeypatch):
     model = make_model()
     r = sample(model, policy)
     assert max(held) == BUDGET  # the cache filled up, and never beyond
-    dense = r.mask.to_dense()                                              # (L, B, nh, T, T)
+    dense = r.shadow_mask.to_dense()                                              # (L, B, nh, T, T)
     T = dense.shape[-1]
     assert dense.sum(-1).max() == BUDGET
     assert not (dense & ~torch.ones(T, T, dtype=torch.bool).tril()).any(), "a query sees its future"
     assert dense.diagonal(dim1=-2, dim2=-1).all(), "every query sees itself"
     L, B, nh = 2, 3, 2
-    assert r.mask.written.shape == (L, B, nh, T) and r.mask.written.dtype == torch.int16  # O(T) storage
+    assert r.shadow_mask.written.shape == (L, B, nh, T) and r.shadow_mask.written.dtype == torch.int16  # O(T) storage
     for layer in range(L):  # the write log replays to exactly the slots, in order, that each query saw
-        slots = r.mask.slots(layer)                                        # (B, nh, T, S)
+        slots = r.shadow_mask.slot_positions(layer)                                        # (B, nh, T, S)
         assert slots.shape == (B, nh, T, BUDGET)
         for t in range(T):
             assert torch.equal(slots[:, :, t].long(), seen[layer, t]), f"layer {layer} query {t}"
 
 
-@pytest.mark.parametrize("policy, score_bytes", [("streaming", 0), ("h2o", 4), ("tova", 4), ("snapkv", 4),
+@pytest.mark.parametrize("policy, mass_bytes", [("streaming", 0), ("h2o", 4), ("tova", 4), ("snapkv", 4),
                                                  ("random", 0)])
-def test_kv_bytes_count_every_per_slot_buffer(policy, score_bytes):
+def test_kv_bytes_count_every_per_slot_buffer(policy, mass_bytes):
     r = sample(make_model(), policy)                   # L=2, B=3, nh=2, hs=16, float32; 10 + 30 positions
-    per_slot = 2 * 16 * 4 + 8 + score_bytes            # K and V, a long position, the policy's float score
+    per_slot = 2 * 16 * 4 + 8 + mass_bytes             # K and V, a long position, the policy's float attn_mass
     assert r.kv_bytes == 2 * 3 * 2 * BUDGET * per_slot
-    assert r.full_kv_bytes == 2 * 3 * 2 * 40 * (2 * 16 * 4 + 8)  # a full cache: 40 slots, no score
+    assert r.full_kv_bytes == 2 * 3 * 2 * 40 * (2 * 16 * 4 + 8)  # a full cache: 40 slots, no attn_mass
 
 
 def test_full_cache_rollout_reports_kv_fraction_one_even_when_rows_stop_early():
@@ -135,7 +135,7 @@ def test_streaming_keeps_sinks_and_recent_window():
     model = make_model()
     n_sink = 2
     r = sample(model, "streaming", n_sink=n_sink)
-    dense = r.mask.to_dense()
+    dense = r.shadow_mask.to_dense()
     T = dense.shape[-1]
     for t in range(BUDGET, T):
         expected = torch.zeros(T, dtype=torch.bool)
@@ -147,7 +147,7 @@ def test_streaming_keeps_sinks_and_recent_window():
 def test_h2o_always_sees_its_recent_window():
     model = make_model()
     n_recent = 3
-    dense = sample(model, "h2o", n_recent=n_recent).mask.to_dense()
+    dense = sample(model, "h2o", n_recent=n_recent).shadow_mask.to_dense()
     T = dense.shape[-1]
     for t in range(n_recent, T):
         assert dense[..., t, t - n_recent + 1:t + 1].all(), f"query {t}"
@@ -155,10 +155,10 @@ def test_h2o_always_sees_its_recent_window():
     assert dense[..., -1, :T - BUDGET].any()
 
 
-def hand_made_cache(pos, score, prompt_length=0):
-    """The state victim() reads, for one layer: pos, score (B, nh, S); the next position is 10."""
-    return SimpleNamespace(pos=pos[None], score=score[None], length=10, budget=pos.shape[-1],
-                           prompt_lengths=torch.full(pos.shape[:1], prompt_length), generator=None)
+def hand_made_cache(positions, attn_mass, prompt_length=0):
+    """The state victim() reads, for one layer: positions, attn_mass (B, nh, S); the next position is 10."""
+    return SimpleNamespace(positions=positions[None], attn_mass=attn_mass[None], length=10, budget=positions.shape[-1],
+                           prompt_lengths=torch.full(positions.shape[:1], prompt_length), generator=None)
 
 
 def test_eviction_policies_pick_the_documented_victim():
@@ -195,13 +195,13 @@ def test_snapkv_scores_prompt_keys_by_pooled_window_attention_then_slides():
     att[0, 0, 0, 0] = 1.0                                                  # not a window query: ignored
     cache.observe(0, att)
     # raw body scores 0 .6 0 0 .9 .3 -> pooled (zero-padded, /3): .2 .2 .2 .3 .4 .4
-    assert torch.allclose(cache.score[0, 0, 0, :6], torch.tensor([0.2, 0.2, 0.2, 0.3, 0.4, 0.4]))
+    assert torch.allclose(cache.attn_mass[0, 0, 0, :6], torch.tensor([0.2, 0.2, 0.2, 0.3, 0.4, 0.4]))
     cache.length = 8
     assert policy.victim(cache, 0).item() == 0        # the lowest pooled score, the first slot on a tie
-    cache.pos[0, 0, 0, :3] = torch.tensor([8, 9, 10])  # positions 0..2 gone: 3 is the lowest body key left
+    cache.positions[0, 0, 0, :3] = torch.tensor([8, 9, 10])  # positions 0..2 gone: 3 is the lowest body key left
     cache.length = 11
     assert policy.victim(cache, 0).item() == 3
-    cache.pos[0, 0, 0, :6] = torch.tensor([8, 9, 10, 11, 12, 13])  # no body key left: the oldest goes (6)
+    cache.positions[0, 0, 0, :6] = torch.tensor([8, 9, 10, 11, 12, 13])  # no body key left: the oldest goes (6)
     cache.length = 14
     assert policy.victim(cache, 0).item() == 6
 
@@ -219,7 +219,7 @@ def test_random_policy_is_reproducible_per_seed_and_differs_between_rollouts():
 
     def log(generator):
         return rollout(model, prompts, policy="random", budget=BUDGET, max_new_tokens=30, temperature=0,
-                       generator=generator).mask.written
+                       generator=generator).shadow_mask.written
     same_seed = [log(torch.Generator().manual_seed(1)) for _ in range(2)]
     assert torch.equal(*same_seed)
     g = torch.Generator().manual_seed(1)
@@ -245,10 +245,10 @@ def test_cache_scores_accumulate_attention_since_written():
     for t, att in enumerate([[1.0, 0.0], [0.25, 0.75], [0.5, 0.5]]):
         cache.update(0, k, k)
         cache.observe(0, torch.tensor(att).view(1, 1, 1, 2))
-        cache.length += 1
+        cache.advance(1)
     # positions 0, 1 filled the slots; position 2 evicted position 1 (less mass: 0.75 < 1.25) from slot 1
-    assert cache.pos[0].flatten().tolist() == [0, 2]
-    assert cache.score[0].flatten().tolist() == [1.75, 0.5]
+    assert cache.positions[0].flatten().tolist() == [0, 2]
+    assert cache.attn_mass[0].flatten().tolist() == [1.75, 0.5]
 
 
 def test_sampler_decodes_one_token_per_step(monkeypatch):
@@ -293,11 +293,11 @@ def test_variable_length_prompts_and_eos_keep_equality(policy):
         assert (r.tokens[b, ends[-1]:] == EOS).all() and (r.logprobs[b, ends[-1]:] == 0).all()
     assert sum(r.tokens[b, e - 1] == EOS for b, e in enumerate(ends)) >= 2, "want rows stopped by EOS"
     assert len(set(ends)) == 3, "want rows ending at different steps"
-    dense = r.mask.to_dense()                                              # (L, B, nh, T, T)
+    dense = r.shadow_mask.to_dense()                                              # (L, B, nh, T, T)
     for b, end in enumerate(ends):  # a real token only ever sees real tokens of its own row
         assert not dense[:, b, :, :end, end:].any()
     for attention in ("dense", "gather"):
-        lp = learner_logprobs(model, r.tokens, r.mask, attention=attention)
+        lp = learner_logprobs(model, r.tokens, r.shadow_mask, attention=attention)
         assert max_diff(lp, r.logprobs, r.response_mask) <= TOL[torch.float32]
 
 
@@ -307,7 +307,7 @@ def test_gradients_flow_through_masked_learner(attention):
     model = make_model(device=DEVICE)
     r = sample(model, "h2o")
     model.train()
-    lp = learner_logprobs(model, r.tokens, r.mask, attention=attention)
+    lp = learner_logprobs(model, r.tokens, r.shadow_mask, attention=attention)
     (-(lp * r.response_mask).sum()).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -322,19 +322,19 @@ def test_hand_written_attention_matches_sdpa():
     B, T, C = x.shape
     q, k, v = attn.c_attn(x).split(C, dim=2)
     q, k, v = (t.view(B, T, 2, C // 2).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-    for mask in (torch.ones(T, T, dtype=torch.bool).tril(), r.mask[0]):
+    for mask in (torch.ones(T, T, dtype=torch.bool).tril(), r.shadow_mask[0]):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         reference = attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
-        ours = attn(x, mask=mask if mask.dim() == 4 else None)
+        ours = attn(x, attn_mask=mask if mask.dim() == 4 else None)
         assert (ours - reference).abs().max() <= 1e-5
-    gathered = attn(x, slots=r.mask.slots(0))
+    gathered = attn(x, slot_positions=r.shadow_mask.slot_positions(0))
     assert (gathered - reference).abs().max() <= 1e-5
 
 
-def test_gather_slots_reads_positions_in_slot_order():
+def test_gather_positions_reads_positions_in_slot_order():
     x = torch.arange(6.0).view(1, 1, 3, 2)                                # (B, nh, T, hs): position p holds [2p, 2p+1]
     slots = torch.tensor([[[[2, -1], [0, 1], [1, 2]]]])                   # (B, nh, T, S)
-    assert gather_slots(x, slots)[0, 0, :, :, 0].tolist() == [[4.0, 0.0], [0.0, 2.0], [2.0, 4.0]]
+    assert gather_positions(x, slots)[0, 0, :, :, 0].tolist() == [[4.0, 0.0], [0.0, 2.0], [2.0, 4.0]]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -369,8 +369,9 @@ def test_exact_learner_is_bitwise_equal_to_sampler(policy):
     bit for bit only as far as that GPU's kernels are batch-invariant, which we do not control."""
     model = make_model(device=DEVICE)
     budget = 41 if policy == "full" else BUDGET  # the longest prompt (11) + 30 new tokens
-    _, r = variable_length_rollout(model, policy, seed=3, budget=budget, exact=True)
-    lp = learner_logprobs(model, r.tokens, r.mask, attention="gather", exact=True)
+    model.set_exact()                                      # the one switch: batch-invariant linears everywhere
+    _, r = variable_length_rollout(model, policy, seed=3, budget=budget)
+    lp = learner_logprobs(model, r.tokens, r.shadow_mask, attention="gather")
     if DEVICE == "cpu":
         assert torch.equal(lp[r.response_mask], r.logprobs[r.response_mask])
     else:
@@ -384,7 +385,7 @@ def test_gather_path_equals_dense_masked_path_values_and_gradients(policy):
     results = {}
     for attention in ("dense", "gather"):
         model.zero_grad()
-        lp = learner_logprobs(model, r.tokens, r.mask, attention=attention)
+        lp = learner_logprobs(model, r.tokens, r.shadow_mask, attention=attention)
         (lp * r.response_mask).sum().backward()
         results[attention] = lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
     (lp_dense, grad_dense), (lp_gather, grad_gather) = results["dense"], results["gather"]
@@ -402,7 +403,7 @@ def test_bench_runs_and_reports_budget_sized_kv_memory():
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if line.split()[:2] in (["32", "8"], ["48", "8"])]
     assert len(rows) == 6  # T=32 and T=48 in each of the three tables
-    # KV ratio, from the bytes per slot: h2o keeps K, V (2 x 16 floats), a long position and a float score;
-    # the full cache that was actually run (S = T) needs no score
+    # KV ratio, from the bytes per slot: h2o keeps K, V (2 x 16 floats), a long position and a float attn_mass;
+    # the full cache that was actually run (S = T) needs none
     per_slot, full_per_slot = 2 * 16 * 4 + 8 + 4, 2 * 16 * 4 + 8
     assert [float(rows[0][4]), float(rows[1][4])] == [round(8 * per_slot / (T * full_per_slot), 3) for T in (32, 48)]

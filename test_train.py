@@ -110,16 +110,16 @@ def test_smd_paper_objective_policy_gradient_on_the_masked_pass_and_kl_into_the_
     lam = 0.5
     got, ro, _ = step_gradient(monkeypatch, "smd", distill="dense_from_masked", distill_coef=lam)
     kl = lambda model: train.smd.kl_divergence(train.smd.learner_logits(model, ro.tokens),
-                                                train.smd.learner_logits(model, ro.tokens, ro.mask).detach(),
+                                                train.smd.learner_logits(model, ro.tokens, ro.shadow_mask).detach(),
                                                 ro.response_mask)
-    assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, ro.mask) + lam * kl(model)))
+    assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, ro.shadow_mask) + lam * kl(model)))
     wrong = [  # the KL reversed, the stop-gradient on the dense side, the policy gradient on the unmasked pass
-        lambda model: pg_surrogate(model, ro, ro.mask) + lam * train.smd.kl_divergence(
-            train.smd.learner_logits(model, ro.tokens, ro.mask).detach(),
+        lambda model: pg_surrogate(model, ro, ro.shadow_mask) + lam * train.smd.kl_divergence(
+            train.smd.learner_logits(model, ro.tokens, ro.shadow_mask).detach(),
             train.smd.learner_logits(model, ro.tokens), ro.response_mask),
-        lambda model: pg_surrogate(model, ro, ro.mask) + lam * train.smd.kl_divergence(
+        lambda model: pg_surrogate(model, ro, ro.shadow_mask) + lam * train.smd.kl_divergence(
             train.smd.learner_logits(model, ro.tokens).detach(),
-            train.smd.learner_logits(model, ro.tokens, ro.mask), ro.response_mask),
+            train.smd.learner_logits(model, ro.tokens, ro.shadow_mask), ro.response_mask),
         lambda model: pg_surrogate(model, ro, None) + lam * kl(model)]
     for loss_fn in wrong:
         with pytest.raises(AssertionError):
@@ -128,25 +128,25 @@ def test_smd_paper_objective_policy_gradient_on_the_masked_pass_and_kl_into_the_
 
 def test_ablation_switches_do_what_their_names_say(monkeypatch):
     got, ro, stats = step_gradient(monkeypatch, "smd", distill_coef=0.0)           # mask only
-    assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, ro.mask)))
+    assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, ro.shadow_mask)))
     assert stats["distill_kl"] == 0.0
     got, ro, _ = step_gradient(monkeypatch, "smd", distill_coef=0.5, policy_gradient=False)  # distillation only
     assert_same_gradient(got, gradient_of(lambda model: 0.5 * train.smd.kl_divergence(
         train.smd.learner_logits(model, ro.tokens),
-        train.smd.learner_logits(model, ro.tokens, ro.mask).detach(), ro.response_mask)))
+        train.smd.learner_logits(model, ro.tokens, ro.shadow_mask).detach(), ro.response_mask)))
     reference = tiny_model(seed=1)                                                  # frozen teacher
     got, ro, _ = step_gradient(monkeypatch, "smd", distill="masked_from_warmup_dense", distill_coef=0.5, reference=reference)
     with torch.no_grad():
         teacher = train.smd.learner_logits(reference, ro.tokens)
-    assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, ro.mask) + 0.5 * train.smd.kl_divergence(
-        teacher, train.smd.learner_logits(model, ro.tokens, ro.mask), ro.response_mask)))
+    assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, ro.shadow_mask) + 0.5 * train.smd.kl_divergence(
+        teacher, train.smd.learner_logits(model, ro.tokens, ro.shadow_mask), ro.response_mask)))
 
 
 @pytest.mark.parametrize("mode", ["dense", "smd"])
 def test_reference_kl_pulls_the_full_cache_pass_toward_the_warm_up_in_every_mode(monkeypatch, mode):
     reference = tiny_model(seed=1)
     got, ro, stats = step_gradient(monkeypatch, mode, distill_coef=0.0, ref_kl_coef=0.5, reference=reference)
-    mask = ro.mask if mode == "smd" else None
+    mask = ro.shadow_mask if mode == "smd" else None
     with torch.no_grad():
         ref_logits = train.smd.learner_logits(reference, ro.tokens)
     assert stats["ref_kl"] > 0

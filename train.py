@@ -275,9 +275,9 @@ def grpo_loss(lp, lp_old, advantages, response_mask, clip_eps, weights=None):
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     if weights is not None:
         per_token = per_token * weights
-    m = response_mask.to(lp.dtype)
+    weight = response_mask.to(lp.dtype)                                   # (B, T): 1 on response tokens
     clipped = ((ratio - 1).abs() > clip_eps).to(lp.dtype)
-    return (per_token * m).sum() / m.sum(), ((clipped * m).sum() / m.sum()).item()
+    return (per_token * weight).sum() / weight.sum(), ((clipped * weight).sum() / weight.sum()).item()
 
 
 def check_finite(value, what):
@@ -305,7 +305,7 @@ def policy_pass(model, ro, cfg):
     """The learner's logits for the policy-gradient term (B, T, vocab): SMD's pass sees, through the shadow
     mask, exactly what the sampler saw; every other mode's is the plain causal (full-cache) pass."""
     if cfg["mode"] == "smd":
-        return smd.learner_logits(model, ro.tokens, ro.mask, attention=cfg["learner_attention"])
+        return smd.learner_logits(model, ro.tokens, ro.shadow_mask, attention=cfg["learner_attention"])
     return smd.learner_logits(model, ro.tokens)
 
 
@@ -317,17 +317,17 @@ def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
     t0 = time.time()
     mode, temp = cfg["mode"], cfg["temperature"]
     ro, rewards, adv = sample_batch(model, problems, cfg, generator)
-    tokens, resp, lp_sampler = ro.tokens, ro.response_mask, ro.logprobs    # (B, T) each
+    tokens, response_mask, lp_sampler = ro.tokens, ro.response_mask, ro.logprobs  # (B, T) each
     with torch.no_grad():  # the learner's view of the batch before any update: what the mismatch measures
         lp_learner = smd.token_logprobs(policy_pass(model, ro, cfg), tokens, temp)  # (B, T)
-    mm_max, mm_k3 = mismatch(lp_learner, lp_sampler, resp)
+    mm_max, mm_k3 = mismatch(lp_learner, lp_sampler, response_mask)
     # dense, smd: the sampler's log-probs are the learner's own (to rounding). naive, tis: the usual practice
     # of recomputing them with the learner, which hides that the samples came from another policy
     lp_old = lp_sampler if mode in ("dense", "smd") else lp_learner
     weights, ess, capped = None, None, None
     if mode == "tis":
         weights = tis_weights(lp_learner, lp_sampler, cfg["tis_cap"])
-        ess, capped = tis_diagnostics(lp_learner, lp_sampler, resp, cfg["tis_cap"])
+        ess, capped = tis_diagnostics(lp_learner, lp_sampler, response_mask, cfg["tis_cap"])
     distill_on = mode == "smd" and cfg["distill_coef"] > 0
     needs_reference = cfg["ref_kl_coef"] > 0 or (distill_on and cfg["distill"] == "masked_from_warmup_dense")
     if needs_reference and reference is None:
@@ -340,18 +340,18 @@ def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
         logits = policy_pass(model, ro, cfg)                               # (B, T, vocab)
         lp = smd.token_logprobs(logits, tokens, temp)                      # (B, T)
         if update == 0:  # before any step the ratio must be 1 (to rounding) in every mode: lp is what lp_old is
-            old_gap = (lp.detach() - lp_old)[resp].abs().max().item()
-        pg_loss, clip_frac = grpo_loss(lp, lp_old, adv, resp, cfg["clip_eps"], weights)
+            old_gap = (lp.detach() - lp_old)[response_mask].abs().max().item()
+        pg_loss, clip_frac = grpo_loss(lp, lp_old, adv, response_mask, cfg["clip_eps"], weights)
         # the full-cache pass of the current weights: the policy pass itself, except in smd
         dense_logits = logits if mode != "smd" else None
         if mode == "smd" and ((distill_on and cfg["distill"] == "dense_from_masked") or cfg["ref_kl_coef"] > 0):
             dense_logits = smd.learner_logits(model, tokens)
         distill_kl = zero
         if distill_on and cfg["distill"] == "dense_from_masked":  # KL(pi_dense || sg(pi_masked)): the dense pass learns
-            distill_kl = smd.kl_divergence(dense_logits, logits.detach(), resp, temp)
+            distill_kl = smd.kl_divergence(dense_logits, logits.detach(), response_mask, temp)
         elif distill_on:                              # KL(sg(pi_warmup_dense) || pi_masked): the masked pass learns
-            distill_kl = smd.kl_divergence(ref_logits, logits, resp, temp)
-        ref_kl = smd.kl_divergence(dense_logits, ref_logits, resp, temp) if cfg["ref_kl_coef"] > 0 else zero
+            distill_kl = smd.kl_divergence(ref_logits, logits, response_mask, temp)
+        ref_kl = smd.kl_divergence(dense_logits, ref_logits, response_mask, temp) if cfg["ref_kl_coef"] > 0 else zero
         loss = (pg_loss if cfg["policy_gradient"] else zero) + cfg["distill_coef"] * distill_kl \
             + cfg["ref_kl_coef"] * ref_kl
         check_finite(loss, "loss")
@@ -365,7 +365,7 @@ def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
                 loss=loss.item(), pg_loss=pg_loss.item(), distill_kl=distill_kl.item(), ref_kl=ref_kl.item(),
                 clip_frac=clip_frac, grad_norm=grad_norm, tis_ess=ess, tis_capped=capped,
                 kv_bytes=ro.kv_bytes, full_kv_bytes=ro.full_kv_bytes,
-                tok_per_s=resp.sum().item() / (time.time() - t0))
+                tok_per_s=response_mask.sum().item() / (time.time() - t0))
 
 
 @torch.no_grad()
