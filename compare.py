@@ -24,21 +24,21 @@ import torch
 import train
 
 seeds = 3                          # RL seeds 0 .. seeds-1, all from one warm-up (train.py's sft_seed)
-rows = "dense,naive,tis,smd,mask_only,distill_only,frozen_teacher,smd_ref_kl"  # table rows, in order
+rows = "dense,naive,tis,smd,smd_no_ref_kl,mask_only,distill_only,warmup_teacher"  # table rows, in order
 sweep = True                       # also run the budget sweep
 sweep_budgets = (13, 21, 32, 42)   # KV budgets of the sweep (25%, 40%, 60%, 80% of the 53-token sequence)
 sweep_rows = "naive,tis,smd"       # trained at every sweep budget; dense (full-cache rollouts) is evaluated there
 jobs = 2                           # train.py processes at a time
 
-ROWS = {  # row name -> the train.py flags that make it; every other setting is shared
-    "dense": ["--mode=dense"],                                     # full-cache rollouts: the on-policy ceiling
-    "naive": ["--mode=naive"],                                     # compressed rollouts, dense learner
-    "tis": ["--mode=tis"],                                         # naive + truncated importance weights
-    "smd": ["--mode=smd"],                                         # GRPO(masked) + 0.1 KL(dense || sg(masked))
-    "mask_only": ["--mode=smd", "--distill_coef=0.0"],             # on-policy GRPO under the mask, no KL
-    "distill_only": ["--mode=smd", "--policy_gradient=False"],     # the KL alone, no policy gradient
-    "frozen_teacher": ["--mode=smd", "--distill=masked_from_warmup_dense", "--distill_coef=1.0"],  # the warm-up's dense pass teaches
-    "smd_ref_kl": ["--mode=smd", "--ref_kl_coef=0.1"],             # smd + a KL of the dense pass to the warm-up
+ROWS = {  # row name -> the train.py flags that make it; every other setting (ref_kl_coef too) is shared
+    "dense": ["--mode=dense"],                                   # full-cache rollouts: the on-policy ceiling
+    "naive": ["--mode=naive"],                                   # compressed rollouts, dense learner
+    "tis": ["--mode=tis"],                                       # naive + truncated importance weights
+    "smd": ["--mode=smd"],                                       # GRPO(masked) + 0.1 KL(dense || sg(masked))
+    "smd_no_ref_kl": ["--mode=smd", "--ref_kl_coef=0.0"],        # the paper's objective alone, no reference KL
+    "mask_only": ["--mode=smd", "--distill_coef=0.0"],           # on-policy GRPO under the mask, no distillation
+    "distill_only": ["--mode=smd", "--policy_gradient=False"],   # the distillation KL alone, no policy gradient
+    "warmup_teacher": ["--mode=smd", "--distill=masked_from_warmup_dense", "--distill_coef=1.0"],  # the old default
 }
 
 COLUMNS = [  # (header, summary key, format); start -> end columns show both

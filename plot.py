@@ -16,7 +16,7 @@ from collections import defaultdict
 
 out_dir = "out"
 budget = 26              # the compare.py budget whose runs to draw
-rows = "dense,naive,tis,smd,smd_ref_kl"
+rows = "dense,naive,tis,smd,smd_no_ref_kl"
 file = "run.png"
 smooth = 10              # moving average over this many steps for the per-step curves
 

@@ -18,7 +18,7 @@ from data.arithmetic import VOCAB_SIZE
 
 TINY = dict(train.CONFIG, n_layer=1, n_head=2, n_embd=16, prompts_per_step=2, group_size=4, budget=16,
             policy="h2o", sft_steps=3, sft_batch_size=8, n_steps=2, n_train=50, eval_problems=4,
-            eval_interval=1, ckpt_interval=1, lr=1e-3, cpu_threads=1, device=DEVICE)
+            eval_interval=1, ckpt_interval=1, lr=1e-3, ref_kl_coef=0.0, cpu_threads=1, device=DEVICE)
 
 
 def tiny_model(seed=0, std=0.5):

@@ -61,7 +61,7 @@ resume = False              # continue out/<run_name>.pt (model, optimizer, step
 preset = ""                 # "gpu": a larger model and batch (PRESETS below), applied before the other overrides
 # data
 n_train = 20000             # training problems (warm-up and RL prompts)
-eval_problems = 200         # held-out problems for greedy accuracy, <= EVAL_POOL
+eval_problems = 400         # held-out problems for greedy accuracy, <= EVAL_POOL
 eval_split = "val"          # "val" to choose settings, "test" to report them
 # model (dropout stays 0: with it the learner could never reproduce the sampler's log-probs)
 n_layer = 2
@@ -76,16 +76,16 @@ sft_warmup = 50             # linear warm-up steps, then cosine decay to 10% of 
 sft_grad_clip = 1.0         # gradient-norm clip of the warm-up (RL has its own, grad_clip)
 # phase 2: GRPO, shared by every mode
 reward = "partial"          # training reward: "exact" | "partial" (fraction of right fields); eval is exact match
-n_steps = 100               # GRPO steps (one batch of rollouts each)
+n_steps = 120               # GRPO steps (one batch of rollouts each)
 prompts_per_step = 8        # problems per batch
 group_size = 8              # samples per problem; advantages are normalised within each group
 temperature = 1.0           # sampling temperature of the rollouts (the learner divides by the same)
-lr = 1e-4                   # AdamW learning rate after the warm-up
-lr_warmup = 0               # steps of linear learning-rate warm-up from 0
+lr = 1e-5                   # AdamW learning rate after the warm-up
+lr_warmup = 20              # steps of linear learning-rate warm-up from 0
 updates_per_batch = 2       # gradient steps on each batch; from the 2nd on, the ratio clip acts
 clip_eps = 0.2              # PPO ratio clip
 grad_clip = 1.0             # gradient-norm clip
-ref_kl_coef = 0.0           # beta: KL(full-cache pass || frozen warm-up's full-cache pass), in every mode alike
+ref_kl_coef = 0.1           # beta: KL(full-cache pass || frozen warm-up's full-cache pass), in every mode alike
 tis_cap = 2.0               # mode=tis: C in min(pi_learner / pi_sampler, C) (verl's default; TRL's is 3)
 # mode=smd
 distill = "dense_from_masked"  # student_from_teacher. "dense_from_masked" (the paper): KL(pi_dense || sg(pi_masked)),
@@ -96,8 +96,8 @@ policy_gradient = True      # False: no GRPO term, distillation only (an ablatio
 learner_attention = "dense"  # "dense" (T x T boolean mask) or "gather" (O(T * budget) scores)
 # logging
 log_interval = 1            # steps between printed lines (every step goes to the JSONL)
-eval_interval = 25          # steps between held-out evaluations
-ckpt_interval = 25          # steps between checkpoints
+eval_interval = 40          # steps between held-out evaluations
+ckpt_interval = 40          # steps between checkpoints
 CONFIG = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_")  # not the imported constants
           and isinstance(v, (bool, int, float, str))}
 PRESETS = {"gpu": dict(n_layer=4, n_embd=128, sft_steps=3000, sft_batch_size=256, prompts_per_step=32,
