@@ -102,7 +102,9 @@ def evaluate_checkpoint(cfg, name, budget):
 
 
 def prepare_warm_up(cfg):
-    """Train (or find) the shared warm-up once, before the runs start in parallel and would all train it."""
+    """Train (or find) the shared warm-up once, before the runs start in parallel and would all train it;
+    with train.py's thread count, so it is bit for bit the warm-up `python train.py` would train."""
+    torch.set_num_threads(cfg["cpu_threads"])
     train.warm_up(train.build_model(cfg), cfg)
 
 
@@ -148,7 +150,8 @@ def main(argv):
             n, b, s = futures[future]
             summaries[n, b, s] = future.result()
             r = summaries[n, b, s]
-            print(f"{n:14s} budget {b:2d} seed {s} | full-cache acc {r['acc_dense_start']:.3f} -> {r['acc_dense']:.3f} | "
+            print(f"{n:14s} budget {b:2d} seed {s} | full-cache acc {r['acc_dense_start']:.3f} -> "
+                  f"{r['acc_dense']:.3f} | "
                   f"compressed {r['acc_compressed_start']:.3f} -> {r['acc_compressed']:.3f} | {time.time() - t0:.0f}s",
                   flush=True)
 

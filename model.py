@@ -214,8 +214,8 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, attn_mask=None if attn_mask is None else attn_mask[layer],
-                      slot_positions=None if slot_positions is None else slot_positions[layer], cache=cache, layer=layer)
+            x = block(x, attn_mask=None if attn_mask is None else attn_mask[layer], cache=cache, layer=layer,
+                      slot_positions=None if slot_positions is None else slot_positions[layer])
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(self.transformer.ln_f(x))                    # (B, T, vocab)

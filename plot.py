@@ -77,7 +77,7 @@ def main(argv):
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("GRPO step", fontsize=8)
     if not drawn:
-        sys.exit(f"nothing to draw: run compare.py first (looked for {cfg['out_dir']}/cmp_<row>_b{cfg['budget']}_s*.jsonl)")
+        sys.exit(f"nothing to draw: run compare.py first (no {cfg['out_dir']}/cmp_<row>_b{cfg['budget']}_s*.jsonl)")
     axes[3].set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()

@@ -41,7 +41,8 @@ def make_model(dtype=torch.float32, seed=0, block_size=64, device="cpu"):
 
 
 def sample(model, policy, budget=BUDGET, prompts=None, seed=0, **kwargs):
-    prompts = torch.randint(0, 15, (3, 10), generator=torch.Generator().manual_seed(seed)) if prompts is None else prompts
+    if prompts is None:
+        prompts = torch.randint(0, 15, (3, 10), generator=torch.Generator().manual_seed(seed))
     return rollout(model, prompts, policy=policy, budget=budget, max_new_tokens=30,
                    generator=torch.Generator(next(model.parameters()).device).manual_seed(seed), **kwargs)
 

@@ -135,11 +135,13 @@ def test_ablation_switches_do_what_their_names_say(monkeypatch):
         train.smd.learner_logits(model, ro.tokens),
         train.smd.learner_logits(model, ro.tokens, ro.shadow_mask).detach(), ro.response_mask)))
     reference = tiny_model(seed=1)                                                  # frozen teacher
-    got, ro, _ = step_gradient(monkeypatch, "smd", distill="masked_from_warmup_dense", distill_coef=0.5, reference=reference)
+    got, ro, _ = step_gradient(monkeypatch, "smd", distill="masked_from_warmup_dense", distill_coef=0.5,
+                               reference=reference)
     with torch.no_grad():
         teacher = train.smd.learner_logits(reference, ro.tokens)
-    assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, ro.shadow_mask) + 0.5 * train.smd.kl_divergence(
-        teacher, train.smd.learner_logits(model, ro.tokens, ro.shadow_mask), ro.response_mask)))
+    masked = lambda model: train.smd.learner_logits(model, ro.tokens, ro.shadow_mask)
+    assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, ro.shadow_mask)
+                                          + 0.5 * train.smd.kl_divergence(teacher, masked(model), ro.response_mask)))
 
 
 @pytest.mark.parametrize("mode", ["dense", "smd"])
@@ -310,7 +312,8 @@ def test_compare_runs_every_row_seed_and_budget_and_reports_mean_and_sample_std(
     n_sweep = len(compare.sweep_rows.split(","))               # budget 24 is the table's: only 16 is new
     assert len(calls) == 3 * (len(results) + n_sweep)
     assert all("--eval_split=test" in argv for argv in calls)  # reports are on the test split
-    assert sorted({a for argv in calls for a in argv if a.startswith("--seed=")}) == ["--seed=0", "--seed=1", "--seed=2"]
+    seeds = {a for argv in calls for a in argv if a.startswith("--seed=")}
+    assert sorted(seeds) == ["--seed=0", "--seed=1", "--seed=2"]
     assert not any(a.startswith("--sft_seed=") for argv in calls for a in argv)  # one warm-up for all
     assert sum("--budget=16" in argv for argv in calls) == 3 * n_sweep
     smd_row = compare.table(results).splitlines()[2 + compare.rows.split(",").index("smd")].split()

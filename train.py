@@ -88,9 +88,9 @@ grad_clip = 1.0             # gradient-norm clip
 ref_kl_coef = 0.1           # beta: KL(full-cache pass || frozen warm-up's full-cache pass), in every mode alike
 tis_cap = 2.0               # mode=tis: C in min(pi_learner / pi_sampler, C) (verl's default; TRL's is 3)
 # mode=smd
-distill = "dense_from_masked"  # student_from_teacher. "dense_from_masked" (the paper): KL(pi_dense || sg(pi_masked)),
+distill = "dense_from_masked"  # student_from_teacher: "dense_from_masked" (the paper): KL(pi_dense || sg(pi_masked)),
 #                             the current weights' dense pass learns from their masked pass; "masked_from_warmup_dense":
-#                             KL(sg(pi_warmup_dense) || pi_masked), the masked pass learns from the frozen warm-up's dense pass
+#                             KL(sg(pi_warmup_dense) || pi_masked), the masked pass learns from the warm-up's dense pass
 distill_coef = 0.1          # lambda, the weight of that KL; 0 = on-policy GRPO under the mask only
 policy_gradient = True      # False: no GRPO term, distillation only (an ablation)
 learner_attention = "dense"  # "dense" (T x T boolean mask) or "gather" (O(T * budget) scores)
