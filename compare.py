@@ -1,12 +1,14 @@
 """
 The experiment: every mode, and each SMD ablation, trained from one shared warm-up with several RL seeds,
-reported on the test split as mean ± sample std over seeds; then a budget sweep. It only launches train.py
+reported on the test split as mean ± sample std over seeds; then a budget sweep. First it prints how the
+warm-up fares under each eviction policy and budget, before any RL. Then it only launches train.py
 (`jobs` runs at a time, one thread each) and reads their summaries; what each column measures is computed
 in train.py. Each run's log is out/cmp_<row>_b<budget>_s<seed>.log, its JSONL next to it.
 
     python compare.py                              # the table and the sweep, ~40 min on 2 CPU cores
     python compare.py --sweep=False --rows=dense,smd --seeds=5
     python compare.py --budget=21 --lr=3e-5        # any train.py --key=value reaches every run
+    python compare.py --rows= --sweep=False        # the warm-up table alone
 
 Not here: any training logic, plotting.
 """
@@ -29,6 +31,7 @@ sweep = True                       # also run the budget sweep
 sweep_budgets = (13, 21, 32, 42)   # KV budgets of the sweep (25%, 40%, 60%, 80% of the 53-token sequence)
 sweep_rows = "naive,tis,smd"       # trained at every sweep budget; dense (full-cache rollouts) is evaluated there
 jobs = 2                           # train.py processes at a time
+warmup_policies = "h2o,streaming,tova,snapkv"  # the warm-up's greedy accuracy under each, at every sweep budget
 
 ROWS = {  # row name -> the train.py flags that make it; every other setting (ref_kl_coef too) is shared
     "dense": ["--mode=dense"],                                   # full-cache rollouts: the on-policy ceiling
@@ -105,17 +108,34 @@ def prepare_warm_up(cfg):
     """Train (or find) the shared warm-up once, before the runs start in parallel and would all train it;
     with train.py's thread count, so it is bit for bit the warm-up `python train.py` would train."""
     torch.set_num_threads(cfg["cpu_threads"])
-    train.warm_up(train.build_model(cfg), cfg)
+    model = train.build_model(cfg)
+    train.warm_up(model, cfg)
+    return model
+
+
+@torch.no_grad()
+def warmup_table(model, cfg, policies, budgets):
+    """How hard compression bites before any RL: the warm-up's greedy accuracy with a full cache and under each
+    policy at each budget, on the same held-out problems as the runs."""
+    _, held_out = train.problem_splits(cfg)
+    P, R = train.max_lengths()
+    cells = [["policy"] + [f"{b} ({b / (P + R):.0%})" for b in budgets]]
+    for policy in policies:
+        settings = [train.policy_kwargs(dict(cfg, policy=policy, budget=b)) for b in budgets]
+        cells.append([policy] + [f"{train.evaluate(model, held_out, policy, b, **kw):.3f}"
+                                 for b, kw in zip(budgets, settings)])
+    full = train.evaluate(model, held_out, "full", P + R)
+    return f"\nwarm-up greedy accuracy: full cache {full:.3f}; compressed, by budget (KV frac):\n" + aligned(cells)
 
 
 def parse(argv):
     own = {"seeds": seeds, "rows": rows, "sweep": sweep, "sweep_budgets": sweep_budgets, "sweep_rows": sweep_rows,
-           "jobs": jobs}
+           "jobs": jobs, "warmup_policies": warmup_policies}
     is_own = lambda arg: arg[2:].split("=", 1)[0] in own
     own_argv = [a.replace("=", "=(", 1) + ",)" if a.startswith("--sweep_budgets=") else a for a in argv if is_own(a)]
     own.update(train.parse_overrides(own_argv, own))  # --sweep_budgets=16 or =16,24: a tuple either way
     passed = [a for a in argv if not is_own(a)] + ["--eval_split=test"] * (not any("--eval_split=" in a for a in argv))
-    names = own["rows"].split(",") + (own["sweep_rows"].split(",") if own["sweep"] else [])
+    names = [n for n in own["rows"].split(",") if n] + (own["sweep_rows"].split(",") if own["sweep"] else [])
     unknown = [n for n in names if n not in ROWS]
     if unknown or own["seeds"] < 1 or own["jobs"] < 1:
         raise ValueError(f"need rows from {sorted(ROWS)}, seeds >= 1, jobs >= 1; got unknown rows {unknown}, "
@@ -131,7 +151,7 @@ def main(argv):
     own, passed, budgets = parse(argv)
     cfg = train.make_config(passed)
     plan = []  # (row, budget, seed, argv), each checked before anything runs
-    for name in own["rows"].split(","):
+    for name in [n for n in own["rows"].split(",") if n]:  # --rows= (empty): the warm-up table alone
         plan += [(name, cfg["budget"], s, passed + ROWS[name] + [f"--budget={cfg['budget']}", f"--seed={s}"])
                  for s in range(own["seeds"])]
     for budget in budgets:
@@ -142,7 +162,10 @@ def main(argv):
         train.make_config(argv_run)
     os.makedirs(cfg["out_dir"], exist_ok=True)
     t0 = time.time()
-    prepare_warm_up(cfg)
+    model = prepare_warm_up(cfg)
+    if own["warmup_policies"]:
+        table_budgets = sorted({int(b) for b in own["sweep_budgets"]} | {cfg["budget"]})
+        print(warmup_table(model, cfg, own["warmup_policies"].split(","), table_budgets), flush=True)
     summaries = {}
     with concurrent.futures.ThreadPoolExecutor(own["jobs"]) as pool:
         futures = {pool.submit(run, a, cfg["out_dir"], f"cmp_{n}_b{b}_s{s}"): (n, b, s) for n, b, s, a in plan}
@@ -155,7 +178,7 @@ def main(argv):
                   f"compressed {r['acc_compressed_start']:.3f} -> {r['acc_compressed']:.3f} | {time.time() - t0:.0f}s",
                   flush=True)
 
-    results = [(n, [summaries[n, cfg["budget"], s] for s in range(own["seeds"])]) for n in own["rows"].split(",")]
+    results = [(n, [summaries[n, cfg["budget"], s] for s in range(own["seeds"])]) for n in own["rows"].split(",") if n]
     print(f"\n{own['seeds']} RL seeds per row, one warm-up (sft_seed={cfg['sft_seed']}), policy={cfg['policy']} "
           f"budget={cfg['budget']} (dense: full-cache rollouts), {cfg['n_steps']} GRPO steps; accuracy: greedy exact "
           f"match on {cfg['eval_problems']} {cfg['eval_split']} problems, start -> end; mean ± sample std")

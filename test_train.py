@@ -306,6 +306,7 @@ def test_compare_runs_every_row_seed_and_budget_and_reports_mean_and_sample_std(
                     rl_s=10.0)
     monkeypatch.setattr(compare, "run", fake_run)
     monkeypatch.setattr(compare, "prepare_warm_up", lambda cfg: None)
+    monkeypatch.setattr(compare, "warmup_table", lambda model, cfg, policies, budgets: "")
     monkeypatch.setattr(compare, "evaluate_checkpoint", lambda cfg, name, budget: 0.25)
     results = compare.main([f"--out_dir={tmp_path}", "--budget=24", "--seeds=3", "--sweep_budgets=16,24"])
     assert [name for name, _ in results] == compare.rows.split(",")
