@@ -190,12 +190,12 @@ def main(argv):
 
 
 def sweep_table(cfg, own, budgets, summaries):
-    """Final full-cache / compressed accuracy per budget; dense's weights do not depend on the budget, so its
-    final checkpoints are evaluated at each one."""
+    """Final full-cache / compressed accuracy per budget (the table's own budget included, from its runs);
+    dense's weights do not depend on the budget, so its final checkpoints are evaluated at each one."""
     names = own["sweep_rows"].split(",")
     cells = [["budget (KV frac)", "dense (ceiling)"] + names]
     seq_len = sum(train.max_lengths())
-    for budget in budgets:
+    for budget in sorted(set(budgets) | {cfg["budget"]}):
         row = [f"{budget} ({budget / seq_len:.0%})"]
         if ("dense", cfg["budget"], 0) in summaries:
             dense = [summaries["dense", cfg["budget"], s] for s in range(own["seeds"])]

@@ -8,10 +8,11 @@ reference KL), at the first update of a batch, where the ratio is 1 and the clip
                   estimated by SMD's on-policy estimator averaged over n_ref independent batches
   cos full-cache  cos(g_bar, gradient of the full-cache policy's objective): dense mode's estimator, likewise
 at the warm-up weights and at the weights of an smd run halfway through (train.py's defaults otherwise).
-An unbiased estimator's cosine with its own target is below 1 only by noise, about 1 / sqrt(1 + v / K) for
-relative variance v (and the reference's own noise); a biased one stays below that for any K.
+An unbiased estimator's cosine with its target is below 1 only by noise: about 1 / sqrt((1 + v / K)(1 + v_ref /
+n_ref)), printed as "(unbiased ~)"; a biased one stays below that for any K. (v is measured against ||g_bar||^2,
+which noise inflates, so it understates the variance when v / K is not small.)
 
-    python variance.py                        # ~N min on one CPU core
+    python variance.py                        # ~5 min on one CPU core
     python variance.py --K=32 --budget=21     # any train.py --key=value sets the weights' and batches' config
 
 Not here: training (train.py), the table of final accuracies (compare.py).
@@ -25,8 +26,8 @@ import torch
 
 import train
 
-K = 16          # independent batches per mode
-n_ref = 48      # batches averaged into each reference gradient
+K = 32          # independent batches per mode
+n_ref = 128     # batches averaged into each reference gradient
 modes = "dense,naive,tis,smd"
 
 
@@ -71,17 +72,24 @@ def estimates(model, cfg, mode, n, seed, train_problems):
 
 def measure(model, cfg, own, train_problems, label):
     t0 = time.time()
-    ref_compressed = estimates(model, cfg, "smd", own["n_ref"], 10_000, train_problems).mean(0)
-    ref_dense = estimates(model, cfg, "dense", own["n_ref"], 20_000, train_problems).mean(0)
-    lines = [f"\n{label}: K={own['K']} batches of {cfg['prompts_per_step']}x{cfg['group_size']} per mode, "
-             f"references from {own['n_ref']} other batches each; policy={cfg['policy']} budget={cfg['budget']}",
-             f"{'mode':6s}  {'rel. variance':>13s}  {'cos compressed':>14s}  {'cos full-cache':>14s}"]
-    for i, mode in enumerate(own["modes"].split(",")):
-        grads = estimates(model, cfg, mode, own["K"], 100 * (i + 1), train_problems)
-        mean = grads.mean(0)
-        lines.append(f"{mode:6s}  {relative_variance(grads):13.2f}  {cosine(mean, ref_compressed):14.3f}  "
-                     f"{cosine(mean, ref_dense):14.3f}")
-    lines.append(f"cos(compressed ref, full-cache ref) = {cosine(ref_compressed, ref_dense):.3f}; "
+    K, n_ref, modes = own["K"], own["n_ref"], own["modes"].split(",")
+    ref_batches = {"smd": estimates(model, cfg, "smd", n_ref, 10_000, train_problems),
+                   "dense": estimates(model, cfg, "dense", n_ref, 20_000, train_problems)}
+    refs = {name: grads.mean(0) for name, grads in ref_batches.items()}
+    ref_var = {name: relative_variance(grads) for name, grads in ref_batches.items()}
+    lines = [f"\n{label}: K={K} batches of {cfg['prompts_per_step']}x{cfg['group_size']} per mode, references "
+             f"from {n_ref} other batches each; policy={cfg['policy']} budget={cfg['budget']}",
+             f"{'mode':6s}  {'rel. variance':>13s}  {'cos compressed':>14s}  {'(unbiased ~)':>12s}  "
+             f"{'cos full-cache':>14s}  {'(unbiased ~)':>12s}"]
+    for i, mode in enumerate(modes):
+        grads = estimates(model, cfg, mode, K, 100 * (i + 1), train_problems)
+        v, mean = relative_variance(grads), grads.mean(0)
+        # what an unbiased estimator of that target with this noise would reach: its own K-average and the
+        # reference's n_ref-average are both noisy, cos ~ 1 / sqrt((1 + v / K) (1 + v_ref / n_ref))
+        ceiling = {name: ((1 + v / K) * (1 + ref_var[name] / n_ref)) ** -0.5 for name in refs}
+        lines.append(f"{mode:6s}  {v:13.2f}  {cosine(mean, refs['smd']):14.3f}  {ceiling['smd']:12.2f}  "
+                     f"{cosine(mean, refs['dense']):14.3f}  {ceiling['dense']:12.2f}")
+    lines.append(f"cos(compressed ref, full-cache ref) = {cosine(refs['smd'], refs['dense']):.3f}; "
                  f"{time.time() - t0:.0f}s")
     print("\n".join(lines), flush=True)
 
