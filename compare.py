@@ -179,6 +179,8 @@ def main(argv):
                   flush=True)
 
     results = [(n, [summaries[n, cfg["budget"], s] for s in range(own["seeds"])]) for n in own["rows"].split(",") if n]
+    if not plan:
+        return results
     print(f"\n{own['seeds']} RL seeds per row, one warm-up (sft_seed={cfg['sft_seed']}), policy={cfg['policy']} "
           f"budget={cfg['budget']} (dense: full-cache rollouts), {cfg['n_steps']} GRPO steps; accuracy: greedy exact "
           f"match on {cfg['eval_problems']} {cfg['eval_split']} problems, start -> end; mean ± sample std")
