@@ -1,7 +1,7 @@
 """
 Specification of data/arithmetic.py: the tokenizer round-trips exactly and rejects what it cannot encode,
 the splits are disjoint and reproducible, both rewards check exactly what their docstrings promise, and the
-default sequence is long enough that the default KV budget of 32 forces eviction. No model is involved.
+default sequence is long enough that the trainer's default KV budget forces eviction. No model is involved.
 """
 import random
 
@@ -10,7 +10,7 @@ import pytest
 from data.arithmetic import (CHARS, EOS_ID, N_DIGITS, N_OPERANDS, VOCAB_SIZE, Problem, decode, encode,
                              format_prompt, format_response, make_splits, max_lengths, partial_reward, reward)
 
-DEFAULT_KV_BUDGET = 32  # the trainer's default cache budget; the cache must fill early enough to make it bite
+DEFAULT_KV_BUDGET = 26  # train.py's default cache budget (train.budget); it must fill early enough to bite
 
 
 def test_every_vocab_character_round_trips_as_its_own_token():
@@ -107,6 +107,8 @@ def test_every_problem_has_exactly_the_max_lengths():
 def test_default_cache_fills_before_half_the_response_is_written():
     prompt_len, response_len = max_lengths()
     assert prompt_len < DEFAULT_KV_BUDGET < prompt_len + response_len / 2   # evicting for most of the running sums
+    import train
+    assert train.budget == DEFAULT_KV_BUDGET
     assert prompt_len + response_len <= 64  # small enough for a tiny GPT on a CPU
 
 
