@@ -404,3 +404,11 @@ def test_variance_estimates_are_the_training_policy_gradient(mode, monkeypatch):
     flat = variance.flat_gradient(model, cfg, torch.Generator().manual_seed(0), problems)
     want = torch.cat([got[n].flatten() for n, _ in model.named_parameters()])
     assert (flat - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, capsys):
+    import sys
+    import plot
+    monkeypatch.setitem(sys.modules, "matplotlib", None)                  # as if it were not installed
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        plot.main([])
