@@ -412,3 +412,15 @@ def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)                  # as if it were not installed
     with pytest.raises(SystemExit, match="pip install matplotlib"):
         plot.main([])
+
+
+def test_the_reference_stays_the_warm_up_while_the_weights_move(tmp_path):
+    # the reference KL and the warm-up teacher read a frozen copy: after a step has moved the weights, the
+    # full-cache pass is measurably away from it (a reference that followed the weights would give 0)
+    cfg = {k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "prompts_per_step", "group_size", "sft_steps",
+                                "sft_batch_size", "n_train", "eval_problems", "eval_interval", "lr")}
+    cfg.update(out_dir=str(tmp_path), mode="dense", n_steps=3, ref_kl_coef=0.1, lr_warmup=0, updates_per_batch=1)
+    train.main(args(cfg, run_name="ref"))
+    steps = [json.loads(line) for line in open(tmp_path / "ref.jsonl") if '"train"' in line]
+    assert steps[0]["ref_kl"] < 1e-6                            # step 1 starts at the warm-up weights
+    assert steps[-1]["ref_kl"] > 1e-4
