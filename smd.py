@@ -90,7 +90,7 @@ class H2O(Policy):
                              f"{budget}, got n_heavy={self.n_heavy}, n_recent={self.n_recent}")
 
     def observe(self, cache, layer, att):
-        cache.attn_mass[layer] += att.sum(2)                                   # (B, nh, S)
+        cache.attn_mass[layer] += att.sum(2)                               # (B, nh, S)
 
     def victim(self, cache, layer):
         _, n_recent = self.sizes(cache.budget)

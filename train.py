@@ -347,9 +347,11 @@ def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
         if mode == "smd" and ((distill_on and cfg["distill"] == "dense_from_masked") or cfg["ref_kl_coef"] > 0):
             dense_logits = smd.learner_logits(model, tokens)
         distill_kl = zero
-        if distill_on and cfg["distill"] == "dense_from_masked":  # KL(pi_dense || sg(pi_masked)): the dense pass learns
+        if distill_on and cfg["distill"] == "dense_from_masked":
+            # KL(pi_dense || sg(pi_masked)): the dense pass learns from the masked one (the paper)
             distill_kl = smd.kl_divergence(dense_logits, logits.detach(), response_mask, temp)
-        elif distill_on:                              # KL(sg(pi_warmup_dense) || pi_masked): the masked pass learns
+        elif distill_on:
+            # KL(sg(pi_warmup_dense) || pi_masked): the masked pass learns from the warm-up's dense pass
             distill_kl = smd.kl_divergence(ref_logits, logits, response_mask, temp)
         ref_kl = smd.kl_divergence(dense_logits, ref_logits, response_mask, temp) if cfg["ref_kl_coef"] > 0 else zero
         loss = (pg_loss if cfg["policy_gradient"] else zero) + cfg["distill_coef"] * distill_kl \

@@ -12,7 +12,7 @@ An unbiased estimator's cosine with its target is below 1 only by noise: about 1
 n_ref)), printed as "(unbiased ~)"; a biased one stays below that for any K. (v is measured against ||g_bar||^2,
 which noise inflates, so it understates the variance when v / K is not small.)
 
-    python variance.py                        # ~5 min on one CPU core
+    python variance.py                        # ~3 min on one CPU core
     python variance.py --K=32 --budget=21     # any train.py --key=value sets the weights' and batches' config
 
 Not here: training (train.py), the table of final accuracies (compare.py).
@@ -37,11 +37,7 @@ def flat_gradient(model, cfg, generator, problems):
     ro, _, adv = train.sample_batch(model, problems, cfg, generator)
     logits = train.policy_pass(model, ro, cfg)
     lp = train.smd.token_logprobs(logits, ro.tokens, cfg["temperature"])   # (B, T)
-    weights = None
-    if cfg["mode"] == "tis":
-        with torch.no_grad():
-            lp_learner = lp.detach()
-        weights = train.tis_weights(lp_learner, ro.logprobs, cfg["tis_cap"])
+    weights = train.tis_weights(lp, ro.logprobs, cfg["tis_cap"]) if cfg["mode"] == "tis" else None  # detached
     loss, _ = train.grpo_loss(lp, lp.detach(), adv, ro.response_mask, cfg["clip_eps"], weights)
     model.zero_grad(set_to_none=True)
     loss.backward()

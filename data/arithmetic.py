@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import tiktoken
 
-N_OPERANDS = 10  # with N_DIGITS=1: 20 prompt + 33 response tokens = 53; the default KV budget of 26 fills at the 2nd sum
+N_OPERANDS = 10  # with N_DIGITS=1: 20 prompt + 33 response tokens = 53; train.py's KV budget of 26 fills early
 N_DIGITS = 1  # every operand has exactly this many digits, so all problems have one length; 1 (not 2) so
 #               a 2-layer GPT learns the task on a CPU in a few minutes (7 two-digit operands: ~8% after 1000 steps)
 
