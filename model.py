@@ -123,7 +123,7 @@ class CausalSelfAttention(nn.Module):
             # the cache stores the new keys/values (evicting if full) and says which slots each query sees
             k_slots, v_slots, visible = cache.update(layer, k, v)         # (B, nh, S, hs) x2, (B, nh, T, S)
             y, att = attend_slots(q, k_slots.unsqueeze(2), v_slots.unsqueeze(2), visible)
-            cache.observe(layer, att)                                      # eviction scores (H2O, TOVA)
+            cache.observe(layer, q, att)                                   # the policy's statistics
         elif slot_positions is not None:
             y = attend_gathered(q, k, v, slot_positions)
         else:

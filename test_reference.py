@@ -1,9 +1,12 @@
 """
 An independent, slow reference sampler, and tests that smd.rollout agrees with it exactly. The reference
 keeps no KV cache: for every (layer, row, head) it keeps the list of positions the newest query saw, moves
-it on by the published eviction rule of each policy, and recomputes the whole prefix at every step with
-those boolean masks, by hand from the model's modules. It shares no code with smd.py or with model.py's
-attention; it does not test the learner (test_smd.py does) nor speed.
+it on by the eviction rule of each policy, and recomputes the whole prefix at every step with those boolean
+masks, by hand from the model's modules (attention probabilities, and the query and key vectors R-KV and
+keep_prompt SnapKV score with). The rules are the written ones (the README's table, and the eviction spec
+for: ties to the oldest position; SnapKV's pooling over every prompt position; keep_prompt for every policy;
+the rkv policy), written here as plain loops over positions, not from smd.py's policy classes. It shares no
+code with smd.py or with model.py's attention; it does not test the learner (test_smd.py does) nor speed.
 """
 
 import functools
@@ -46,12 +49,14 @@ def make_prompts(lengths=PROMPT_LENGTHS, seed=SEED):
 @torch.no_grad()
 def reference_forward(model, tokens, visible):
     """tokens (B, T), visible (L, B, nh, T, T) bool -> logits (B, T, vocab) and, per layer, the attention
-    probabilities (B, nh, T, T). Attention is written out here, not taken from model.py."""
+    probabilities (B, nh, T, T) (0 where masked) and the query and key vectors (B, nh, T, hs) each. Attention
+    is written out here, not taken from model.py. A position's q and k depend only on the mask rows of
+    queries up to it, so these equal what the sampler computed when that position was fed."""
     B, T = tokens.shape
     tr = model.transformer
     x = tr.wte(tokens) + tr.wpe(torch.arange(T))                           # (B, T, C)
     C = x.shape[-1]
-    atts = []
+    atts, qs, ks = [], [], []
     for layer, block in enumerate(tr.h):
         nh = block.attn.n_head
         hs = C // nh
@@ -63,7 +68,9 @@ def reference_forward(model, tokens, visible):
         x = x + block.attn.c_proj(y)
         x = x + block.mlp(block.ln_2(x))
         atts.append(att)
-    return model.lm_head(tr.ln_f(x)), atts
+        qs.append(q)
+        ks.append(k)
+    return model.lm_head(tr.ln_f(x)), atts, qs, ks
 
 
 def h2o_split(budget, n_heavy=None, n_recent=None):
@@ -78,34 +85,112 @@ def h2o_split(budget, n_heavy=None, n_recent=None):
     return n_heavy, n_recent
 
 
-def victim(policy, options, budget, t, h, seen, att, visible, prompt_len):
-    """The position that leaves this (layer, row, head) when position t+1 enters, from what is known once
-    query t attended. seen: the positions query t saw, in cache-slot order; att (nh, T, T): this layer's
-    and row's attention probabilities of queries 0..t; visible (nh, T, T): this layer's and row's mask."""
-    def lowest(candidates, score):  # the cache's argmin keeps the first slot of equal scores
-        return min(candidates, key=lambda p: (score(p), seen.index(p)))
+def h2o_keep_prompt_recent(budget, prompt_len, n_heavy=None, n_recent=None):
+    """H2O with keep_prompt: the n_recent of row b, from the free_b = S - P_b slots its prompt leaves."""
+    assert n_heavy is None or n_recent is None, "keep_prompt with both n_heavy and n_recent: a ValueError"
+    free = budget - prompt_len
+    if n_recent is not None:
+        return n_recent
+    if n_heavy is not None:
+        return free - n_heavy                                              # as written, even if < 1
+    return free - free // 2                                                # the even split of what is left
+
+
+def lowest(candidates, score):
+    """The candidate with the lowest score; exact ties go to the oldest, the lowest position, whatever slot it
+    is in (spec "Ties")."""
+    assert candidates, "nothing to evict: these settings leave no candidate"
+    return min(candidates, key=lambda p: (score(p), p))
+
+
+def pool(values, kernel, how):
+    """values (n,), one per key in position order -> (n,): each pooled with its kernel // 2 neighbours on
+    each side in that order. "max" (R-KV) ignores missing neighbours at the ends; "avg" (SnapKV) counts them
+    as 0 and divides by kernel (zero padding, as avg_pool1d)."""
+    half = kernel // 2
+    near = [values[max(i - half, 0):i + half + 1] for i in range(len(values))]
+    return torch.stack([z.max() if how == "max" else z.sum() / kernel for z in near]) if near else values
+
+
+def importance(q_window, k_outside):
+    """q_window (W, hs): the observation window's queries; k_outside (n, hs): the cached keys outside the
+    window -> (n,): each window query's softmax over these keys only (the window's own keys take no part),
+    averaged over the W queries (R-KV; SnapKV's decode-time form)."""
+    hs = q_window.shape[-1]
+    a = ((q_window @ k_outside.T) / math.sqrt(hs)).softmax(-1)             # (W, n)
+    return a.mean(0)
+
+
+def redundancy(keys, positions, threshold):
+    """keys (S, hs): every key in one head's cache; positions: theirs, in the same (any) order -> (S,) in that
+    order: R-KV's redundancy, the softmax over keys j of the mean over keys i of cos(k_i, k_j) (0 for i = j),
+    where each i spares the most recent (highest-position) j it is more than threshold similar to."""
+    S = len(positions)
+    unit = keys / (keys.norm(dim=-1, keepdim=True) + 1e-8)                 # (S, hs)
+    sim = unit @ unit.T                                                    # (S, S)
+    sim.fill_diagonal_(0.0)
+    for i in range(S):
+        similar = [j for j in range(S) if sim[i, j] > threshold]
+        if similar:
+            sim[i, max(similar, key=lambda j: positions[j])] = 0.0
+    return sim.mean(0).softmax(-1)
+
+
+def random_victim(u, seen, prompt_len):
+    """random with keep_prompt: u, this (row, head)'s float32 draw from torch.rand (0-dim) -> the k-th
+    generated position in position order, k = floor(u * n) in float32 (u * n may round up to n: clamped)."""
+    candidates = sorted(p for p in seen if p >= prompt_len)
+    n = len(candidates)
+    return candidates[min(int((u * n).floor()), n - 1)]
+
+
+def victim(policy, options, budget, t, h, seen, att, q, k, prompt_len):
+    """The position that leaves this (layer, row, head) so that position t (>= budget) can enter, from what
+    is known once query t-1 attended. seen: the S positions query t-1 saw, in cache-slot order; att
+    (nh, t, t): this layer's and row's attention probabilities of queries 0..t-1 (0 where masked); q, k
+    (nh, t, hs): this layer's and row's query and key vectors; prompt_len: this row's P_b."""
+    keep = options.get("keep_prompt", False)
+    allowed = [p for p in seen if p >= prompt_len] if keep else seen      # keep_prompt: generated keys only
 
     if policy == "streaming":
-        return min(p for p in seen if p >= options.get("n_sink", 4))
+        return min(p for p in allowed if p >= options.get("n_sink", 4))
     if policy == "h2o":
-        _, n_recent = h2o_split(budget, options.get("n_heavy"), options.get("n_recent"))
-        received = att[h, :t + 1].sum(0)                                   # (T,) from every query that saw p
-        return lowest([p for p in seen if p <= t + 1 - n_recent], lambda p: received[p].item())
+        if keep:
+            n_recent = h2o_keep_prompt_recent(budget, prompt_len, options.get("n_heavy"), options.get("n_recent"))
+        else:
+            _, n_recent = h2o_split(budget, options.get("n_heavy"), options.get("n_recent"))
+        received = att[h].sum(0)                                           # (t,) from every query that saw p
+        # the n_recent newest, t included, are protected: n_recent - 1 of them are in the cache
+        return lowest([p for p in allowed if p <= t - n_recent], lambda p: received[p].item())
     if policy == "tova":
-        newest = att[:, t].mean(0) if options.get("head_average", True) else att[h, t]  # (T,)
-        return lowest(seen, lambda p: newest[p].item())
-    if policy == "snapkv":
-        if t + 1 < prompt_len:
+        newest = att[:, t - 1].mean(0) if options.get("head_average", True) else att[h, t - 1]  # (t,)
+        return lowest(allowed, lambda p: newest[p].item())
+    if policy == "snapkv" and not keep:
+        if t < prompt_len:
             return min(seen)                                               # still reading the prompt
         # the prompt's scores are fixed once query prompt_len-1 attended; recomputing them from the
-        # observation window's rows of att gives the same numbers, as later queries cannot change them
-        W, k = options.get("window", 4), options.get("kernel", 3)
-        raw = att[h, max(prompt_len - W, 0):prompt_len].sum(0)            # (T,) from the observation window
-        body = [p for p in range(prompt_len - W) if visible[h, prompt_len - 1, p]]
-        pooled = {p: sum(raw[body[j]].item() for j in range(max(i - k // 2, 0), min(i + k // 2 + 1, len(body)))) / k
-                  for i, p in enumerate(body)}
-        left = [p for p in seen if p in pooled]
-        return lowest(left, pooled.get) if left else min(seen)
+        # observation window's rows of att gives the same numbers, as later queries cannot change them.
+        # Every prompt position before the window is scored, also one evicted while the prompt slid (it
+        # keeps what the window queries that saw it gave it, 0 if none did), and pooled over positions.
+        W, kernel = options.get("window", 4), options.get("kernel", 3)
+        n_body = max(prompt_len - W, 0)                                    # positions 0..n_body-1 are scored
+        raw = att[h, max(prompt_len - W, 0):prompt_len].sum(0)[:n_body]   # (n_body,)
+        pooled = pool(raw, kernel, "avg")                                  # (n_body,) indexed by position
+        left = [p for p in seen if p < n_body]
+        return lowest(left, lambda p: pooled[p].item()) if left else min(seen)
+    if policy in ("snapkv", "rkv"):                                        # snapkv here with keep_prompt
+        W = options.get("window", 4 if policy == "snapkv" else 2)
+        kernel = options.get("kernel", 3)
+        # the window t-W..t-1 (never a victim) queries; every cached key before it is scored
+        outside = sorted(p for p in seen if p < t - W)                     # position order
+        imp = importance(q[h, t - W:t], k[h, outside])                     # (n,)
+        score = pool(imp, kernel, "avg" if policy == "snapkv" else "max")  # (n,)
+        if policy == "rkv":
+            lam = options.get("mix_lambda", 0.1)
+            red = redundancy(k[h, seen], seen, options.get("threshold", 0.5))  # (S,) slot order
+            score = lam * score - (1 - lam) * red[[seen.index(p) for p in outside]]
+        score = dict(zip(outside, score.tolist()))
+        return lowest([p for p in allowed if p < t - W], score.get)
     raise AssertionError(f"no victim rule for {policy}")
 
 
@@ -115,6 +200,7 @@ def reference_rollout(policy, options, budget, temperature, eos_id, dtype=torch.
     as a dict of tokens (B, T), logprobs (B, T), response_mask (B, T) and mask (L, B, nh, T, T).
     options is a tuple of (name, value) pairs so results can be cached across tests."""
     options = dict(options)
+    keep = options.get("keep_prompt", False)
     model = make_model(dtype)
     prompts = make_prompts(lengths)
     generator = torch.Generator().manual_seed(SEED)
@@ -130,26 +216,35 @@ def reference_rollout(policy, options, budget, temperature, eos_id, dtype=torch.
     seen = [[[[] for _ in range(nh)] for _ in range(B)] for _ in range(L)]  # slot order, as the real cache
     done = [False] * B
 
-    def enter(t, atts):
-        """Position t enters every (layer, row, head): into a free slot, or into the slot of a victim."""
+    def enter(t, state):
+        """Position t enters every (layer, row, head): into a free slot, or into the slot of a victim.
+        state: the per-layer atts, qs, ks of reference_forward over positions 0..t-1."""
         for layer in range(L):
-            draws = torch.randint(S, (B, nh), generator=generator) if policy == "random" and t >= S else None
+            draws = None
+            if policy == "random" and t >= S:  # one draw per layer and eviction step, in the sampling stream
+                draws = (torch.rand((B, nh), generator=generator, dtype=torch.float32) if keep  # (B, nh) in [0, 1)
+                         else torch.randint(S, (B, nh), generator=generator))                  # (B, nh) slots
             for b in range(B):
                 for h in range(nh):
                     slots = seen[layer][b][h]
                     if t < S:
                         slots.append(t)
-                    elif policy == "random":
+                    elif policy == "random" and not keep:
                         slots[int(draws[b, h])] = t
                     else:
-                        gone = victim(policy, options, S, t - 1, h, slots, atts[layer][b], mask[layer, b], lengths[b])
+                        if policy == "random":
+                            gone = random_victim(draws[b, h], slots, lengths[b])
+                        else:
+                            atts, qs, ks = state
+                            gone = victim(policy, options, S, t, h, slots, atts[layer][b], qs[layer][b],
+                                          ks[layer][b], lengths[b])
                         slots[slots.index(gone)] = t
                     mask[layer, b, h, t, slots] = True
 
     n_prefill = min(min(lengths), S)
     for t in range(n_prefill):
         enter(t, None)
-    logits, atts = reference_forward(model, tokens[:, :n_prefill], mask[..., :n_prefill, :n_prefill])
+    logits, *state = reference_forward(model, tokens[:, :n_prefill], mask[..., :n_prefill, :n_prefill])
     for t in range(n_prefill, T):
         scaled = logits[:, t - 1] / temperature if temperature > 0 else logits[:, t - 1]
         logp = F.log_softmax(scaled, dim=-1)                               # (B, vocab)
@@ -165,8 +260,8 @@ def reference_rollout(policy, options, budget, temperature, eos_id, dtype=torch.
                 logprobs[b, t] = logp[b, sampled[b]]
                 response_mask[b, t] = True
                 done[b] = eos_id is not None and sampled[b].item() == eos_id
-        enter(t, atts)
-        logits, atts = reference_forward(model, tokens[:, :t + 1], mask[..., :t + 1, :t + 1])
+        enter(t, state)
+        logits, *state = reference_forward(model, tokens[:, :t + 1], mask[..., :t + 1, :t + 1])
         if all(done[b] or t + 1 >= lengths[b] + MAX_NEW_TOKENS for b in range(B)):
             T = t + 1
             break
@@ -217,6 +312,10 @@ POLICIES = [
     ("snapkv", ()),
     ("snapkv", (("window", 3), ("kernel", 5))),
     ("random", ()),
+    ("rkv", ()),                                     # window 2, kernel 3, mix_lambda 0.1, threshold 0.5
+    ("rkv", (("window", 3), ("kernel", 1))),
+    ("rkv", (("mix_lambda", 1.0),)),                 # pure importance (max-pooled): exact ties, to the oldest
+    ("rkv", (("mix_lambda", 0.0),)),                 # pure redundancy
 ]
 FULL_BUDGET = max(PROMPT_LENGTHS) + MAX_NEW_TOKENS
 CASES = [(policy, options, budget, temperature)
@@ -224,6 +323,27 @@ CASES = [(policy, options, budget, temperature)
          if not (policy == "streaming" and budget <= dict(options).get("n_sink", 4))]
 CASES += [("h2o", (("n_heavy", 3), ("n_recent", 7)), 10, 1.0)]  # both halves given
 CASES += [("full", (), FULL_BUDGET, temperature) for temperature in (0.0, 1.0)]
+
+# keep_prompt: legal from S = P_max + 1 = 13 (every row then reads its whole prompt before any eviction),
+# and where a window of W newest keys is kept as well (snapkv, rkv) from S = P_max + W + 1; H2O's n_recent
+# must fit in what the longest prompt leaves, S - P_max. At 13 the longest row keeps one generated key.
+KEEP = (("keep_prompt", True),)
+KEEP_PROMPT_POLICIES = [  # (policy, options, budgets)
+    ("streaming", KEEP, (13, 17)),                   # n_sink 4: row 0's prompt (3) is shorter: 3 stays a sink
+    ("streaming", KEEP + (("n_sink", 2),), (13, 17)),  # the prompt is the sinks: a sliding window after it
+    ("h2o", KEEP, (13, 17)),                         # per row: n_recent_b = free_b - free_b // 2
+    ("h2o", KEEP + (("n_recent", 2),), (14, 17)),
+    ("h2o", KEEP + (("n_heavy", 1),), (14, 17)),     # n_recent_b = free_b - 1 (at 13: 0 for the longest row)
+    ("tova", KEEP + (("head_average", True),), (13, 17)),
+    ("tova", KEEP + (("head_average", False),), (13, 17)),
+    ("snapkv", KEEP, (17, 20)),                      # window 4, kernel 3
+    ("snapkv", KEEP + (("window", 1), ("kernel", 5)), (14, 17)),
+    ("random", KEEP, (13, 17)),
+    ("rkv", KEEP, (15, 17)),                         # window 2
+    ("rkv", KEEP + (("window", 1), ("kernel", 5), ("mix_lambda", 0.5), ("threshold", 0.8)), (14, 17)),
+]
+CASES += [(policy, options, budget, temperature)
+          for policy, options, budgets in KEEP_PROMPT_POLICIES for budget in budgets for temperature in (0.0, 1.0)]
 
 
 def case_id(policy, options, budget, temperature):
@@ -244,6 +364,25 @@ def assert_same(r, ref, dtype):
     assert (r.logprobs[~ref["response_mask"]] == 0).all()
 
 
+def assert_keeps_the_prompt(mask, lengths=PROMPT_LENGTHS):
+    """mask (L, B, nh, T, T): every query from row b's first response position on sees all of 0..P_b-1, in
+    every layer and head (keep_prompt never evicts a prompt key)."""
+    for b, P in enumerate(lengths):
+        assert mask[:, b, :, P:, :P].all(), f"row {b} lost a prompt key"
+
+
+def prompt_and_newest(budget, T, lengths=PROMPT_LENGTHS):
+    """(B, T, T) bool: the sliding window keep_prompt allows: query t of row b sees 0..P_b-1 and its
+    S - P_b newest positions (itself included), or all of 0..t while t < S."""
+    window = torch.ones(T, T, dtype=torch.bool).tril()
+    masks = []
+    for P in lengths:
+        m = window.triu(-(budget - P - 1)).clone()
+        m[:, :P] = window[:, :P]
+        masks.append(m)
+    return torch.stack(masks)
+
+
 @pytest.mark.parametrize("policy, options, budget, temperature", CASES, ids=[case_id(*c) for c in CASES])
 def test_rollout_equals_reference_sampler_tokens_masks_and_logprobs(policy, options, budget, temperature):
     eos_id = pick_eos(policy, options, budget, temperature)
@@ -251,6 +390,7 @@ def test_rollout_equals_reference_sampler_tokens_masks_and_logprobs(policy, opti
     assert_same(run_rollout(policy, options, budget, temperature, eos_id), ref, torch.float64)
 
     # not vacuous: rows stop by EOS at different steps, and the cache evicts, during the prompt too
+    # (keep_prompt: among the generated tokens, and never a prompt key)
     ends = [int(row.nonzero()[-1]) + 1 for row in ref["response_mask"]]
     assert len(set(ends)) == len(ends), f"rows end at {ends}"
     assert sum(ref["tokens"][b, e - 1] == eos_id for b, e in enumerate(ends)) >= 2, "want rows stopped by EOS"
@@ -259,21 +399,30 @@ def test_rollout_equals_reference_sampler_tokens_masks_and_logprobs(policy, opti
     assert seen.max() == min(budget, T)
     if policy == "full":
         assert torch.equal(ref["mask"], torch.ones(T, T, dtype=torch.bool).tril().expand_as(ref["mask"]))
+    elif dict(options).get("keep_prompt"):
+        assert_keeps_the_prompt(ref["mask"])
+        # with the whole prompt seen, a response query that sees fewer than position + 1 keys misses a
+        # generated one
+        evicted = (seen < torch.arange(1, T + 1)) & ref["response_mask"][None, :, None]  # (L, B, nh, T)
+        assert evicted.any(), "no eviction among generated tokens"
     else:
         long_row = PROMPT_LENGTHS.index(max(PROMPT_LENGTHS))
         prompt_seen = seen[:, long_row, :, :max(PROMPT_LENGTHS)]
         assert (prompt_seen < torch.arange(1, max(PROMPT_LENGTHS) + 1)).any(), "no eviction inside the prompt"
 
 
-@pytest.mark.parametrize("policy, options", [("streaming", ()), ("h2o", ()), ("tova", ()), ("snapkv", ()),
-                                             ("random", ())])
-def test_rollout_equals_reference_sampler_in_float32(policy, options):
-    eos_id = pick_eos(policy, options, 5, 1.0, torch.float32)
-    ref = reference_rollout(policy, options, 5, 1.0, eos_id, torch.float32)
-    assert_same(run_rollout(policy, options, 5, 1.0, eos_id, torch.float32), ref, torch.float32)
+FLOAT32_CASES = [("streaming", (), 5), ("h2o", (), 5), ("tova", (), 5), ("snapkv", (), 5), ("random", (), 5),
+                 ("rkv", (), 5), ("snapkv", KEEP, 17), ("h2o", KEEP, 13)]
 
 
-@pytest.mark.parametrize("policy", ["h2o", "snapkv", "random"])
+@pytest.mark.parametrize("policy, options, budget", FLOAT32_CASES, ids=[case_id(*c, 1.0) for c in FLOAT32_CASES])
+def test_rollout_equals_reference_sampler_in_float32(policy, options, budget):
+    eos_id = pick_eos(policy, options, budget, 1.0, torch.float32)
+    ref = reference_rollout(policy, options, budget, 1.0, eos_id, torch.float32)
+    assert_same(run_rollout(policy, options, budget, 1.0, eos_id, torch.float32), ref, torch.float32)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv", "random", "rkv"])
 def test_rollout_equals_reference_sampler_on_a_prompt_tensor_longer_than_the_budget(policy):
     lengths = (9, 9, 9)  # a (B, P) tensor: prefill stops at the budget, the rest of the prompt is evicted into
     ref = reference_rollout(policy, (), 6, 1.0, None, lengths=lengths)
@@ -281,10 +430,14 @@ def test_rollout_equals_reference_sampler_on_a_prompt_tensor_longer_than_the_bud
     assert ref["response_mask"].sum(1).tolist() == [MAX_NEW_TOKENS] * 3
 
 
-@pytest.mark.parametrize("policy, options", [("streaming", ()), ("h2o", ()), ("snapkv", ())])
-def test_rollout_stops_each_row_after_its_own_max_new_tokens(policy, options):
-    ref = reference_rollout(policy, options, 5, 1.0, None)
-    assert_same(run_rollout(policy, options, 5, 1.0, None), ref, torch.float64)
+MAX_NEW_TOKENS_CASES = [("streaming", (), 5), ("h2o", (), 5), ("snapkv", (), 5), ("rkv", (), 5), ("h2o", KEEP, 13)]
+
+
+@pytest.mark.parametrize("policy, options, budget", MAX_NEW_TOKENS_CASES,
+                         ids=[case_id(*c, 1.0) for c in MAX_NEW_TOKENS_CASES])
+def test_rollout_stops_each_row_after_its_own_max_new_tokens(policy, options, budget):
+    ref = reference_rollout(policy, options, budget, 1.0, None)
+    assert_same(run_rollout(policy, options, budget, 1.0, None), ref, torch.float64)
     assert ref["response_mask"].sum(1).tolist() == [MAX_NEW_TOKENS] * 3
     assert ref["tokens"].shape[1] == max(PROMPT_LENGTHS) + MAX_NEW_TOKENS  # the short rows stopped earlier
 
@@ -304,3 +457,78 @@ def test_policies_evict_differently_on_the_same_input():
     window = torch.ones(T, T, dtype=torch.bool).tril().triu(-(budget - 1))
     for name, mask in masks.items():
         assert not torch.equal(mask, window.expand_as(mask)), f"{name} is a sliding window"
+
+
+def test_keep_prompt_policies_evict_differently_on_the_same_input():
+    """With keep_prompt, at budget 17 (no EOS): every setting keeps the prompt and gives its own shadow mask.
+    Streaming whose sinks fit in every prompt IS the sliding window after the prompt (that pins down the
+    window); n_sink 4 differs from it in row 0 only, whose 3-token prompt leaves position 3 a sink; no other
+    policy is that window in disguise."""
+    budget = 17
+    settings = [(policy, options) for policy, options, budgets in KEEP_PROMPT_POLICIES if budget in budgets]
+    masks = {name: reference_rollout(*name, budget, 1.0, None)["mask"] for name in settings}  # (L, B, nh, T, T)
+    names = list(masks)
+    for i, a in enumerate(names):
+        assert_keeps_the_prompt(masks[a])
+        for b in names[i + 1:]:
+            assert not torch.equal(masks[a], masks[b]), f"{a} and {b} give the same mask"
+    T = masks[names[0]].shape[-1]
+    window = prompt_and_newest(budget, T)[None, :, None]                  # (1, B, 1, T, T)
+    sinks2 = masks["streaming", KEEP + (("n_sink", 2),)]
+    assert torch.equal(sinks2, window.expand_as(sinks2))
+    sinks4 = masks["streaming", KEEP]
+    assert torch.equal(sinks4[:, 1:], window[:, 1:].expand_as(sinks4[:, 1:]))
+    assert sinks4[:, 0, :, budget:, 3].all() and not torch.equal(sinks4[:, :1], window[:, :1].expand_as(sinks4[:, :1]))
+    for name, mask in masks.items():
+        if name[0] != "streaming":
+            assert not torch.equal(mask, window.expand_as(mask)), f"{name} is the sliding window after the prompt"
+
+
+def test_reference_redundancy_spares_the_most_recent_similar_key_by_position_not_slot():
+    """A hand case for R-KV's redundancy. Keys a, b, d are one direction, c another; they sit in slots in an
+    order that is not their positions' (as after evictions): a (position 5), d (7), b (2), c (9).
+    a spares d (the highest position of b, d), d spares a (of a, b), b spares d (of a, d), c is similar to
+    none: the columns keep sim[d, b] = sim[a, b] = 1 and sim[b, a] = 1, so the means over the 4 rows are
+    a 1/4, d 0, b 2/4, c 0. Sparing by slot (the last of the similar slots) would give a 2/4, d 1/4, b 0."""
+    keys = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # (S, hs)
+    positions = [5, 7, 2, 9]                                                    # slot order
+    got = redundancy(keys, positions, threshold=0.5)
+    cos = 1 / (1 + 1e-8) ** 2                                                   # k / (|k| + 1e-8), squared
+    want = torch.tensor([0.25, 0.0, 0.5, 0.0], dtype=torch.float64) * cos
+    torch.testing.assert_close(got, want.softmax(-1), rtol=0, atol=1e-15)
+    # a threshold of 1 (nothing is more similar than that) spares nothing: a, d, b each see two similar keys
+    got = redundancy(keys, positions, threshold=1.0)
+    torch.testing.assert_close(got, (torch.tensor([2.0, 2.0, 2.0, 0.0], dtype=torch.float64) * cos / 4).softmax(-1),
+                               rtol=0, atol=1e-15)
+
+
+def test_reference_pure_importance_with_one_window_query_is_tova_without_the_newest_key():
+    """An independent check of the reference's R-KV importance (its q and k vectors, the softmax over the keys
+    outside the window only): with window 1, kernel 1 and mix_lambda 1 the score is query t-1's attention
+    renormalized over the keys other than its own, so the victim is the key (not t-1) query t-1 attended to
+    least, per head, read here from the attention of a separate masked recompute."""
+    budget = 6
+    options = (("window", 1), ("kernel", 1), ("mix_lambda", 1.0))
+    ref = reference_rollout("rkv", options, budget, 1.0, None)
+    model = make_model(torch.float64)
+    mask = ref["mask"]                                                           # (L, B, nh, T, T)
+    _, atts, _, _ = reference_forward(model, ref["tokens"], mask)
+    L, B, nh, T, _ = mask.shape
+    for layer in range(L):
+        for b in range(B):
+            for h in range(nh):
+                for t in range(budget, T):
+                    before, after = mask[layer, b, h, t - 1, :t], mask[layer, b, h, t, :t]
+                    gone = (before & ~after).nonzero()[:, 0].tolist()            # the one key evicted for t
+                    att = atts[layer][b, h, t - 1]                               # (T,)
+                    candidates = [p for p in before.nonzero()[:, 0].tolist() if p != t - 1]
+                    assert gone == [min(candidates, key=lambda p: att[p].item())], (layer, b, h, t)
+
+
+def test_reference_snapkv_with_keep_prompt_is_rkv_with_pure_importance_and_kernel_one():
+    """With kernel 1 both poolings are the identity, and mix_lambda 1 drops redundancy: keep_prompt SnapKV and
+    R-KV then score alike (the same importance, the same candidates), so their masks coincide."""
+    options = KEEP + (("window", 2), ("kernel", 1))
+    snap = reference_rollout("snapkv", options, 15, 1.0, None)
+    rkv = reference_rollout("rkv", options + (("mix_lambda", 1.0),), 15, 1.0, None)
+    assert torch.equal(snap["tokens"], rkv["tokens"]) and torch.equal(snap["mask"], rkv["mask"])

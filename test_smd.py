@@ -16,10 +16,11 @@ from model import GPT, GPTConfig, gather_positions
 from conftest import DEVICE
 from smd import learner_logprobs, rollout
 
-COMPRESSED = ["streaming", "h2o", "tova", "snapkv", "random"]
+COMPRESSED = ["streaming", "h2o", "tova", "snapkv", "rkv", "random"]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}  # max |log-prob difference| accepted per dtype
 EOS = 15
 BUDGET = 8  # with 40-42 positions per sequence, under 1/3 of the sequence
+KEEP_BUDGET = 16  # keep_prompt needs the longest prompt (11) + 1; 16 leaves 5 slots for the response
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +62,37 @@ def test_smd_logprobs_equal_sampler_for_every_policy(policy, attention, dtype):
     assert BUDGET <= r.tokens.shape[1] / 3
     lp = learner_logprobs(model, r.tokens, r.shadow_mask, attention=attention)
     assert max_diff(lp, r.logprobs, r.response_mask) <= TOL[dtype]
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("attention", ["dense", "gather"])
+@pytest.mark.parametrize("policy", COMPRESSED)
+def test_smd_logprobs_equal_sampler_with_the_prompt_kept(policy, attention, dtype):
+    model = make_model(dtype, device=DEVICE)
+    _, r = variable_length_rollout(model, policy, seed=3, budget=KEEP_BUDGET, keep_prompt=True)
+    lp = learner_logprobs(model, r.tokens, r.shadow_mask, attention=attention)
+    assert max_diff(lp, r.logprobs, r.response_mask) <= TOL[dtype]
+    assert max_diff(learner_logprobs(model, r.tokens), r.logprobs, r.response_mask) > 1e-2  # the mask matters
+
+
+@pytest.mark.parametrize("policy", COMPRESSED)
+def test_keep_prompt_every_response_query_sees_its_whole_prompt(policy):
+    prompts, r = variable_length_rollout(make_model(), policy, seed=3, budget=KEEP_BUDGET, keep_prompt=True)
+    seen = r.shadow_mask.to_dense()                                       # (L, B, nh, T, T)
+    T = seen.shape[-1]
+    for b, prompt in enumerate(prompts):
+        n = len(prompt)
+        assert seen[:, b, :, n:, :n].all(), f"row {b} lost a prompt key"
+    keys = seen.sum(-1)                                                    # (L, B, nh, T) keys per query
+    assert keys.max() == KEEP_BUDGET and (keys < torch.arange(1, T + 1)).any(), "nothing was evicted"
+    # the rule still chooses: not a window over the response, except streaming's, which is one by design (its
+    # 4 sinks reach past the 3-token prompt of row 0)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    sinks = [max(4, len(p)) for p in prompts]
+    sliding = torch.stack([causal.triu(-(KEEP_BUDGET - n - 1)) | (torch.arange(T) < n) & causal
+                           for n in sinks])[None, :, None]                 # (1, B, 1, T, T)
+    assert torch.equal(seen, sliding.expand_as(seen)) == (policy == "streaming")
 
 
 @pytest.mark.device
@@ -117,13 +149,17 @@ def test_cache_and_mask_rows_never_exceed_budget(policy, monkeypatch):
             assert torch.equal(slots[:, :, t].long(), seen[layer, t]), f"layer {layer} query {t}"
 
 
-@pytest.mark.parametrize("policy, mass_bytes", [("streaming", 0), ("h2o", 4), ("tova", 4), ("snapkv", 4),
-                                                 ("random", 0)])
-def test_kv_bytes_count_every_per_slot_buffer(policy, mass_bytes):
+@pytest.mark.parametrize("policy, extra_bytes", [
+    ("streaming", 0), ("random", 0),
+    ("h2o", BUDGET * 4), ("tova", BUDGET * 4),  # a float attn_mass per slot
+    ("snapkv", 10 * 4),                         # a float score per prompt position (prompts of 10)
+    ("rkv", 2 * 16 * 4),                        # the last window = 2 queries of 16 floats
+])
+def test_kv_bytes_count_every_buffer_the_cache_holds(policy, extra_bytes):
     r = sample(make_model(), policy)                   # L=2, B=3, nh=2, hs=16, float32; 10 + 30 positions
-    per_slot = 2 * 16 * 4 + 8 + mass_bytes             # K and V, a long position, the policy's float attn_mass
-    assert r.kv_bytes == 2 * 3 * 2 * BUDGET * per_slot
-    assert r.full_kv_bytes == 2 * 3 * 2 * 40 * (2 * 16 * 4 + 8)  # a full cache: 40 slots, no attn_mass
+    per_slot = 2 * 16 * 4 + 8                          # K and V, a long position
+    assert r.kv_bytes == 2 * 3 * 2 * (BUDGET * per_slot + extra_bytes)
+    assert r.full_kv_bytes == 2 * 3 * 2 * 40 * per_slot  # a full cache: 40 slots, no statistic
 
 
 def test_full_cache_rollout_reports_kv_fraction_one_even_when_rows_stop_early():
@@ -175,6 +211,48 @@ def test_eviction_policies_pick_the_documented_victim():
     assert smd.TOVA().victim(hand_made_cache(pos, 1 - newest_att), 0).item() == 0
 
 
+def test_ties_go_to_the_oldest_position_whatever_slot_it_is_in():
+    pos = torch.tensor([[[5, 2, 9, 1, 7]]])                               # (B, nh, S), newest 9
+    att = torch.tensor([[[0.1, 0.3, 0.2, 0.1, 0.3]]])                    # a tie at 0.1: positions 5 and 1
+    assert smd.TOVA().victim(hand_made_cache(pos, att), 0).item() == 3   # position 1's slot, not the first slot
+    assert smd.H2O(n_recent=1).victim(hand_made_cache(pos, att), 0).item() == 3
+
+
+def hand_made_rkv(keys, positions, query, **kwargs):
+    """A one-head R-KV cache, full, whose next position is len(positions): keys (S, 2) in slot order."""
+    config = GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=1, n_embd=2)
+    policy = smd.RKV(window=1, **kwargs)
+    cache = smd.KVCache(config, 1, len(positions), 16, policy, "cpu", torch.float32)
+    cache.k[0, 0, 0] = torch.tensor(keys)
+    cache.positions[0, 0, 0] = torch.tensor(positions)
+    cache.recent_q[0, 0, 0, 0] = torch.tensor(query)                      # the window: the newest query
+    cache.length = len(positions)
+    return policy, cache
+
+
+def test_rkv_evicts_the_least_attended_key_max_pooled_in_position_order():
+    keys = [[0.0, -1.0], [1.0, 0.0], [1.0, 1.0], [-1.0, 0.0], [0.0, 1.0]]  # positions 3 0 4 2 1 (4: the window)
+    positions, query = [3, 0, 4, 2, 1], [2.0, 1.0]                         # scores by position 2 1 -2 -1
+    policy, cache = hand_made_rkv(keys, positions, query, kernel=1, mix_lambda=1.0)
+    assert positions[policy.victim(cache, 0).item()] == 2                  # the least attended
+    policy, cache = hand_made_rkv(keys, positions, query, kernel=3, mix_lambda=1.0)
+    assert positions[policy.victim(cache, 0).item()] == 3                  # pooled: 2's neighbour 1 lifts it
+    policy, cache = hand_made_rkv(keys, positions, query, kernel=1, mix_lambda=1.0, keep_prompt=True)
+    cache.prompt_lengths[0] = 3
+    assert positions[policy.victim(cache, 0).item()] == 3                  # 0..2 are the prompt: 3 is left
+
+
+def test_rkv_evicts_the_oldest_of_near_duplicate_keys():
+    # positions 0, 1, 2 share one key: each spares its most recent duplicate, so 0 is the most redundant
+    keys = [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-0.7, -0.7], [1.0, 0.0]]  # positions 2 3 0 4 1 (4: window)
+    positions = [2, 3, 0, 4, 1]
+    policy, cache = hand_made_rkv(keys, positions, [0.0, 0.0], mix_lambda=0.0)
+    assert positions[policy.victim(cache, 0).item()] == 0
+    redundancy = policy.redundancy(cache.k[0], cache.positions[0])[0, 0]  # by slot
+    by_position = redundancy[torch.tensor(positions).argsort()]
+    assert by_position[0] > by_position[1] > by_position[2]                # older repeats are more redundant
+
+
 def test_tova_head_average_decides_for_all_heads_and_per_head_does_not():
     pos = torch.arange(4).expand(1, 2, 4)                                  # (B, nh, S): 2 heads, same positions
     att = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.5, 0.0, 0.3, 0.2]]])    # head means: 0.3 0.1 0.3 0.3
@@ -190,15 +268,16 @@ def test_snapkv_scores_prompt_keys_by_pooled_window_attention_then_slides():
     cache = smd.KVCache(config, 1, 8, 12, policy, "cpu", torch.float32, prompt_lengths=torch.tensor([8]))
     k = torch.zeros(1, 1, 8, 4)
     cache.update(0, k, k)
-    att = torch.zeros(1, 1, 8, 8)
-    att[0, 0, 6] = torch.tensor([0.0, 0.6, 0.0, 0.0, 0.0, 0.3, 0.1, 0.0])  # window query 6
+    cache.positions[0, 0, 0] = torch.tensor([2, 1, 0, 3, 4, 5, 6, 7])  # slot order is not position order
+    att = torch.zeros(1, 1, 8, 8)                                          # (B, nh, T, S), by slot
+    att[0, 0, 6] = torch.tensor([0.0, 0.6, 0.0, 0.0, 0.0, 0.3, 0.1, 0.0])  # window query 6 (slot 1 = position 1)
     att[0, 0, 7] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.9, 0.0, 0.0, 0.1])  # window query 7
     att[0, 0, 0, 0] = 1.0                                                  # not a window query: ignored
-    cache.observe(0, att)
-    # raw body scores 0 .6 0 0 .9 .3 -> pooled (zero-padded, /3): .2 .2 .2 .3 .4 .4
-    assert torch.allclose(cache.attn_mass[0, 0, 0, :6], torch.tensor([0.2, 0.2, 0.2, 0.3, 0.4, 0.4]))
+    cache.observe(0, None, att)
+    # raw body scores by position 0 .6 0 0 .9 .3 -> pooled (zero-padded, /3): .2 .2 .2 .3 .4 .4
+    assert torch.allclose(cache.prompt_scores[0, 0, 0, :6], torch.tensor([0.2, 0.2, 0.2, 0.3, 0.4, 0.4]))
     cache.length = 8
-    assert policy.victim(cache, 0).item() == 0        # the lowest pooled score, the first slot on a tie
+    assert policy.victim(cache, 0).item() == 2        # the lowest pooled score; of the tie, the oldest (slot 2)
     cache.positions[0, 0, 0, :3] = torch.tensor([8, 9, 10])  # positions 0..2 gone: 3 is the lowest body key left
     cache.length = 11
     assert policy.victim(cache, 0).item() == 3
@@ -207,11 +286,28 @@ def test_snapkv_scores_prompt_keys_by_pooled_window_attention_then_slides():
     assert policy.victim(cache, 0).item() == 6
 
 
+def test_snapkv_pools_the_score_an_evicted_prompt_key_received():
+    # prompt of 6 tokens, budget 4, window 2: key 1 is seen by window query 4 and evicted before query 5
+    config = GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=1, n_embd=4)
+    cache = smd.KVCache(config, 1, 4, 8, smd.SnapKV(window=2, kernel=3), "cpu", torch.float32,
+                        prompt_lengths=torch.tensor([6]))
+    cache.positions[0, 0, 0] = torch.tensor([4, 1, 2, 3])
+    cache.length = 4
+    cache.observe(0, None, torch.tensor([0.1, 0.9, 0.0, 0.0]).view(1, 1, 1, 4))  # query 4: 0.9 to key 1
+    cache.positions[0, 0, 0] = torch.tensor([4, 5, 2, 3])                 # key 1 evicted, 5 in its slot
+    cache.length = 5
+    cache.observe(0, None, torch.tensor([0.0, 0.5, 0.2, 0.3]).view(1, 1, 1, 4))  # query 5, the prompt's last
+    # raw body (positions 0..3): 0 .9 .2 .3 -> pooled .3 .367 .467 .167: key 2 keeps .467 thanks to evicted key 1
+    assert torch.allclose(cache.prompt_scores[0, 0, 0, :4], torch.tensor([0.3, 1.1 / 3, 1.4 / 3, 0.5 / 3]))
+
+
 def test_snapkv_slides_while_a_long_prompt_is_still_being_read():
-    pos = torch.tensor([[[8, 1, 2, 3, 4, 5, 6, 7]]])                     # prompt of 12 tokens, 9 is next
-    cache = hand_made_cache(pos, torch.zeros(1, 1, 8), prompt_length=12)
+    config = GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=1, n_embd=4)
+    cache = smd.KVCache(config, 1, 8, 16, smd.SnapKV(window=2), "cpu", torch.float32,
+                        prompt_lengths=torch.tensor([12]))
+    cache.positions[0] = torch.tensor([[[8, 1, 2, 3, 4, 5, 6, 7]]])        # prompt of 12 tokens, 9 is next
     cache.length = 9
-    assert smd.SnapKV(window=2).victim(cache, 0).item() == 1            # the oldest: position 1
+    assert cache.policy.victim(cache, 0).item() == 1                      # the oldest: position 1
 
 
 def test_random_policy_is_reproducible_per_seed_and_differs_between_rollouts():
@@ -245,7 +341,7 @@ def test_cache_scores_accumulate_attention_since_written():
     k = torch.zeros(1, 1, 1, 4)
     for t, att in enumerate([[1.0, 0.0], [0.25, 0.75], [0.5, 0.5]]):
         cache.update(0, k, k)
-        cache.observe(0, torch.tensor(att).view(1, 1, 1, 2))
+        cache.observe(0, None, torch.tensor(att).view(1, 1, 1, 2))
         cache.advance(1)
     # positions 0, 1 filled the slots; position 2 evicted position 1 (less mass: 0.75 < 1.25) from slot 1
     assert cache.positions[0].flatten().tolist() == [0, 2]
@@ -303,6 +399,42 @@ def test_variable_length_prompts_and_eos_keep_equality(policy):
 
 
 @pytest.mark.device
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("keep_prompt", [False, True])
+@pytest.mark.parametrize("policy", COMPRESSED)
+def test_record_of_a_rollout_gives_back_its_shadow_mask_and_logprobs(policy, keep_prompt, temperature):
+    model = make_model(device=DEVICE)
+    budget = KEEP_BUDGET if keep_prompt else BUDGET
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 15, (n,), generator=gen).tolist() for n in (3, 11, 7)]
+    seeded = lambda: torch.Generator(DEVICE).manual_seed(5)                # the random policy draws from it too
+    r = rollout(model, prompts, policy=policy, budget=budget, max_new_tokens=30, temperature=temperature,
+                eos_id=EOS, generator=seeded(), keep_prompt=keep_prompt)
+    lengths = [len(p) for p in prompts]
+    rec = smd.record(model, r.tokens, lengths, policy=policy, budget=budget, temperature=temperature,
+                     eos_id=EOS, generator=seeded(), keep_prompt=keep_prompt)
+    assert torch.equal(rec.tokens, r.tokens)
+    assert torch.equal(rec.shadow_mask.written, r.shadow_mask.written)
+    assert torch.equal(rec.logprobs[r.response_mask], r.logprobs[r.response_mask])  # one code path: bitwise
+    assert not (r.response_mask & ~rec.response_mask).any()
+    assert r.response_mask.sum() > 30 and (r.shadow_mask.to_dense().sum(-1) == budget).any()  # not vacuous
+
+
+def test_record_scores_the_given_tokens_under_the_compressed_cache():
+    model = make_model()
+    prompts = torch.randint(0, 15, (3, 10), generator=torch.Generator().manual_seed(0))
+    r = rollout(model, prompts, policy="tova", budget=BUDGET, max_new_tokens=30, temperature=0)
+    answers = r.tokens.clone()
+    answers[:, 20:] = (answers[:, 20:] + 1) % 15                          # other tokens from position 20 on
+    rec = smd.record(model, answers, [10, 10, 10], policy="tova", budget=BUDGET)
+    assert torch.equal(rec.tokens, answers) and rec.response_mask[:, 10:].all()
+    assert torch.equal(rec.logprobs[:, :20], r.logprobs[:, :20])          # the same prefix, the same cache
+    assert not torch.equal(rec.shadow_mask.written[..., 20:], r.shadow_mask.written[..., 20:])  # tova reads content
+    lp = learner_logprobs(model, answers, rec.shadow_mask)                 # and its mask reproduces its log-probs
+    assert max_diff(lp, rec.logprobs, rec.response_mask) <= TOL[torch.float32]
+
+
+@pytest.mark.device
 @pytest.mark.parametrize("attention", ["dense", "gather"])
 def test_gradients_flow_through_masked_learner(attention):
     model = make_model(device=DEVICE)
@@ -353,6 +485,17 @@ def test_gather_positions_reads_positions_in_slot_order():
     (dict(policy="h2o", max_new_tokens=60), "exceeds block_size"),
     (dict(policy="streaming", window=3), "bad arguments"),
     (dict(policy="h2o", eos_id=16), "vocab_size"),
+    (dict(policy="h2o", keep_prompt=True), "budget 8 < prompt 10 \\+ 1"),      # names both numbers
+    (dict(policy="random", budget=10, keep_prompt=True), "budget 10 < prompt 10 \\+ 1"),
+    (dict(policy="tova", keep_prompt=1), "keep_prompt must be True or False"),
+    (dict(policy="h2o", budget=16, keep_prompt=True, n_heavy=2, n_recent=4), "not both"),
+    (dict(policy="h2o", budget=16, keep_prompt=True, n_recent=7), "n_recent <= 6"),
+    (dict(policy="rkv", window=8), "window"),
+    (dict(policy="rkv", budget=13, window=3, keep_prompt=True), "window < 3"),
+    (dict(policy="snapkv", budget=13, window=3, keep_prompt=True), "window < 3"),
+    (dict(policy="rkv", kernel=2), "odd kernel"),
+    (dict(policy="rkv", mix_lambda=1.5), "mix_lambda"),
+    (dict(policy="rkv", budget_fraction=0.5), "bad arguments"),              # an unknown policy setting
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, message):
     args = dict(budget=BUDGET, max_new_tokens=30) | kwargs
@@ -364,14 +507,14 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
 
 
 @pytest.mark.device
-@pytest.mark.parametrize("policy", ["full"] + COMPRESSED)
-def test_exact_learner_is_bitwise_equal_to_sampler(policy):
+@pytest.mark.parametrize("policy, keep_prompt", [("full", False)] + [(p, k) for p in COMPRESSED for k in (False, True)])
+def test_exact_learner_is_bitwise_equal_to_sampler(policy, keep_prompt):
     """Bitwise on CPU, asserted with torch.equal. On a GPU the same recipe is asserted only to TOL: it holds
     bit for bit only as far as that GPU's kernels are batch-invariant, which we do not control."""
     model = make_model(device=DEVICE)
-    budget = 41 if policy == "full" else BUDGET  # the longest prompt (11) + 30 new tokens
+    budget = 41 if policy == "full" else KEEP_BUDGET if keep_prompt else BUDGET  # full: 11 + 30 new tokens
     model.set_exact()                                      # the one switch: batch-invariant linears everywhere
-    _, r = variable_length_rollout(model, policy, seed=3, budget=budget)
+    _, r = variable_length_rollout(model, policy, seed=3, budget=budget, keep_prompt=keep_prompt)
     lp = learner_logprobs(model, r.tokens, r.shadow_mask, attention="gather")
     if DEVICE == "cpu":
         assert torch.equal(lp[r.response_mask], r.logprobs[r.response_mask])
