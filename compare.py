@@ -3,12 +3,15 @@ The experiment: every mode, and each SMD ablation, trained from one shared warm-
 reported on the test split as mean ± sample std over seeds; then a budget sweep. First it prints how the
 warm-up fares under each eviction policy and budget, before any RL. Then it only launches train.py
 (`jobs` runs at a time, one thread each) and reads their summaries; what each column measures is computed
-in train.py. Each run's log is out/cmp_<row>_b<budget>_s<seed>.log, its JSONL next to it.
+in train.py. Each run's log is out/cmp_<row>_b<budget>_s<seed>.log, its JSONL next to it. A run that fails
+is reported with its log, the tables keep the others (a row or cell says how many seeds it averages when
+some are missing), and compare.py exits with status 1 at the end.
 
-    python compare.py                              # the table and the sweep, ~40 min on 2 CPU cores
+    python compare.py                        # the table and the sweep, about half an hour on 2 CPU cores
     python compare.py --sweep=False --rows=dense,smd --seeds=5
-    python compare.py --budget=21 --lr=3e-5        # any train.py --key=value reaches every run
-    python compare.py --rows= --sweep=False        # the warm-up table alone
+    python compare.py --budget=21 --lr=3e-5  # any train.py --key=value reaches every run
+    python compare.py --rows= --sweep=False  # the warm-up table alone
+    python compare.py --help                 # these settings; train.py's: python train.py --help
 
 Not here: any training logic, plotting.
 """
@@ -23,35 +26,45 @@ import time
 
 import torch
 
+import configurator
 import train
 
+# -----------------------------------------------------------------------------
+# config: overridable as --key=value; every other --key=value goes to train.py, for every run
 seeds = 3                          # RL seeds 0 .. seeds-1, all from one warm-up (train.py's sft_seed)
-rows = "dense,naive,tis,smd,smd_no_ref_kl,mask_only,distill_only,warmup_teacher"  # table rows, in order
+rows = "dense,naive,tis,sparse_rl,smd,smd_no_ref_kl,mask_only,distill_only,warmup_teacher"  # table rows
 sweep = True                       # also run the budget sweep
 sweep_budgets = (13, 21, 32, 42)   # KV budgets of the sweep (25%, 40%, 60%, 80% of the 53-token sequence)
-sweep_rows = "naive,tis,smd"       # trained at every sweep budget; dense (full-cache rollouts) is evaluated there
+sweep_rows = "naive,tis,smd"       # trained at each sweep budget; dense's checkpoints are evaluated there
 jobs = 2                           # train.py processes at a time
-warmup_policies = "h2o,streaming,tova,snapkv"  # the warm-up's greedy accuracy under each, at every sweep budget
+warmup_policies = "h2o,streaming,tova,snapkv"  # the warm-up's greedy accuracy under each, at each budget
+CONFIG = configurator.knobs(globals())
+# -----------------------------------------------------------------------------
 
 ROWS = {  # row name -> the train.py flags that make it; every other setting (ref_kl_coef too) is shared
-    "dense": ["--mode=dense"],                                   # full-cache rollouts: the on-policy ceiling
-    "naive": ["--mode=naive"],                                   # compressed rollouts, dense learner
-    "tis": ["--mode=tis"],                                       # naive + truncated importance weights
-    "smd": ["--mode=smd"],                                       # GRPO(masked) + 0.1 KL(dense || sg(masked))
-    "smd_no_ref_kl": ["--mode=smd", "--ref_kl_coef=0.0"],        # the paper's objective alone, no reference KL
-    "mask_only": ["--mode=smd", "--distill_coef=0.0"],           # on-policy GRPO under the mask, no distillation
-    "distill_only": ["--mode=smd", "--policy_gradient=False"],   # the distillation KL alone, no policy gradient
-    "warmup_teacher": ["--mode=smd", "--distill=masked_from_warmup_dense", "--distill_coef=1.0"],  # the old default
+    "dense": ["--mode=dense"],                                # full-cache rollouts: the on-policy ceiling
+    "naive": ["--mode=naive"],                                # compressed rollouts, dense learner
+    "tis": ["--mode=tis"],                                    # naive + truncated importance weights
+    "sparse_rl": ["--mode=sparse_rl"],                        # naive + Sparse-RL's rejection sampling
+    "smd": ["--mode=smd"],                                    # GRPO(masked) + 0.1 KL(dense || sg(masked))
+    "smd_no_ref_kl": ["--mode=smd", "--ref_kl_coef=0.0"],     # the paper's objective alone
+    "mask_only": ["--mode=smd", "--distill_coef=0.0"],        # on-policy GRPO under the mask alone
+    "distill_only": ["--mode=smd", "--policy_gradient=False"],  # the distillation KL alone
+    # the old default: the masked pass learns from the warm-up's dense pass
+    "warmup_teacher": ["--mode=smd", "--distill=masked_from_warmup_dense", "--distill_coef=1.0"],
 }
+EPILOG = ("and any train.py --key=value, for every run (python train.py --help); compare.py sets --seed,\n"
+          f"--mode, --run_name and --resume itself.\nrows: {', '.join(ROWS)}")
 
 COLUMNS = [  # (header, summary key, format); start -> end columns show both
-    ("full-cache acc", ("acc_dense_start", "acc_dense"), "{:.3f}"),        # greedy exact match, full KV cache
+    ("full-cache acc", ("acc_dense_start", "acc_dense"), "{:.3f}"),            # greedy exact match, full KV
     ("compressed acc", ("acc_compressed_start", "acc_compressed"), "{:.3f}"),  # greedy, policy@budget
-    ("reward", ("reward_start", "reward_end"), "{:.3f}"),                  # training reward, first/last 10 steps
-    ("mismatch k3", "mismatch_k3_mean", "{:.1e}"),                         # KL(sampler || learner) per token
-    ("TIS ESS", "tis_ess_mean", "{:.2f}"),                                 # effective sample size, tis only
-    ("KV frac", "kv_frac", "{:.2f}"),                                      # rollout KV bytes / full cache's
-    ("RL s", "rl_s", "{:.0f}"),                                            # phase 2 wall time per run
+    ("reward", ("reward_start", "reward_end"), "{:.3f}"),                      # training, first/last 10 steps
+    ("mismatch k3", "mismatch_k3_mean", "{:.1e}"),                             # KL(sampler || learner)/token
+    ("TIS ESS", "tis_ess_mean", "{:.2f}"),                                     # effective sample size, tis
+    ("rejected", "sparse_rl_rejected_mean", "{:.2f}"),                         # sequences, sparse_rl
+    ("KV frac", "kv_frac", "{:.2f}"),                                          # rollout KV bytes / full's
+    ("RL s", "rl_s", "{:.0f}"),                                                # phase 2 wall time per run
 ]
 
 
@@ -64,6 +77,11 @@ def mean_std(values, fmt):
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(std)}"
 
 
+def of_seeds(n_done, n_seeds):
+    """'' when every seed finished, else how many the numbers average: ' (2 of 3 seeds)'."""
+    return "" if n_done == n_seeds else f" ({n_done} of {n_seeds} seeds)"
+
+
 def cell(summaries, key, fmt):
     if isinstance(key, tuple):  # start -> end
         return " -> ".join(mean_std([s[k] for s in summaries], fmt) for k in key)
@@ -72,24 +90,30 @@ def cell(summaries, key, fmt):
 
 def aligned(cells):
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
     return "\n".join(lines[:1] + ["-" * len(lines[0])] + lines[1:])
 
 
 def table(results):
-    """results: [(row name, [summary per seed])] -> one aligned line per row."""
+    """results: [(row name, [summary per seed, None where that run failed])] -> one aligned line per row."""
     cells = [["row"] + [h for h, _, _ in COLUMNS]]
-    cells += [[name] + [cell(summaries, key, fmt) for _, key, fmt in COLUMNS] for name, summaries in results]
+    for name, summaries in results:
+        done = [s for s in summaries if s is not None]
+        cells.append([name + of_seeds(len(done), len(summaries))]
+                     + [cell(done, key, fmt) for _, key, fmt in COLUMNS])
     return aligned(cells)
 
 
 def run(argv, out_dir, name):
-    """One `python train.py` in its own process (one thread), its output in out_dir/name.log -> its summary."""
-    with open(os.path.join(out_dir, name + ".log"), "w") as log:
+    """One `python train.py` in its own process (one thread), its output in out_dir/name.log -> its summary;
+    a RuntimeError naming the log if it fails."""
+    path = os.path.join(out_dir, name + ".log")
+    with open(path, "w") as log:
         done = subprocess.run([sys.executable, "train.py", *argv, f"--run_name={name}"], stdout=log,
                               stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)))
     if done.returncode != 0:
-        raise RuntimeError(f"run {name} failed; see {os.path.join(out_dir, name + '.log')}")
+        raise RuntimeError(f"train.py exited with status {done.returncode}; its log: {path}")
     with open(os.path.join(out_dir, name + ".jsonl")) as f:
         return json.loads(f.readlines()[-1])
 
@@ -101,7 +125,8 @@ def evaluate_checkpoint(cfg, name, budget):
     model.load_state_dict(torch.load(os.path.join(cfg["out_dir"], name + ".pt"), map_location=cfg["device"],
                                      weights_only=False)["model"])
     _, held_out = train.problem_splits(cfg)
-    return train.evaluate(model, held_out, cfg["policy"], budget, **train.policy_kwargs(dict(cfg, budget=budget)))
+    settings = train.policy_kwargs(dict(cfg, budget=budget))
+    return train.evaluate(model, held_out, cfg["policy"], budget, **settings)
 
 
 def prepare_warm_up(cfg):
@@ -115,8 +140,8 @@ def prepare_warm_up(cfg):
 
 @torch.no_grad()
 def warmup_table(model, cfg, policies, budgets):
-    """How hard compression bites before any RL: the warm-up's greedy accuracy with a full cache and under each
-    policy at each budget, on the same held-out problems as the runs."""
+    """How hard compression bites before any RL: the warm-up's greedy accuracy with a full cache and under
+    each policy at each budget, on the same held-out problems as the runs."""
     _, held_out = train.problem_splits(cfg)
     P, R = train.max_lengths()
     cells = [["policy"] + [f"{b} ({b / (P + R):.0%})" for b in budgets]]
@@ -125,93 +150,108 @@ def warmup_table(model, cfg, policies, budgets):
         cells.append([policy] + [f"{train.evaluate(model, held_out, policy, b, **kw):.3f}"
                                  for b, kw in zip(budgets, settings)])
     full = train.evaluate(model, held_out, "full", P + R)
-    return f"\nwarm-up greedy accuracy: full cache {full:.3f}; compressed, by budget (KV frac):\n" + aligned(cells)
+    return (f"\nwarm-up greedy accuracy: full cache {full:.3f}; compressed, by budget (KV frac):\n"
+            + aligned(cells))
 
 
-def parse(argv):
-    own = {"seeds": seeds, "rows": rows, "sweep": sweep, "sweep_budgets": sweep_budgets, "sweep_rows": sweep_rows,
-           "jobs": jobs, "warmup_policies": warmup_policies}
-    is_own = lambda arg: arg[2:].split("=", 1)[0] in own
-    own_argv = [a.replace("=", "=(", 1) + ",)" if a.startswith("--sweep_budgets=") else a for a in argv if is_own(a)]
-    own.update(train.parse_overrides(own_argv, own))  # --sweep_budgets=16 or =16,24: a tuple either way
-    passed = [a for a in argv if not is_own(a)] + ["--eval_split=test"] * (not any("--eval_split=" in a for a in argv))
-    names = [n for n in own["rows"].split(",") if n] + (own["sweep_rows"].split(",") if own["sweep"] else [])
-    unknown = [n for n in names if n not in ROWS]
+def configure(argv):
+    """-> (compare's settings, rows and sweep_rows as lists, sweep_rows [] without the sweep; the table's
+    train.py config; the plan, (row, budget, seed) -> that run's train.py flags). Every run's config is
+    checked here, before any work, so a typo costs a second, not a warm-up."""
+    overrides, passed = configurator.parse_known(argv, CONFIG)
+    own = dict(CONFIG, **overrides)
+    own["rows"] = [n for n in own["rows"].split(",") if n]  # --rows= (empty): the warm-up table alone
+    own["sweep_rows"] = [n for n in own["sweep_rows"].split(",") if n] if own["sweep"] else []
+    unknown = [n for n in own["rows"] + own["sweep_rows"] if n not in ROWS]
     if unknown or own["seeds"] < 1 or own["jobs"] < 1:
-        raise ValueError(f"need rows from {sorted(ROWS)}, seeds >= 1, jobs >= 1; got unknown rows {unknown}, "
+        raise ValueError(f"need rows from {list(ROWS)}, seeds >= 1, jobs >= 1; got unknown rows {unknown}, "
                          f"seeds={own['seeds']}, jobs={own['jobs']}")
     for key in ("seed", "mode", "run_name", "resume"):
         if any(a.startswith(f"--{key}=") for a in passed):
             raise ValueError(f"compare.py sets --{key} itself for every run")
-    budgets = [int(b) for b in own["sweep_budgets"]] if own["sweep"] else []
-    return own, passed, budgets
+    if not any(a.startswith("--eval_split=") for a in passed):
+        passed.append("--eval_split=test")  # report on test; choosing settings on val is train.py's default
+    cfg = train.make_config(passed)
+    runs = [(n, cfg["budget"]) for n in own["rows"]]
+    runs += [(n, b) for b in own["sweep_budgets"] for n in own["sweep_rows"]]
+    plan = {}  # a sweep run the table already has (same row and budget) is not run twice
+    for name, budget in runs:
+        for s in range(own["seeds"]):
+            plan.setdefault((name, budget, s), passed + ROWS[name] + [f"--budget={budget}", f"--seed={s}"])
+    for argv_run in plan.values():
+        train.make_config(argv_run)
+    return own, cfg, plan
 
 
 def main(argv):
-    own, passed, budgets = parse(argv)
-    cfg = train.make_config(passed)
-    plan = []  # (row, budget, seed, argv), each checked before anything runs
-    for name in [n for n in own["rows"].split(",") if n]:  # --rows= (empty): the warm-up table alone
-        plan += [(name, cfg["budget"], s, passed + ROWS[name] + [f"--budget={cfg['budget']}", f"--seed={s}"])
-                 for s in range(own["seeds"])]
-    for budget in budgets:
-        for name in [n for n in own["sweep_rows"].split(",") if budget != cfg["budget"] or n not in own["rows"]]:
-            plan += [(name, budget, s, passed + ROWS[name] + [f"--budget={budget}", f"--seed={s}"])
-                     for s in range(own["seeds"])]
-    for _, _, _, argv_run in plan:
-        train.make_config(argv_run)
+    own, cfg, plan = configure(argv)
     os.makedirs(cfg["out_dir"], exist_ok=True)
     t0 = time.time()
     model = prepare_warm_up(cfg)
     if own["warmup_policies"]:
-        table_budgets = sorted({int(b) for b in own["sweep_budgets"]} | {cfg["budget"]})
+        table_budgets = sorted(set(own["sweep_budgets"]) | {cfg["budget"]})
         print(warmup_table(model, cfg, own["warmup_policies"].split(","), table_budgets), flush=True)
-    summaries = {}
+    summaries, failed = {}, []
     with concurrent.futures.ThreadPoolExecutor(own["jobs"]) as pool:
-        futures = {pool.submit(run, a, cfg["out_dir"], f"cmp_{n}_b{b}_s{s}"): (n, b, s) for n, b, s, a in plan}
+        futures = {pool.submit(run, a, cfg["out_dir"], f"cmp_{n}_b{b}_s{s}"): (n, b, s)
+                   for (n, b, s), a in plan.items()}
         for future in concurrent.futures.as_completed(futures):
             n, b, s = futures[future]
-            summaries[n, b, s] = future.result()
-            r = summaries[n, b, s]
+            try:
+                r = summaries[n, b, s] = future.result()
+            except Exception as e:  # reported; the tables keep every other run, one crash must not lose them
+                failed.append(f"{n} budget {b} seed {s}: {type(e).__name__}: {e}")
+                print(f"{n:14s} budget {b:2d} seed {s} | failed: {type(e).__name__}: {e}", flush=True)
+                continue
             print(f"{n:14s} budget {b:2d} seed {s} | full-cache acc {r['acc_dense_start']:.3f} -> "
-                  f"{r['acc_dense']:.3f} | "
-                  f"compressed {r['acc_compressed_start']:.3f} -> {r['acc_compressed']:.3f} | {time.time() - t0:.0f}s",
-                  flush=True)
+                  f"{r['acc_dense']:.3f} | compressed {r['acc_compressed_start']:.3f} -> "
+                  f"{r['acc_compressed']:.3f} | {time.time() - t0:.0f}s", flush=True)
 
-    results = [(n, [summaries[n, cfg["budget"], s] for s in range(own["seeds"])]) for n in own["rows"].split(",") if n]
+    results = [(n, [summaries.get((n, cfg["budget"], s)) for s in range(own["seeds"])]) for n in own["rows"]]
     if not plan:
         return results
-    print(f"\n{own['seeds']} RL seeds per row, one warm-up (sft_seed={cfg['sft_seed']}), policy={cfg['policy']} "
-          f"budget={cfg['budget']} (dense: full-cache rollouts), {cfg['n_steps']} GRPO steps; accuracy: greedy exact "
-          f"match on {cfg['eval_problems']} {cfg['eval_split']} problems, start -> end; mean ± sample std")
+    print(f"\n{own['seeds']} RL seeds per row, one warm-up (sft_seed={cfg['sft_seed']}), "
+          f"policy={cfg['policy']} budget={cfg['budget']} (dense: full-cache rollouts), {cfg['n_steps']} "
+          f"GRPO steps; accuracy: greedy exact match on {cfg['eval_problems']} {cfg['eval_split']} problems, "
+          f"start -> end; mean ± sample std")
     print(table(results))
-    if budgets:
-        print(sweep_table(cfg, own, budgets, summaries))
+    if own["sweep"]:
+        print(sweep_table(cfg, own, summaries))
     print(f"total {time.time() - t0:.0f}s")
+    if failed:
+        sys.exit(f"{len(failed)} of {len(plan)} runs failed, the tables above are without them:\n"
+                 + "\n".join(failed))
     return results
 
 
-def sweep_table(cfg, own, budgets, summaries):
-    """Final full-cache / compressed accuracy per budget (the table's own budget included, from its runs);
-    dense's weights do not depend on the budget, so its final checkpoints are evaluated at each one."""
-    names = own["sweep_rows"].split(",")
-    cells = [["budget (KV frac)", "dense (ceiling)"] + names]
+def final_accuracy(runs, n_seeds):
+    """'full-cache / compressed' final accuracy over the runs that finished; '-' where none did."""
+    if not runs:
+        return "-"
+    return (f"{mean_std([r['acc_dense'] for r in runs], '{:.3f}')} / "
+            f"{mean_std([r['acc_compressed'] for r in runs], '{:.3f}')}{of_seeds(len(runs), n_seeds)}")
+
+
+def sweep_table(cfg, own, summaries):
+    """Final full-cache / compressed accuracy per budget, the table's own budget included from its runs ('-'
+    for a row that did not run there); dense's weights do not depend on the budget, so its finished
+    checkpoints are evaluated at each one."""
+    seeds = range(own["seeds"])
+    dense = [s for s in seeds if ("dense", cfg["budget"], s) in summaries]
+    cells = [["budget (KV frac)", "dense (ceiling)"] + own["sweep_rows"]]
     seq_len = sum(train.max_lengths())
-    for budget in sorted(set(budgets) | {cfg["budget"]}):
+    for budget in sorted(set(own["sweep_budgets"]) | {cfg["budget"]}):
         row = [f"{budget} ({budget / seq_len:.0%})"]
-        if ("dense", cfg["budget"], 0) in summaries:
-            dense = [summaries["dense", cfg["budget"], s] for s in range(own["seeds"])]
-            comp = [evaluate_checkpoint(cfg, f"cmp_dense_b{cfg['budget']}_s{s}", budget) for s in range(own["seeds"])]
-            row.append(f"{mean_std([d['acc_dense'] for d in dense], '{:.3f}')} / {mean_std(comp, '{:.3f}')}")
-        else:
-            row.append("-")
-        for name in names:
-            runs = [summaries[name, budget, s] for s in range(own["seeds"])]
-            row.append(f"{mean_std([r['acc_dense'] for r in runs], '{:.3f}')} / "
-                       f"{mean_std([r['acc_compressed'] for r in runs], '{:.3f}')}")
+        dense_runs = [dict(acc_dense=summaries["dense", cfg["budget"], s]["acc_dense"],
+                           acc_compressed=evaluate_checkpoint(cfg, f"cmp_dense_b{cfg['budget']}_s{s}",
+                                                              budget)) for s in dense]
+        row.append(final_accuracy(dense_runs, own["seeds"]))
+        for name in own["sweep_rows"]:
+            runs = [summaries[name, budget, s] for s in seeds if (name, budget, s) in summaries]
+            row.append(final_accuracy(runs, own["seeds"]))
         cells.append(row)
     return f"\nbudget sweep: final full-cache / compressed accuracy ({cfg['policy']})\n" + aligned(cells)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    configurator.cli(main, CONFIG, __file__, check=configure, epilog=EPILOG)

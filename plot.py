@@ -6,6 +6,7 @@ read from the JSONL logs compare.py leaves in out/. Needs matplotlib, which noth
 
     python plot.py                                  # out/cmp_*.jsonl at the default budget -> run.png
     python plot.py --out_dir=out --budget=26 --rows=dense,naive,tis,smd --file=run.png
+    python plot.py --help                           # the settings
 """
 
 import glob
@@ -14,11 +15,17 @@ import os
 import sys
 from collections import defaultdict
 
-out_dir = "out"
-budget = 26              # the compare.py budget whose runs to draw
-rows = "dense,naive,tis,smd,smd_no_ref_kl"
-file = "run.png"
-smooth = 10              # moving average over this many steps for the per-step curves
+import configurator
+
+# -----------------------------------------------------------------------------
+# config, overridable as --key=value
+out_dir = "out"                             # where compare.py left its logs
+budget = 26                                 # the compare.py budget whose runs to draw
+rows = "dense,naive,tis,smd,smd_no_ref_kl"  # compare.py rows to draw, in this order
+file = "run.png"                            # the picture written
+smooth = 10                                 # moving average over this many steps for the per-step curves
+CONFIG = configurator.knobs(globals())
+# -----------------------------------------------------------------------------
 
 
 def load(out_dir, row, budget):
@@ -26,7 +33,8 @@ def load(out_dir, row, budget):
     runs = []
     for path in sorted(glob.glob(os.path.join(out_dir, f"cmp_{row}_b{budget}_s*.jsonl"))):
         records = [json.loads(line) for line in open(path)]
-        runs.append(([r for r in records if r["kind"] == "train"], [r for r in records if r["kind"] == "eval"]))
+        runs.append(([r for r in records if r["kind"] == "train"],
+                     [r for r in records if r["kind"] == "eval"]))
     return runs
 
 
@@ -45,13 +53,16 @@ def moving_average(values, width):
             for i in range(len(values))]
 
 
+def make_config(argv):
+    """The defaults and the overrides, checked."""
+    cfg = dict(CONFIG, **configurator.parse(argv, CONFIG))
+    if cfg["smooth"] < 1:
+        raise ValueError(f"smooth must be >= 1 (1: no smoothing), got {cfg['smooth']}")
+    return cfg
+
+
 def main(argv):
-    cfg = {"out_dir": out_dir, "budget": budget, "rows": rows, "file": file, "smooth": smooth}
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in cfg:
-            raise ValueError(f"bad argument {arg!r}: use --key=value with key one of {sorted(cfg)}")
-        cfg[key] = type(cfg[key])(value)
+    cfg = make_config(argv)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -73,11 +84,13 @@ def main(argv):
             steps, values = mean_curve(runs, kind, key)
             if kind == 0:
                 values = moving_average(values, cfg["smooth"])
-            ax.plot(steps, values, label=f"{row} ({len(runs)} seeds)", marker="o" if kind == 1 else None, ms=3)
+            ax.plot(steps, values, label=f"{row} ({len(runs)} seeds)", marker="o" if kind == 1 else None,
+                    ms=3)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("GRPO step", fontsize=8)
     if not drawn:
-        sys.exit(f"nothing to draw: run compare.py first (no {cfg['out_dir']}/cmp_<row>_b{cfg['budget']}_s*.jsonl)")
+        sys.exit(f"nothing to draw: run compare.py first "
+                 f"(no {cfg['out_dir']}/cmp_<row>_b{cfg['budget']}_s*.jsonl)")
     axes[3].set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -86,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    configurator.cli(main, CONFIG, __file__, check=make_config)

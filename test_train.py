@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import configurator
 import train
 from conftest import DEVICE
 from model import GPT, GPTConfig
@@ -244,13 +245,13 @@ def test_bad_config_fails_before_any_work(tmp_path):
 
 
 def test_overrides_keep_their_types_and_reject_unknown_keys():
-    assert train.parse_overrides(["--budget=8", "--mode=tis", "--lr=1", "--resume=True"]) == \
-        dict(budget=8, mode="tis", lr=1.0, resume=True)
-    for typo in ("--bugdet=8", "--N_OPERANDS=5"):  # a task constant is not config: it would be ignored
+    got = configurator.parse(["--budget=8", "--mode=tis", "--lr=1", "--resume=True"], train.CONFIG)
+    assert got == dict(budget=8, mode="tis", lr=1.0, resume=True) and type(got["lr"]) is float
+    for typo in ("--bugdet=8", "--N_OPERANDS=5", "--MODES=x"):  # a task constant is not config: it would be ignored
         with pytest.raises(ValueError, match="unknown config key"):
-            train.parse_overrides([typo])
+            configurator.parse([typo], train.CONFIG)
     with pytest.raises(ValueError, match="wants a int"):
-        train.parse_overrides(["--budget=8.5"])
+        configurator.parse(["--budget=8.5"], train.CONFIG)
 
 
 def test_same_seed_gives_the_same_step_bit_for_bit():
@@ -281,6 +282,28 @@ def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))  # checkpoints written atomically
 
 
+def test_resume_after_a_crash_logs_each_step_once(tmp_path, monkeypatch):
+    cfg = {k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "prompts_per_step", "group_size", "sft_steps",
+                                "sft_batch_size", "n_train", "eval_problems", "lr")}
+    cfg.update(out_dir=str(tmp_path), mode="naive", eval_interval=1, ckpt_interval=2, n_steps=4, run_name="crash")
+    grpo_step, calls = train.grpo_step, []
+
+    def crash_at_step_4(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # after steps 1-3 were logged, the last checkpoint at step 2
+        return grpo_step(*a, **k)
+    monkeypatch.setattr(train, "grpo_step", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args(cfg))
+    monkeypatch.setattr(train, "grpo_step", grpo_step)
+    train.main(args(cfg, resume=True))                                     # steps 3 and 4 run again
+    records = [json.loads(line) for line in open(tmp_path / "crash.jsonl")]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 1, 2, 3, 4]
+    assert [r["kind"] for r in records].count("summary") == 1
+
+
 def test_rl_seeds_share_one_warm_up_and_one_held_out_set(tmp_path):
     cfg = {k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "prompts_per_step", "group_size", "sft_steps",
                                 "sft_batch_size", "n_train", "eval_problems", "eval_interval", "lr", "n_steps")}
@@ -304,7 +327,7 @@ def test_compare_runs_every_row_seed_and_budget_and_reports_mean_and_sample_std(
     def fake_run(argv, out_dir, name):  # a summary whose numbers encode the run, so the arithmetic can be checked
         calls.append(argv)
         cfg = train.make_config(argv)
-        acc = {"dense": 0.5, "naive": 0.2, "tis": 0.3, "smd": 0.4}[cfg["mode"]] + 0.1 * cfg["seed"]
+        acc = {"dense": 0.5, "naive": 0.2, "tis": 0.3, "sparse_rl": 0.35, "smd": 0.4}[cfg["mode"]] + 0.1 * cfg["seed"]
         return dict(acc_dense_start=0.5, acc_dense=acc, acc_compressed_start=0.1, acc_compressed=acc / 2,
                     reward_start=0.4, reward_end=0.5, mismatch_k3_mean=1e-3, tis_ess_mean=None, kv_frac=0.5,
                     rl_s=10.0)
@@ -350,6 +373,42 @@ def test_tis_weights_scale_the_policy_gradient_loss(monkeypatch):
     tis, _ = one_step("tis", updates_per_batch=1)
     assert naive["loss"] != 0.0
     assert tis["loss"] == pytest.approx(0.5 * naive["loss"], rel=1e-6)   # same rollouts, every token weighted 0.5
+
+
+def test_sparse_rl_weights_mask_and_rejection_on_hand_made_logprobs():
+    ratio = torch.tensor([[1.0, 0.4, 1.6, 1.2],      # two tokens outside [0.5, 1.5]
+                          [1.0, 5e-5, 1.0, 1.0],     # one token below the veto 1e-4: the sequence is rejected
+                          [2.0, 0.9, 1e-6, 1.0]])    # a response of 2 tokens: the 1e-6 after it vetoes nothing
+    response_mask = torch.tensor([[True] * 4, [True] * 4, [True, True, False, False]])
+    weights, keep, outside, rejected = train.sparse_rl_weights(ratio.log(), torch.zeros(3, 4), response_mask,
+                                                               0.5, 1.5, 1e-4)
+    capped = torch.tensor([[1.0, 0.4, 1.5, 1.2], [1.0, 5e-5, 1.0, 1.0], [1.5, 0.9, 0.0, 0.0]])  # min(ratio, 1.5)
+    assert torch.allclose(weights, capped / (capped.sum() / 10), rtol=1e-6)  # mean 1 over the 10 response tokens
+    assert keep.tolist() == [[True, False, False, True], [False] * 4, [False, True, False, False]]
+    assert outside == pytest.approx(4 / 10) and rejected == pytest.approx(1 / 3)
+
+
+def test_sparse_rl_loss_is_the_weighted_mean_over_kept_tokens(monkeypatch):
+    made = {}
+
+    def some_weights_and_tokens(lp_learner, lp_sampler, response_mask, low, high, veto):  # any weights, half the tokens
+        g = torch.Generator().manual_seed(0)
+        made["weights"] = torch.rand(lp_learner.shape, generator=g) + 0.5
+        made["keep"] = response_mask & (torch.rand(lp_learner.shape, generator=g) < 0.5)
+        return made["weights"], made["keep"], 0.25, 0.5
+    monkeypatch.setattr(train, "sparse_rl_weights", some_weights_and_tokens)
+    got, ro, stats = step_gradient(monkeypatch, "sparse_rl")
+    weights, keep = made["weights"], made["keep"]
+    assert 0 < keep.sum() < ro.response_mask.sum() and (stats["sparse_rl_outside"], stats["sparse_rl_rejected"]) == (0.25, 0.5)
+
+    def surrogate(model):  # at the first update the ratio is 1: the gradient of -mean_kept(w * A * log pi)
+        rewards = torch.tensor([float(len(train.decode(t[train.max_lengths()[0]:].tolist())) % 3) for t in ro.tokens])
+        adv = train.group_advantages(rewards, TINY["group_size"])
+        lp = train.smd.learner_logprobs(model, ro.tokens)                  # the full-cache learner, as naive's
+        return -(lp * adv[:, None] * weights * keep).sum() / keep.sum()
+    assert_same_gradient(got, gradient_of(surrogate))
+    with pytest.raises(AssertionError):  # averaged over every response token instead: a different gradient
+        assert_same_gradient(got, gradient_of(lambda m: surrogate(m) * keep.sum() / ro.response_mask.sum()))
 
 
 def test_kl_divergence_is_kl_of_first_from_second_and_follows_the_temperature():

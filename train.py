@@ -4,6 +4,8 @@ rollouts. `--mode` picks how the learner treats those rollouts, so one command s
   dense  full-cache rollouts, dense learner: the on-policy reference;
   naive  compressed rollouts, dense learner: the learner silently trains on someone else's samples;
   tis    as naive, each token weighted by min(pi_learner / pi_sampler, tis_cap): patched, at a variance cost;
+  sparse_rl  as naive, with Sparse-RL's rejection sampling: tokens whose pi_learner / pi_sampler leaves
+         [sparse_rl_low, sparse_rl_high] are dropped, sequences with a token below sparse_rl_veto rejected;
   smd    compressed rollouts, the policy-gradient pass under the recorded shadow mask (exactly on-policy),
          plus distill_coef * KL(pi_dense || sg(pi_masked)): the unmasked pass of the same weights learns
          from the masked one (Shadow Mask Distillation as its authors state it; `distill` has the variant).
@@ -15,13 +17,12 @@ the last line printed starts with "summary:".
     python train.py                          # smd, h2o; a few minutes on 2 CPU cores, warm-up included
     python train.py --mode=naive             # same base, shows the off-policy mismatch
     python train.py --mode=tis --policy=snapkv
-    python train.py --preset=gpu             # one GPU (picked automatically when present): larger model and batch
+    python train.py --preset=gpu             # a larger model and batch for one GPU (used when visible)
     python compare.py                        # every mode and ablation x 3 RL seeds, and a budget sweep
 
 Not here: the model (model.py), the cache, shadow mask, rollout and learner passes (smd.py), the task (data/).
 """
 
-import ast
 import copy
 import hashlib
 import json
@@ -33,6 +34,7 @@ import time
 
 import torch
 
+import configurator
 import smd
 from data.arithmetic import EOS_ID, N_DIGITS, N_OPERANDS, VOCAB_SIZE, decode, encode, format_prompt, \
     format_response, make_splits, max_lengths, partial_reward
@@ -43,19 +45,23 @@ from model import GPT, GPTConfig
 # config: every default here, one line per knob, any of them overridden by --key=value. Why each default is
 # what it is, with the runs that chose it: README.md and EXPERIMENTS.md.
 # run
-mode = "smd"                # dense | naive | tis | smd (see above)
-policy = "h2o"              # eviction policy of compressed rollouts: streaming | h2o | tova | snapkv | random | full
+mode = "smd"                # dense | naive | tis | sparse_rl | smd (see above)
+policy = "h2o"              # eviction policy: streaming | h2o | tova | snapkv | rkv | random | full
 budget = 26                 # KV slots per layer and head in compressed rollouts (the sequence is 53 tokens)
+keep_prompt = False         # never evict a prompt token: the policy chooses among generated tokens only
 n_sink = 4                  # streaming: attention-sink tokens always kept
 n_recent = 0                # h2o: newest tokens kept (the incoming one included); 0 = half the budget (paper's split)
 tova_head_average = True    # tova: average the newest query's attention over heads (reference code), or per head
 snap_window = 4             # snapkv: observation window, the last prompt queries whose attention scores the prompt
 snap_kernel = 3             # snapkv: width of the average pool smoothing those scores (odd)
+rkv_window = 2              # rkv: observation window, the last queries whose attention scores older keys
+rkv_kernel = 3              # rkv: width of the max pool smoothing those scores (odd)
+rkv_lambda = 0.1            # rkv: weight of importance against redundancy (the paper's lambda)
 seed = 0                    # RL seed: batches, sampling
 sft_seed = 0                # data splits, initial weights and warm-up: one base for every RL seed
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = "cuda" if torch.cuda.is_available() else "cpu"  # where the model runs (a GPU when one is visible)
 cpu_threads = 1             # torch threads; more only busy-wait on these tiny matrices
-out_dir = "out"
+out_dir = "out"             # warm-ups, checkpoints and JSONL logs
 run_name = ""               # "" -> f"{mode}_{policy}{budget}"
 resume = False              # continue out/<run_name>.pt (model, optimizer, step, RNG states)
 preset = ""                 # "gpu": a larger model and batch (PRESETS below), applied before the other overrides
@@ -64,10 +70,10 @@ n_train = 20000             # training problems (warm-up and RL prompts)
 eval_problems = 400         # held-out problems for greedy accuracy, <= EVAL_POOL
 eval_split = "val"          # "val" to choose settings, "test" to report them
 # model (dropout stays 0: with it the learner could never reproduce the sampler's log-probs)
-n_layer = 2
-n_head = 4
-n_embd = 64
-block_size = 64
+n_layer = 2                 # transformer blocks
+n_head = 4                  # attention heads per block
+n_embd = 64                 # width of the residual stream
+block_size = 64             # longest sequence the model can see (prompt + response = 53)
 # phase 1: supervised warm-up on correct worked examples
 sft_steps = 600             # optimizer steps
 sft_batch_size = 64         # worked examples per step
@@ -87,10 +93,14 @@ clip_eps = 0.2              # PPO ratio clip
 grad_clip = 1.0             # gradient-norm clip
 ref_kl_coef = 0.1           # beta: KL(full-cache pass || frozen warm-up's full-cache pass), in every mode alike
 tis_cap = 2.0               # mode=tis: C in min(pi_learner / pi_sampler, C) (verl's default; TRL's is 3)
+sparse_rl_low = 0.5         # mode=sparse_rl: tokens with pi_learner / pi_sampler below this are dropped
+sparse_rl_high = 1.5        # mode=sparse_rl: ... and above this; it also caps the importance weights
+sparse_rl_veto = 1e-4       # mode=sparse_rl: a sequence with any token ratio below this is rejected whole
 # mode=smd
-distill = "dense_from_masked"  # student_from_teacher: "dense_from_masked" (the paper): KL(pi_dense || sg(pi_masked)),
-#                             the current weights' dense pass learns from their masked pass; "masked_from_warmup_dense":
-#                             KL(sg(pi_warmup_dense) || pi_masked), the masked pass learns from the warm-up's dense pass
+distill = "dense_from_masked"  # student_from_teacher: dense_from_masked | masked_from_warmup_dense (below)
+#   dense_from_masked (the paper): KL(pi_dense || sg(pi_masked)), the current weights' dense pass learns from
+#   their masked pass; masked_from_warmup_dense: KL(sg(pi_warmup_dense) || pi_masked), the masked pass learns
+#   from the warm-up's dense pass
 distill_coef = 0.1          # lambda, the weight of that KL; 0 = on-policy GRPO under the mask only
 policy_gradient = True      # False: no GRPO term, distillation only (an ablation)
 learner_attention = "dense"  # "dense" (T x T boolean mask) or "gather" (O(T * budget) scores)
@@ -98,13 +108,12 @@ learner_attention = "dense"  # "dense" (T x T boolean mask) or "gather" (O(T * b
 log_interval = 1            # steps between printed lines (every step goes to the JSONL)
 eval_interval = 40          # steps between held-out evaluations
 ckpt_interval = 40          # steps between checkpoints
-CONFIG = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_")  # not the imported constants
-          and isinstance(v, (bool, int, float, str))}
+CONFIG = configurator.knobs(globals())
 PRESETS = {"gpu": dict(n_layer=4, n_embd=128, sft_steps=3000, sft_batch_size=256, prompts_per_step=32,
                        group_size=16, eval_problems=1000, cpu_threads=4)}
 # -----------------------------------------------------------------------------
 
-MODES = ("dense", "naive", "tis", "smd")
+MODES = ("dense", "naive", "tis", "sparse_rl", "smd")
 REWARDS = {"exact": exact_reward, "partial": partial_reward}
 DISTILL = ("dense_from_masked", "masked_from_warmup_dense")  # student_from_teacher, see `distill` above
 EVAL_POOL = 1000  # val and test each hold this many problems, dealt before train: eval_problems never moves them
@@ -119,31 +128,13 @@ def problem_splits(cfg):
 
 def policy_kwargs(cfg):
     """The settings of cfg's eviction policy, as smd.make_policy takes them."""
-    return {"streaming": dict(n_sink=cfg["n_sink"]), "h2o": dict(n_recent=cfg["n_recent"] or None),
-            "tova": dict(head_average=cfg["tova_head_average"]),
-            "snapkv": dict(window=cfg["snap_window"], kernel=cfg["snap_kernel"])}.get(cfg["policy"], {})
-
-
-def parse_overrides(argv, defaults=CONFIG):
-    """['--budget=8', '--mode=tis'] -> {'budget': 8, 'mode': 'tis'}; a value keeps its default's type."""
-    out = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"arguments look like --key=value, got {arg!r}")
-        key, text = arg[2:].split("=", 1)
-        if key not in defaults:
-            raise ValueError(f"unknown config key {key!r}; known: {sorted(defaults)}")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text  # a bare word such as --mode=smd
-        default = defaults[key]
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not type(default):
-            raise ValueError(f"--{key} wants a {type(default).__name__}, got {text!r}")
-        out[key] = value
-    return out
+    if cfg["policy"] == "full":
+        return {}
+    own = {"streaming": dict(n_sink=cfg["n_sink"]), "h2o": dict(n_recent=cfg["n_recent"] or None),
+           "tova": dict(head_average=cfg["tova_head_average"]),
+           "snapkv": dict(window=cfg["snap_window"], kernel=cfg["snap_kernel"]),
+           "rkv": dict(window=cfg["rkv_window"], kernel=cfg["rkv_kernel"], mix_lambda=cfg["rkv_lambda"])}
+    return dict(own.get(cfg["policy"], {}), keep_prompt=cfg["keep_prompt"])
 
 
 def validate_config(cfg):
@@ -158,13 +149,16 @@ def validate_config(cfg):
     for key in ("sft_steps", "sft_warmup"):
         if cfg[key] < 0:
             raise ValueError(f"{key} must be >= 0, got {cfg[key]}")
-    for key in ("sft_lr", "lr", "temperature", "tis_cap", "grad_clip", "sft_grad_clip"):
+    for key in ("sft_lr", "lr", "temperature", "tis_cap", "grad_clip", "sft_grad_clip", "sparse_rl_veto"):
         if not cfg[key] > 0:
             raise ValueError(f"{key} must be > 0, got {cfg[key]}")
     if cfg["group_size"] < 2:
         raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got {cfg['group_size']}")
     if not 0 <= cfg["clip_eps"] < 1 or cfg["distill_coef"] < 0:
         raise ValueError(f"need 0 <= clip_eps < 1 and distill_coef >= 0, got {cfg['clip_eps']}, {cfg['distill_coef']}")
+    if not 0 < cfg["sparse_rl_low"] < 1 < cfg["sparse_rl_high"]:
+        raise ValueError(f"need 0 < sparse_rl_low < 1 < sparse_rl_high, got {cfg['sparse_rl_low']}, "
+                         f"{cfg['sparse_rl_high']}")
     if cfg["distill"] not in DISTILL:
         raise ValueError(f"distill must be one of {DISTILL}, got {cfg['distill']!r}")
     if cfg["ref_kl_coef"] < 0 or cfg["lr_warmup"] < 0:
@@ -185,15 +179,28 @@ def validate_config(cfg):
         raise ValueError(f"learner_attention must be 'dense' or 'gather', got {cfg['learner_attention']!r}")
     if cfg["n_embd"] % cfg["n_head"]:
         raise ValueError(f"n_embd={cfg['n_embd']} must be divisible by n_head={cfg['n_head']}")
-    seq_len = sum(max_lengths())
+    P, R = max_lengths()
+    seq_len = P + R
     if cfg["block_size"] < seq_len:
         raise ValueError(f"block_size {cfg['block_size']} must hold prompt + response = {seq_len} tokens")
     if cfg["budget"] > cfg["block_size"]:
         raise ValueError(f"budget {cfg['budget']} is larger than block_size {cfg['block_size']}")
     # unknown policy, or settings that cannot work with this budget (the policy's ValueError names them)
-    smd.make_policy(cfg["policy"], **policy_kwargs(cfg)).check(cfg["budget"], seq_len)
+    smd.make_policy(cfg["policy"], **policy_kwargs(cfg)).check(cfg["budget"], seq_len, P)
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no GPU is visible")
+
+
+def keep_log_until(path, step):
+    """Drop the JSONL records of steps after `step` (and any summary): a resumed run logs them again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in records if r["kind"] != "summary" and r["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(path + ".tmp", path)
 
 
 def save_atomic(obj, path):
@@ -260,6 +267,41 @@ def tis_diagnostics(lp_learner, lp_sampler, response_mask, cap):
     return (w.sum() ** 2 / (w.numel() * (w ** 2).sum())).item(), (ratio > cap).float().mean().item()
 
 
+def sparse_rl_weights(lp_learner, lp_sampler, response_mask, low, high, veto):
+    """Sparse-RL's correction as its released code runs it (slime's mis.py with mis.yaml: token-level
+    truncated IS, token rejection and a sequence veto, weights normalised over the batch). With
+    ratio = pi_learner / pi_sampler per response token:
+      weights  min(ratio, high), divided by their mean over the batch's response tokens, no gradient;
+      keep     response tokens with low <= ratio <= high, in sequences with no token ratio below veto.
+    -> weights (B, T), keep (B, T) bool, fraction of response tokens outside [low, high], fraction of
+    sequences rejected."""
+    log_ratio = (lp_learner - lp_sampler).detach()                         # (B, T)
+    ratio = log_ratio.clamp(-20.0, 20.0).exp()                             # slime's bound against overflow
+    weights = ratio.clamp(max=high) * response_mask
+    mean = weights.sum() / response_mask.sum().clamp(min=1)
+    if mean > 1e-8:  # as slime: normalise unless every weight vanished
+        weights = weights / mean
+    in_range = (ratio >= low) & (ratio <= high)
+    rejected = ((log_ratio < math.log(veto)) & response_mask).any(-1)      # (B,): the raw ratio, as slime
+    keep = response_mask & in_range & ~rejected[:, None]
+    outside = (response_mask & ~in_range).sum() / response_mask.sum().clamp(min=1)
+    return weights, keep, outside.item(), rejected.float().mean().item()
+
+
+def correction(cfg, lp_learner, lp_sampler, response_mask):
+    """How a mode corrects for the sampler being another policy: per-token weights (None: all 1), the tokens
+    the loss averages over, and the diagnostics it logs (None where the mode has none)."""
+    weights, loss_mask, ess, capped, outside, rejected = None, response_mask, None, None, None, None
+    if cfg["mode"] == "tis":
+        weights = tis_weights(lp_learner, lp_sampler, cfg["tis_cap"])
+        ess, capped = tis_diagnostics(lp_learner, lp_sampler, response_mask, cfg["tis_cap"])
+    if cfg["mode"] == "sparse_rl":
+        bounds = cfg["sparse_rl_low"], cfg["sparse_rl_high"], cfg["sparse_rl_veto"]
+        weights, loss_mask, outside, rejected = sparse_rl_weights(lp_learner, lp_sampler, response_mask, *bounds)
+    return weights, loss_mask, dict(tis_ess=ess, tis_capped=capped, sparse_rl_outside=outside,
+                                    sparse_rl_rejected=rejected)
+
+
 def mismatch(lp_learner, lp_sampler, response_mask):
     """Max |log pi_learner - log pi_sampler| and the mean k3 estimate of KL(sampler || learner)
     (exp(r) - 1 - r, r the log-ratio: unbiased and >= 0 per token) over response tokens."""
@@ -269,7 +311,8 @@ def mismatch(lp_learner, lp_sampler, response_mask):
 
 def grpo_loss(lp, lp_old, advantages, response_mask, clip_eps, weights=None):
     """Clipped-ratio policy-gradient loss, a mean over every response token of the batch (token-level, so a
-    long response is not down-weighted). lp, lp_old, weights (B, T); advantages (B,). -> loss, clip fraction."""
+    long response is not down-weighted) that response_mask keeps. lp, lp_old, weights (B, T); advantages (B,).
+    -> loss, clip fraction."""
     ratio = torch.exp(lp - lp_old)                                         # (B, T)
     adv = advantages[:, None]                                              # (B, 1), one per sequence
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
@@ -277,7 +320,8 @@ def grpo_loss(lp, lp_old, advantages, response_mask, clip_eps, weights=None):
         per_token = per_token * weights
     weight = response_mask.to(lp.dtype)                                   # (B, T): 1 on response tokens
     clipped = ((ratio - 1).abs() > clip_eps).to(lp.dtype)
-    return (per_token * weight).sum() / weight.sum(), ((clipped * weight).sum() / weight.sum()).item()
+    n = weight.sum().clamp(min=1)                                          # sparse_rl may drop every token
+    return (per_token * weight).sum() / n, ((clipped * weight).sum() / n).item()
 
 
 def check_finite(value, what):
@@ -321,13 +365,10 @@ def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
     with torch.no_grad():  # the learner's view of the batch before any update: what the mismatch measures
         lp_learner = smd.token_logprobs(policy_pass(model, ro, cfg), tokens, temp)  # (B, T)
     mm_max, mm_k3 = mismatch(lp_learner, lp_sampler, response_mask)
-    # dense, smd: the sampler's log-probs are the learner's own (to rounding). naive, tis: the usual practice
-    # of recomputing them with the learner, which hides that the samples came from another policy
+    # dense, smd: the sampler's log-probs are the learner's own (to rounding). naive, tis, sparse_rl: the
+    # usual practice of recomputing them with the learner, which hides that the samples came from elsewhere
     lp_old = lp_sampler if mode in ("dense", "smd") else lp_learner
-    weights, ess, capped = None, None, None
-    if mode == "tis":
-        weights = tis_weights(lp_learner, lp_sampler, cfg["tis_cap"])
-        ess, capped = tis_diagnostics(lp_learner, lp_sampler, response_mask, cfg["tis_cap"])
+    weights, loss_mask, diagnostics = correction(cfg, lp_learner, lp_sampler, response_mask)
     distill_on = mode == "smd" and cfg["distill_coef"] > 0
     needs_reference = cfg["ref_kl_coef"] > 0 or (distill_on and cfg["distill"] == "masked_from_warmup_dense")
     if needs_reference and reference is None:
@@ -341,7 +382,7 @@ def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
         lp = smd.token_logprobs(logits, tokens, temp)                      # (B, T)
         if update == 0:  # before any step the ratio must be 1 (to rounding) in every mode: lp is what lp_old is
             old_gap = (lp.detach() - lp_old)[response_mask].abs().max().item()
-        pg_loss, clip_frac = grpo_loss(lp, lp_old, adv, response_mask, cfg["clip_eps"], weights)
+        pg_loss, clip_frac = grpo_loss(lp, lp_old, adv, loss_mask, cfg["clip_eps"], weights)
         # the full-cache pass of the current weights: the policy pass itself, except in smd
         dense_logits = logits if mode != "smd" else None
         if mode == "smd" and ((distill_on and cfg["distill"] == "dense_from_masked") or cfg["ref_kl_coef"] > 0):
@@ -365,7 +406,7 @@ def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
 
     return dict(reward=rewards.mean().item(), mismatch_max=mm_max, mismatch_k3=mm_k3, old_gap=old_gap,
                 loss=loss.item(), pg_loss=pg_loss.item(), distill_kl=distill_kl.item(), ref_kl=ref_kl.item(),
-                clip_frac=clip_frac, grad_norm=grad_norm, tis_ess=ess, tis_capped=capped,
+                clip_frac=clip_frac, grad_norm=grad_norm, **diagnostics,
                 kv_bytes=ro.kv_bytes, full_kv_bytes=ro.full_kv_bytes,
                 tok_per_s=response_mask.sum().item() / (time.time() - t0))
 
@@ -383,11 +424,11 @@ def evaluate(model, problems, policy, budget, **policy_kwargs):
 
 def make_config(argv):
     """The run's config: the defaults, then the preset if one is named, then the other overrides; checked."""
-    overrides = parse_overrides(argv)
+    overrides = configurator.parse(argv, CONFIG)
     preset = overrides.get("preset", CONFIG["preset"])
     if preset and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} or ''")
-    cfg = dict(CONFIG, **PRESETS.get(preset, {}), **overrides)
+    cfg = {**CONFIG, **PRESETS.get(preset, {}), **overrides}
     validate_config(cfg)  # before any work: a typo should cost a second, not a warm-up
     cfg["run_name"] = cfg["run_name"] or f"{cfg['mode']}_{cfg['policy']}{cfg['budget']}"
     return cfg
@@ -442,7 +483,8 @@ def main(argv):
 
     t_rl = time.time()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    start, history = 0, dict(reward=[], mismatch_max=[], mismatch_k3=[], old_gap=[], kv_frac=[], tis_ess=[], evals=[])
+    start, history = 0, dict(reward=[], mismatch_max=[], mismatch_k3=[], old_gap=[], kv_frac=[], tis_ess=[],
+                             sparse_rl_outside=[], sparse_rl_rejected=[], evals=[])
     log_path = os.path.join(cfg["out_dir"], cfg["run_name"] + ".jsonl")
     if cfg["resume"]:
         ckpt = torch.load(ckpt_path, map_location=cfg["device"], weights_only=False)
@@ -453,6 +495,7 @@ def main(argv):
         random.setstate(ckpt["python_rng"])
         start, history = ckpt["step"], ckpt["history"]
         print(f"resuming {ckpt_path} at step {start}")
+        keep_log_until(log_path, start)  # the steps after the checkpoint run again: log them once
     log_file = open(log_path, "a" if cfg["resume"] else "w")
 
     def log(record):
@@ -478,12 +521,15 @@ def main(argv):
                             device=generator.device)
         s = grpo_step(model, optimizer, [train_problems[i] for i in idx.tolist()], cfg, generator, reference)
         elapsed = time.time() - t_start
-        for key in ("reward", "mismatch_max", "mismatch_k3", "old_gap", "tis_ess"):
+        for key in ("reward", "mismatch_max", "mismatch_k3", "old_gap", "tis_ess", "sparse_rl_outside",
+                    "sparse_rl_rejected"):
             history[key].append(s[key])
         history["kv_frac"].append(s["kv_bytes"] / s["full_kv_bytes"])
         log(dict(kind="train", step=step + 1, lr=lr_now, elapsed_s=elapsed, **s))
         if (step + 1) % cfg["log_interval"] == 0:
             tis = f" ess {s['tis_ess']:.2f} capped {s['tis_capped']:.2f} |" if cfg["mode"] == "tis" else ""
+            if cfg["mode"] == "sparse_rl":
+                tis = f" outside {s['sparse_rl_outside']:.2f} rejected {s['sparse_rl_rejected']:.2f} |"
             print(f"step {step + 1:4d} | reward {s['reward']:.3f} | mismatch max {s['mismatch_max']:.1e} "
                   f"k3 {s['mismatch_k3']:.1e} |{tis} loss {s['loss']:+.4f} distill {s['distill_kl']:.4f} "
                   f"ref {s['ref_kl']:.4f} clip {s['clip_frac']:.2f} | grad {s['grad_norm']:.3f} | "
@@ -502,6 +548,7 @@ def main(argv):
     n, k = len(history["reward"]), min(10, len(history["reward"]))
     mean = lambda values: sum(values) / len(values)
     compressed = cfg["mode"] != "dense"  # a dense run's rollouts used a full cache, whatever --policy says
+    sparse_rl = cfg["mode"] == "sparse_rl"
     (_, dense0, comp0), (_, dense1, comp1) = history["evals"][0], history["evals"][-1]
     summary = dict(mode=cfg["mode"], policy=cfg["policy"] if compressed else "full",
                    budget=cfg["budget"] if compressed else P + R, eval_split=cfg["eval_split"],
@@ -510,6 +557,8 @@ def main(argv):
                    mismatch_max_mean=mean(history["mismatch_max"]), mismatch_k3_mean=mean(history["mismatch_k3"]),
                    old_gap_max=max(history["old_gap"]),
                    tis_ess_mean=mean(history["tis_ess"]) if cfg["mode"] == "tis" else None,
+                   sparse_rl_outside_mean=mean(history["sparse_rl_outside"]) if sparse_rl else None,
+                   sparse_rl_rejected_mean=mean(history["sparse_rl_rejected"]) if sparse_rl else None,
                    kv_frac=mean(history["kv_frac"]), rl_s=time.time() - t_rl, wall_s=time.time() - t_start)
     log(dict(kind="summary", **summary))
     log_file.close()
@@ -518,4 +567,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    configurator.cli(main, CONFIG, __file__, check=make_config)

@@ -8,44 +8,52 @@ reference KL), at the first update of a batch, where the ratio is 1 and the clip
                   estimated by SMD's on-policy estimator averaged over n_ref independent batches
   cos full-cache  cos(g_bar, gradient of the full-cache policy's objective): dense mode's estimator, likewise
 at the warm-up weights and at the weights of an smd run halfway through (train.py's defaults otherwise).
-An unbiased estimator's cosine with its target is below 1 only by noise: about 1 / sqrt((1 + v / K)(1 + v_ref /
-n_ref)), printed as "(unbiased ~)"; a biased one stays below that for any K. (v is measured against ||g_bar||^2,
-which noise inflates, so it understates the variance when v / K is not small.)
+An unbiased estimator's cosine with its target is below 1 only by noise: about
+1 / sqrt((1 + v / K)(1 + v_ref / n_ref)), printed as "(unbiased ~)"; a biased one stays below that for any
+K. (v is measured against ||g_bar||^2, which noise inflates, so it understates the variance when v / K is
+not small.)
 
     python variance.py                        # ~3 min on one CPU core
     python variance.py --K=32 --budget=21     # any train.py --key=value sets the weights' and batches' config
+    python variance.py --help                 # these settings; train.py's: python train.py --help
 
 Not here: training (train.py), the table of final accuracies (compare.py).
 """
 
 import os
-import sys
 import time
 
 import torch
 
+import configurator
 import train
 
-K = 32          # independent batches per mode
-n_ref = 128     # batches averaged into each reference gradient
-modes = "dense,naive,tis,smd"
+# -----------------------------------------------------------------------------
+# config: overridable as --key=value; every other --key=value goes to train.py
+K = 32                          # independent batches per mode
+n_ref = 128                     # batches averaged into each reference gradient
+modes = "dense,naive,tis,smd"   # the modes measured, in order
+CONFIG = configurator.knobs(globals())
+EPILOG = ("and any train.py --key=value (python train.py --help): the config of the weights and batches;\n"
+          "variance.py sets --mode, --run_name and --resume itself")
+# -----------------------------------------------------------------------------
 
 
 def flat_gradient(model, cfg, generator, problems):
     """One batch's policy-gradient estimate, flattened (n_params,): the same sampling, advantages, learner
-    pass and TIS weights as train.grpo_step, with lp_old = lp so the ratio is exactly 1."""
+    pass and correction (tis, sparse_rl) as train.grpo_step, with lp_old = lp so the ratio is exactly 1."""
     ro, _, adv = train.sample_batch(model, problems, cfg, generator)
     logits = train.policy_pass(model, ro, cfg)
     lp = train.smd.token_logprobs(logits, ro.tokens, cfg["temperature"])   # (B, T)
-    weights = train.tis_weights(lp, ro.logprobs, cfg["tis_cap"]) if cfg["mode"] == "tis" else None  # detached
-    loss, _ = train.grpo_loss(lp, lp.detach(), adv, ro.response_mask, cfg["clip_eps"], weights)
+    weights, loss_mask, _ = train.correction(cfg, lp.detach(), ro.logprobs, ro.response_mask)
+    loss, _ = train.grpo_loss(lp, lp.detach(), adv, loss_mask, cfg["clip_eps"], weights)
     model.zero_grad(set_to_none=True)
     loss.backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
 def relative_variance(grads):
-    """grads (K, n) -> sum_k ||g_k - g_bar||^2 / ((K - 1) ||g_bar||^2): the per-batch noise over the signal."""
+    """grads (K, n) -> sum_k ||g_k - g_bar||^2 / ((K - 1) ||g_bar||^2): per-batch noise over the signal."""
     mean = grads.mean(0)
     return ((grads - mean) ** 2).sum().item() / ((grads.shape[0] - 1) * (mean ** 2).sum().item())
 
@@ -73,8 +81,8 @@ def measure(model, cfg, own, train_problems, label):
                    "dense": estimates(model, cfg, "dense", n_ref, 20_000, train_problems)}
     refs = {name: grads.mean(0) for name, grads in ref_batches.items()}
     ref_var = {name: relative_variance(grads) for name, grads in ref_batches.items()}
-    lines = [f"\n{label}: K={K} batches of {cfg['prompts_per_step']}x{cfg['group_size']} per mode, references "
-             f"from {n_ref} other batches each; policy={cfg['policy']} budget={cfg['budget']}",
+    lines = [f"\n{label}: K={K} batches of {cfg['prompts_per_step']}x{cfg['group_size']} per mode, "
+             f"references from {n_ref} other batches each; policy={cfg['policy']} budget={cfg['budget']}",
              f"{'mode':6s}  {'rel. variance':>13s}  {'cos compressed':>14s}  {'(unbiased ~)':>12s}  "
              f"{'cos full-cache':>14s}  {'(unbiased ~)':>12s}"]
     for i, mode in enumerate(modes):
@@ -90,14 +98,21 @@ def measure(model, cfg, own, train_problems, label):
     print("\n".join(lines), flush=True)
 
 
-def main(argv):
-    own = {"K": K, "n_ref": n_ref, "modes": modes}
-    is_own = lambda arg: arg[2:].split("=", 1)[0] in own
-    own.update(train.parse_overrides([a for a in argv if is_own(a)], own))
+def configure(argv):
+    """-> (variance's settings, the flags it passes to train.py, their config), checked before any work."""
+    overrides, passed = configurator.parse_known(argv, CONFIG)
+    own = dict(CONFIG, **overrides)
     if own["K"] < 2 or own["n_ref"] < 1 or any(m not in train.MODES for m in own["modes"].split(",")):
-        raise ValueError(f"need K >= 2, n_ref >= 1 and modes from {train.MODES}, got {own}")
-    passed = [a for a in argv if not is_own(a)]
-    cfg = train.make_config(passed + ["--mode=smd"])
+        raise ValueError(f"need K >= 2, n_ref >= 1 and modes from {train.MODES}, got K={own['K']}, "
+                         f"n_ref={own['n_ref']}, modes={own['modes']!r}")
+    for key in ("mode", "run_name", "resume"):
+        if any(a.startswith(f"--{key}=") for a in passed):
+            raise ValueError(f"variance.py sets --{key} itself")
+    return own, passed, train.make_config(passed + ["--mode=smd"])
+
+
+def main(argv):
+    own, passed, cfg = configure(argv)
     torch.set_num_threads(cfg["cpu_threads"])
     os.makedirs(cfg["out_dir"], exist_ok=True)
     train_problems, _ = train.problem_splits(cfg)
@@ -106,10 +121,11 @@ def main(argv):
     measure(model, cfg, own, train_problems, "warm-up weights")
     mid = cfg["n_steps"] // 2  # an smd run, stopped halfway: weights the method itself visits
     train.main(passed + ["--mode=smd", f"--n_steps={mid}", "--run_name=variance_mid", "--log_interval=1000"])
-    ckpt = torch.load(os.path.join(cfg["out_dir"], "variance_mid.pt"), map_location=cfg["device"], weights_only=False)
+    ckpt = torch.load(os.path.join(cfg["out_dir"], "variance_mid.pt"), map_location=cfg["device"],
+                      weights_only=False)
     model.load_state_dict(ckpt["model"])
     measure(model, cfg, own, train_problems, f"smd run at step {mid}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    configurator.cli(main, CONFIG, __file__, check=configure, epilog=EPILOG)

@@ -1,0 +1,261 @@
+"""The command line of every script: configurator.py's one parser (types, --help, one-line errors), and
+each script run as a subprocess, failing before any work. Then compare.py's tables when runs fail or the
+table's rows and the sweep's overlap (its runs faked)."""
+import importlib
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import configurator
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULTS = dict(budget=26, lr=1e-5, resume=False, mode="smd", rows="dense,smd", sweep_budgets=(13, 21),
+                scale=(0.5,))
+
+
+def script(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+# ----------------------------------------------------------------------------- configurator
+
+
+def test_a_value_keeps_its_defaults_type():
+    assert configurator.parse(["--budget=8", "--lr=1", "--resume=True", "--mode=tis"], DEFAULTS) == \
+        dict(budget=8, lr=1.0, resume=True, mode="tis")
+    assert type(configurator.parse(["--lr=1"], DEFAULTS)["lr"]) is float  # an int where a float is wanted
+    assert configurator.parse(["--mode=7", "--rows="], DEFAULTS) == dict(mode="7", rows="")  # as written
+    assert configurator.parse(["--rows=dense,naive"], DEFAULTS) == dict(rows="dense,naive")
+    for text in ("16", "16,", "(16,)"):
+        assert configurator.parse([f"--sweep_budgets={text}"], DEFAULTS) == dict(sweep_budgets=(16,))
+    for text in ("16,24", "(16, 24)"):
+        assert configurator.parse([f"--sweep_budgets={text}"], DEFAULTS) == dict(sweep_budgets=(16, 24))
+    assert configurator.parse(["--scale=1,0.25"], DEFAULTS) == dict(scale=(1.0, 0.25))
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--bugdet=8", "unknown config key 'bugdet'; did you mean --budget\\? known: budget, lr, resume"),
+    ("--budget=8.5", "--budget wants a int, got '8.5'"),
+    ("--budget=True", "--budget wants a int"),                                  # a bool is not a number
+    ("--lr=abc", "--lr wants a float, got 'abc'"),
+    ("--resume=1", "--resume wants a bool \\(True or False\\)"),
+    ("--resume=yes", "--resume wants a bool"),
+    ("--sweep_budgets=16,x", "--sweep_budgets wants one int or several, comma-separated \\(default 13,21\\)"),
+    ("--sweep_budgets=16.5", "--sweep_budgets wants one int"),
+    ("--sweep_budgets=", "--sweep_budgets wants one int"),
+    ("budget=8", "arguments look like --key=value, got 'budget=8'"),
+    ("--budget", "arguments look like --key=value"),
+])
+def test_a_bad_flag_or_value_is_one_line_naming_what_is_allowed(arg, message):
+    with pytest.raises(ValueError, match=message) as e:
+        configurator.parse([arg], DEFAULTS)
+    assert "\n" not in str(e.value)
+
+
+def test_parse_known_leaves_other_scripts_flags_as_given():
+    own, rest = configurator.parse_known(["--budget=8", "--n_steps=3", "--lr=1", "-x"], DEFAULTS)
+    assert own == dict(budget=8, lr=1.0) and rest == ["--n_steps=3", "-x"]
+    with pytest.raises(ValueError, match="arguments look like --key=value"):  # its own key, malformed
+        configurator.parse_known(["--budget"], DEFAULTS)
+
+
+SOURCE = '''from math import pi      # an imported float is not a knob
+budget = 26              # KV slots per layer and head
+rows = "dense,smd"       # table rows, in order
+sweep_budgets = (13, 21)
+n_layer, n_head = 2, 4   # two knobs, one comment
+CONFIG = configurator.knobs(globals())
+LATER = 3                # bound after the config block: not a knob
+'''
+
+
+def test_knobs_and_help_come_from_the_scripts_own_assignments_and_comments(tmp_path):
+    path = tmp_path / "script.py"
+    path.write_text(SOURCE)
+    namespace = {"__file__": str(path), "configurator": configurator}
+    exec(SOURCE, namespace)
+    assert namespace["CONFIG"] == dict(budget=26, rows="dense,smd", sweep_budgets=(13, 21), n_layer=2,
+                                       n_head=4)
+    assert configurator.help_text(namespace["CONFIG"], str(path), epilog="and more").splitlines() == [
+        "usage: python script.py [--key=value ...]",
+        "  --budget=26            KV slots per layer and head",
+        "  --rows=dense,smd       table rows, in order",
+        "  --sweep_budgets=13,21",
+        "  --n_layer=2            two knobs, one comment",
+        "  --n_head=4             two knobs, one comment",
+        "and more"]
+
+
+def test_cli_prints_help_or_one_error_line_and_leaves_errors_past_the_checks_alone(capsys):
+    ran = []
+    main = ran.append
+    with pytest.raises(SystemExit) as e:
+        configurator.cli(main, DEFAULTS, __file__, argv=["--budget=8", "-h"])
+    assert e.value.code == 0 and "--budget=26" in capsys.readouterr().out and not ran
+    with pytest.raises(SystemExit) as e:
+        configurator.cli(main, DEFAULTS, __file__, argv=["--budget=x"])
+    assert e.value.code == 2 and not ran
+    assert capsys.readouterr().err == "error: --budget wants a int, got 'x'\n"
+
+    def check(argv):
+        raise ValueError("budget must be >= 1,\ngot 0")
+    with pytest.raises(SystemExit) as e:
+        configurator.cli(main, DEFAULTS, __file__, check=check, argv=["--budget=0"])
+    assert e.value.code == 2 and capsys.readouterr().err == "error: budget must be >= 1, got 0\n" and not ran
+    configurator.cli(main, DEFAULTS, __file__, argv=["--budget=8"])
+    assert ran == [["--budget=8"]]
+
+    def failing_main(argv):
+        raise ValueError("a bug mid-run")                  # not a config error: its traceback must show
+    with pytest.raises(ValueError, match="a bug mid-run"):
+        configurator.cli(failing_main, DEFAULTS, __file__, argv=[])
+
+
+# ----------------------------------------------------------------------------- every script, as a subprocess
+
+# train.py switches from its own parser to configurator.cli in a separate change; until then its --help and
+# bad flags end in a traceback
+SCRIPTS = ["train", "compare", "variance", "bench", "plot"]
+COMMENT = {"train": "KV slots per layer and head", "compare": "RL seeds 0 .. seeds-1",
+           "variance": "independent batches per mode", "bench": "total sequence lengths T",
+           "plot": "the compare.py budget whose runs to draw"}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_prints_every_knob_with_its_comment(name):
+    out = script(f"{name}.py", "--help")
+    assert out.returncode == 0 and not out.stderr, out.stderr
+    defaults = importlib.import_module(name).CONFIG
+    comments = configurator.assignments(os.path.join(ROOT, f"{name}.py"))
+    assert all(f"--{key}=" in out.stdout and comments[key] in out.stdout for key in defaults)
+    assert COMMENT[name] in out.stdout
+    if name in ("compare", "variance"):                   # the flags they pass on to train.py
+        assert "any train.py --key=value" in out.stdout
+
+
+# an unknown key, then a bad value: of the wrong type, or one the script's own checks reject; compare.py and
+# variance.py hand --seedz, --lr and --k to train.py's parser, which rejects them
+BAD = {"train": ["--bugdet=8", "--budget=8.5"],
+       "compare": ["--seedz=3", "--seeds=x", "--lr=abc"],
+       "variance": ["--k=32", "--K=1"],
+       "bench": ["--lenghts=64", "--budgets=8,x"],
+       "plot": ["--smoth=3", "--smooth=0"]}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_bad_flag_or_value_is_one_line_on_stderr_and_exit_2(name):
+    procs = {arg: subprocess.Popen([sys.executable, f"{name}.py", arg], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for arg in BAD[name]}  # side by side: each is mostly the import of torch
+    for arg, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (arg, stderr)
+        assert stderr.startswith("error: ") and stderr.count("\n") == 1, (arg, stderr)
+        assert "Traceback" not in stderr and not stdout, arg
+
+
+def test_bench_on_a_gpu_takes_its_preset_first_then_the_other_flags(monkeypatch):
+    import bench
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    cfg = bench.make_config(["--n_layer=2", "--device=cuda", "--budgets=32"])
+    assert (cfg["lengths"], cfg["n_embd"]) == (bench.CUDA_PRESET["lengths"], bench.CUDA_PRESET["n_embd"])
+    assert (cfg["n_layer"], cfg["budgets"]) == (2, (32,))                  # the flags, not the preset's
+    assert bench.make_config(["--n_layer=2"])["lengths"] == bench.lengths  # on the CPU, no preset
+
+
+# ----------------------------------------------------------------------------- compare.py's tables
+
+
+@pytest.fixture
+def fake_compare(monkeypatch):
+    """compare.py with its runs faked: each summary's accuracy encodes its row and seed (0.4, 0.5, 0.6 for
+    smd), and a run in `fail` raises as compare.run does when train.py exits non-zero."""
+    import compare
+    import train
+    runs, fail = [], set()
+
+    def fake_run(argv, out_dir, name):
+        runs.append(name)
+        if name in fail:
+            log = os.path.join(out_dir, name + ".log")
+            raise RuntimeError(f"train.py exited with status 1; its log: {log}")
+        cfg = train.make_config(argv)
+        acc = {"dense": 0.5, "naive": 0.2, "tis": 0.3, "smd": 0.4}[cfg["mode"]] + 0.1 * cfg["seed"]
+        return dict(acc_dense_start=0.5, acc_dense=acc, acc_compressed_start=0.1, acc_compressed=acc / 2,
+                    reward_start=0.4, reward_end=0.5, mismatch_k3_mean=1e-3, tis_ess_mean=None, kv_frac=0.5,
+                    rl_s=10.0)
+    monkeypatch.setattr(compare, "run", fake_run)
+    monkeypatch.setattr(compare, "prepare_warm_up", lambda cfg: None)
+    monkeypatch.setattr(compare, "warmup_table", lambda model, cfg, policies, budgets: "")
+    monkeypatch.setattr(compare, "evaluate_checkpoint", lambda cfg, name, budget: 0.25)
+    return compare, runs, fail
+
+
+def sweep_rows(stdout):
+    """The budget sweep's lines, as {budget: [cells]}."""
+    lines = stdout.split("budget sweep")[1].splitlines()[3:]
+    return {int(line.split()[0]): re.split(r"\s{2,}", line.strip())[1:]
+            for line in lines if line[:1].isdigit()}
+
+
+def test_the_sweep_shows_a_dash_for_a_row_that_did_not_run_at_the_tables_budget(fake_compare, tmp_path,
+                                                                                  capsys):
+    compare, runs, _ = fake_compare  # the review's crash: KeyError('naive', 26, 0)
+    results = compare.main([f"--out_dir={tmp_path}", "--rows=dense,smd", "--sweep_budgets=13", "--seeds=2"])
+    assert [name for name, _ in results] == ["dense", "smd"]
+    sweep = sweep_rows(capsys.readouterr().out)             # columns: dense, naive, tis, smd
+    assert sweep[26] == ["0.550 ± 0.071 / 0.250 ± 0.000", "-", "-", "0.450 ± 0.071 / 0.225 ± 0.035"]
+    assert sweep[13][1] == "0.250 ± 0.071 / 0.125 ± 0.035"  # naive did run at 13
+    planned = [("dense", 26), ("smd", 26), ("naive", 13), ("tis", 13), ("smd", 13)]
+    assert sorted(runs) == sorted(f"cmp_{n}_b{b}_s{s}" for n, b in planned for s in (0, 1))
+
+
+def test_a_sweep_row_whose_name_is_part_of_a_table_rows_name_still_runs(fake_compare, tmp_path, capsys):
+    compare, runs, _ = fake_compare  # "smd" is in "dense,smd_no_ref_kl" as a substring, not as a row
+    compare.main([f"--out_dir={tmp_path}", "--rows=dense,smd_no_ref_kl", "--sweep_budgets=13,26",
+                  "--seeds=2"])
+    assert {"cmp_smd_b26_s0", "cmp_smd_b26_s1", "cmp_smd_no_ref_kl_b26_s0"} <= set(runs)
+    assert len(runs) == len(set(runs)) == 2 * (2 + 3 + 3)    # a run the table and the sweep share runs once
+    assert sweep_rows(capsys.readouterr().out)[26][3] == "0.450 ± 0.071 / 0.225 ± 0.035"
+
+
+def test_a_failed_run_is_reported_and_the_tables_keep_the_others(fake_compare, tmp_path, capsys):
+    compare, runs, fail = fake_compare
+    fail.update({"cmp_smd_b26_s1", "cmp_naive_b13_s0", "cmp_naive_b13_s1", "cmp_naive_b13_s2"})
+    with pytest.raises(SystemExit) as e:  # status 1, after the tables
+        compare.main([f"--out_dir={tmp_path}", "--rows=dense,naive,smd", "--sweep_budgets=13", "--seeds=3"])
+    assert e.value.code.startswith("4 of 18 runs failed")
+    log = os.path.join(str(tmp_path), "cmp_smd_b26_s1.log")
+    failure = f"RuntimeError: train.py exited with status 1; its log: {log}"
+    assert f"smd budget 26 seed 1: {failure}" in e.value.code
+    out = capsys.readouterr().out
+    assert f"budget 26 seed 1 | failed: {failure}" in out
+    table = {line.split("  ")[0]: line for line in out.split("mean ± sample std\n")[1].splitlines()[2:5]}
+    assert table["smd (2 of 3 seeds)"].split()[8:12] == ["->", "0.500", "±", "0.141"]  # seeds 0, 2: 0.4, 0.6
+    assert table["naive"].split()[4:8] == ["->", "0.300", "±", "0.100"]                # 0.2, 0.3, 0.4
+    sweep = sweep_rows(out)
+    assert sweep[26][3] == "0.500 ± 0.141 / 0.250 ± 0.071 (2 of 3 seeds)"
+    assert sweep[13][1] == "-"                                           # no seed finished
+
+
+def test_compare_run_raises_naming_the_log_when_train_fails(tmp_path):
+    import compare
+    with pytest.raises(RuntimeError, match=re.escape(f"its log: {tmp_path / 'cmp_x_b26_s0.log'}")):
+        compare.run(["--mode=ppo", f"--out_dir={tmp_path}"], str(tmp_path), "cmp_x_b26_s0")
+    assert "ppo" in (tmp_path / "cmp_x_b26_s0.log").read_text()
+
+
+def test_sparse_rl_is_a_row_after_tis_with_its_rejection_column():
+    import compare
+    assert compare.ROWS["sparse_rl"] == ["--mode=sparse_rl"]
+    assert compare.rows.split(",")[:4] == ["dense", "naive", "tis", "sparse_rl"]
+    summary = dict(acc_dense_start=0.5, acc_dense=0.5, acc_compressed_start=0.1, acc_compressed=0.1,
+                   reward_start=0.4, reward_end=0.5, mismatch_k3_mean=1.0, tis_ess_mean=None, kv_frac=0.5,
+                   rl_s=10.0)
+    lines = compare.table([("sparse_rl", [dict(summary, sparse_rl_rejected_mean=r) for r in (0.25, 0.35)]),
+                           ("naive", [summary, summary])]).splitlines()
+    column = lines[0].index("rejected") + len("rejected")                    # right-aligned under its header
+    assert lines[2][:column].endswith("0.30 ± 0.07") and lines[3][:column].endswith("-")
