@@ -37,7 +37,7 @@ sweep = True                       # also run the budget sweep
 sweep_budgets = (13, 21, 32, 42)   # KV budgets of the sweep (25%, 40%, 60%, 80% of the 53-token sequence)
 sweep_rows = "naive,tis,smd"       # trained at each sweep budget; dense's checkpoints are evaluated there
 jobs = 2                           # train.py processes at a time
-warmup_policies = "h2o,streaming,tova,snapkv"  # the warm-up's greedy accuracy under each, at each budget
+warmup_policies = "h2o,streaming,tova,snapkv,rkv,random"  # the warm-up's accuracy under each, every budget
 CONFIG = configurator.knobs(globals())
 # -----------------------------------------------------------------------------
 
@@ -141,14 +141,21 @@ def prepare_warm_up(cfg):
 @torch.no_grad()
 def warmup_table(model, cfg, policies, budgets):
     """How hard compression bites before any RL: the warm-up's greedy accuracy with a full cache and under
-    each policy at each budget, on the same held-out problems as the runs."""
+    each policy at each budget, the prompt evictable or kept, on the same held-out problems as the runs;
+    n/a where the setting cannot run (a budget below the prompt + 1 when it is kept, say)."""
     _, held_out = train.problem_splits(cfg)
     P, R = train.max_lengths()
     cells = [["policy"] + [f"{b} ({b / (P + R):.0%})" for b in budgets]]
     for policy in policies:
-        settings = [train.policy_kwargs(dict(cfg, policy=policy, budget=b)) for b in budgets]
-        cells.append([policy] + [f"{train.evaluate(model, held_out, policy, b, **kw):.3f}"
-                                 for b, kw in zip(budgets, settings)])
+        for keep_prompt in (False, True):
+            row = [policy + (", prompt kept" if keep_prompt else "")]
+            for budget in budgets:
+                settings = train.policy_kwargs(dict(cfg, policy=policy, budget=budget, keep_prompt=keep_prompt))
+                try:
+                    row.append(f"{train.evaluate(model, held_out, policy, budget, **settings):.3f}")
+                except ValueError:  # checked before any decoding
+                    row.append("n/a")
+            cells.append(row)
     full = train.evaluate(model, held_out, "full", P + R)
     return (f"\nwarm-up greedy accuracy: full cache {full:.3f}; compressed, by budget (KV frac):\n"
             + aligned(cells))

@@ -64,6 +64,15 @@ def window_importance(cache, layer, window):
     return att.mean(2), older
 
 
+def check_window(name, window, kernel, room):
+    """An observation window and a pooling kernel that fit `room` slots (the budget, less the prompt if kept)."""
+    if not isinstance(window, int) or not 1 <= window < room:
+        raise ValueError(f"policy '{name}' needs 1 <= window < {room} (the budget, less the longest prompt when "
+                         f"it is kept), got window={window!r}")
+    if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"policy '{name}' needs an odd kernel >= 1, got kernel={kernel!r}")
+
+
 class Policy:
     """What every policy shares: keep_prompt, and the defaults (no statistic kept, any budget works)."""
     uses_attn_mass = False  # a per-slot float statistic (cache.attn_mass)
@@ -222,13 +231,7 @@ class SnapKV(Policy):
 
     def check(self, budget, seq_len, prompt_len):
         super().check(budget, seq_len, prompt_len)
-        room = budget - prompt_len if self.keep_prompt else budget
-        if not isinstance(self.window, int) or not 1 <= self.window < room:
-            less = " less the longest prompt" if self.keep_prompt else ""
-            raise ValueError(f"policy 'snapkv' needs 1 <= window < {room} (the budget{less}), got "
-                             f"window={self.window!r}")
-        if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"policy 'snapkv' needs an odd kernel >= 1, got kernel={self.kernel!r}")
+        check_window("snapkv", self.window, self.kernel, budget - prompt_len if self.keep_prompt else budget)
 
     def observe(self, cache, layer, q, att):
         if self.keep_prompt:
@@ -284,13 +287,7 @@ class RKV(Policy):
 
     def check(self, budget, seq_len, prompt_len):
         super().check(budget, seq_len, prompt_len)
-        room = budget - prompt_len if self.keep_prompt else budget
-        if not isinstance(self.window, int) or not 1 <= self.window < room:
-            less = " less the longest prompt" if self.keep_prompt else ""
-            raise ValueError(f"policy 'rkv' needs 1 <= window < {room} (the budget{less}), got "
-                             f"window={self.window!r}")
-        if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"policy 'rkv' needs an odd kernel >= 1, got kernel={self.kernel!r}")
+        check_window("rkv", self.window, self.kernel, budget - prompt_len if self.keep_prompt else budget)
         if not 0.0 <= self.mix_lambda <= 1.0 or not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"policy 'rkv' needs 0 <= mix_lambda <= 1 and -1 <= threshold <= 1, got "
                              f"mix_lambda={self.mix_lambda}, threshold={self.threshold}")

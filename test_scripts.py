@@ -172,18 +172,19 @@ def test_bench_on_a_gpu_takes_its_preset_first_then_the_other_flags(monkeypatch)
 @pytest.fixture
 def fake_compare(monkeypatch):
     """compare.py with its runs faked: each summary's accuracy encodes its row and seed (0.4, 0.5, 0.6 for
-    smd), and a run in `fail` raises as compare.run does when train.py exits non-zero."""
+    smd), and a run in `fail` raises as compare.run does when train.py exits non-zero. runs: name -> argv."""
     import compare
     import train
-    runs, fail = [], set()
+    runs, fail = {}, set()
 
     def fake_run(argv, out_dir, name):
-        runs.append(name)
+        runs[name] = argv
         if name in fail:
             log = os.path.join(out_dir, name + ".log")
             raise RuntimeError(f"train.py exited with status 1; its log: {log}")
         cfg = train.make_config(argv)
-        acc = {"dense": 0.5, "naive": 0.2, "tis": 0.3, "smd": 0.4}[cfg["mode"]] + 0.1 * cfg["seed"]
+        accuracy = {"dense": 0.5, "naive": 0.2, "tis": 0.3, "sparse_rl": 0.35, "smd": 0.4}
+        acc = accuracy[cfg["mode"]] + 0.1 * cfg["seed"]
         return dict(acc_dense_start=0.5, acc_dense=acc, acc_compressed_start=0.1, acc_compressed=acc / 2,
                     reward_start=0.4, reward_end=0.5, mismatch_k3_mean=1e-3, tis_ess_mean=None, kv_frac=0.5,
                     rl_s=10.0)
@@ -192,6 +193,26 @@ def fake_compare(monkeypatch):
     monkeypatch.setattr(compare, "warmup_table", lambda model, cfg, policies, budgets: "")
     monkeypatch.setattr(compare, "evaluate_checkpoint", lambda cfg, name, budget: 0.25)
     return compare, runs, fail
+
+
+def test_compare_runs_every_row_seed_and_budget_and_reports_mean_and_sample_std(fake_compare, tmp_path):
+    compare, runs, _ = fake_compare
+    results = compare.main([f"--out_dir={tmp_path}", "--budget=24", "--seeds=3", "--sweep_budgets=16,24"])
+    calls = list(runs.values())
+    assert [name for name, _ in results] == compare.rows.split(",")
+    n_sweep = len(compare.sweep_rows.split(","))               # budget 24 is the table's: only 16 is new
+    assert len(calls) == 3 * (len(results) + n_sweep)
+    assert all("--eval_split=test" in argv for argv in calls)  # reports are on the test split
+    seeds = {a for argv in calls for a in argv if a.startswith("--seed=")}
+    assert sorted(seeds) == ["--seed=0", "--seed=1", "--seed=2"]
+    assert not any(a.startswith("--sft_seed=") for argv in calls for a in argv)  # one warm-up for all
+    assert sum("--budget=16" in argv for argv in calls) == 3 * n_sweep
+    smd_row = compare.table(results).splitlines()[2 + compare.rows.split(",").index("smd")].split()
+    assert smd_row[:8] == ["smd", "0.500", "±", "0.000", "->", "0.500", "±", "0.100"]  # 0.4, 0.5, 0.6: sample std
+    with pytest.raises(ValueError, match="sets --seed"):
+        compare.main(["--seed=1"])
+    with pytest.raises(ValueError, match="unknown rows"):
+        compare.main(["--rows=dense,ppo"])
 
 
 def sweep_rows(stdout):
@@ -259,3 +280,14 @@ def test_sparse_rl_is_a_row_after_tis_with_its_rejection_column():
                            ("naive", [summary, summary])]).splitlines()
     column = lines[0].index("rejected") + len("rejected")                    # right-aligned under its header
     assert lines[2][:column].endswith("0.30 ± 0.07") and lines[3][:column].endswith("-")
+
+
+def test_the_warm_up_table_shows_every_policy_with_the_prompt_evictable_and_kept():
+    import compare
+    import train
+    cfg = train.make_config(["--n_layer=1", "--n_head=2", "--n_embd=16", "--eval_problems=4"])
+    text = compare.warmup_table(train.build_model(cfg), cfg, ["h2o", "rkv"], [13, 26])
+    rows = {line.split("  ")[0].strip(): line.split()[-2:] for line in text.splitlines()[4:]}  # after the rule
+    assert list(rows) == ["h2o", "h2o, prompt kept", "rkv", "rkv, prompt kept"]
+    assert rows["h2o, prompt kept"][0] == "n/a" and rows["h2o, prompt kept"][1] != "n/a"  # 13 < prompt 20 + 1
+    assert all(cell != "n/a" for cell in rows["h2o"] + rows["rkv"])

@@ -55,22 +55,15 @@ def max_diff(a, b, where):
 @pytest.mark.device
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("attention", ["dense", "gather"])
+@pytest.mark.parametrize("keep_prompt", [False, True])
 @pytest.mark.parametrize("policy", COMPRESSED)
-def test_smd_logprobs_equal_sampler_for_every_policy(policy, attention, dtype):
+def test_smd_logprobs_equal_sampler_for_every_policy(policy, keep_prompt, attention, dtype):
     model = make_model(dtype, device=DEVICE)
-    r = sample(model, policy)
-    assert BUDGET <= r.tokens.shape[1] / 3
-    lp = learner_logprobs(model, r.tokens, r.shadow_mask, attention=attention)
-    assert max_diff(lp, r.logprobs, r.response_mask) <= TOL[dtype]
-
-
-@pytest.mark.device
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("attention", ["dense", "gather"])
-@pytest.mark.parametrize("policy", COMPRESSED)
-def test_smd_logprobs_equal_sampler_with_the_prompt_kept(policy, attention, dtype):
-    model = make_model(dtype, device=DEVICE)
-    _, r = variable_length_rollout(model, policy, seed=3, budget=KEEP_BUDGET, keep_prompt=True)
+    if keep_prompt:  # prompts of 3, 11 and 7 tokens, each kept whole
+        _, r = variable_length_rollout(model, policy, seed=3, budget=KEEP_BUDGET, keep_prompt=True)
+    else:
+        r = sample(model, policy)
+        assert BUDGET <= r.tokens.shape[1] / 3
     lp = learner_logprobs(model, r.tokens, r.shadow_mask, attention=attention)
     assert max_diff(lp, r.logprobs, r.response_mask) <= TOL[dtype]
     assert max_diff(learner_logprobs(model, r.tokens), r.logprobs, r.response_mask) > 1e-2  # the mask matters

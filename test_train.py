@@ -320,39 +320,6 @@ def test_rl_seeds_share_one_warm_up_and_one_held_out_set(tmp_path):
     assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 2    # another sft_seed: another base
 
 
-def test_compare_runs_every_row_seed_and_budget_and_reports_mean_and_sample_std(monkeypatch, tmp_path):
-    import compare
-    calls = []
-
-    def fake_run(argv, out_dir, name):  # a summary whose numbers encode the run, so the arithmetic can be checked
-        calls.append(argv)
-        cfg = train.make_config(argv)
-        acc = {"dense": 0.5, "naive": 0.2, "tis": 0.3, "sparse_rl": 0.35, "smd": 0.4}[cfg["mode"]] + 0.1 * cfg["seed"]
-        return dict(acc_dense_start=0.5, acc_dense=acc, acc_compressed_start=0.1, acc_compressed=acc / 2,
-                    reward_start=0.4, reward_end=0.5, mismatch_k3_mean=1e-3, tis_ess_mean=None, kv_frac=0.5,
-                    rl_s=10.0)
-    monkeypatch.setattr(compare, "run", fake_run)
-    monkeypatch.setattr(compare, "prepare_warm_up", lambda cfg: None)
-    monkeypatch.setattr(compare, "warmup_table", lambda model, cfg, policies, budgets: "")
-    monkeypatch.setattr(compare, "evaluate_checkpoint", lambda cfg, name, budget: 0.25)
-    results = compare.main([f"--out_dir={tmp_path}", "--budget=24", "--seeds=3", "--sweep_budgets=16,24"])
-    assert [name for name, _ in results] == compare.rows.split(",")
-    n_sweep = len(compare.sweep_rows.split(","))               # budget 24 is the table's: only 16 is new
-    assert len(calls) == 3 * (len(results) + n_sweep)
-    assert all("--eval_split=test" in argv for argv in calls)  # reports are on the test split
-    seeds = {a for argv in calls for a in argv if a.startswith("--seed=")}
-    assert sorted(seeds) == ["--seed=0", "--seed=1", "--seed=2"]
-    assert not any(a.startswith("--sft_seed=") for argv in calls for a in argv)  # one warm-up for all
-    assert sum("--budget=16" in argv for argv in calls) == 3 * n_sweep
-    smd_row = compare.table(results).splitlines()[2 + compare.rows.split(",").index("smd")].split()
-    assert smd_row[:8] == ["smd", "0.500", "±", "0.000", "->", "0.500", "±", "0.100"]  # 0.4, 0.5, 0.6: sample std
-    with pytest.raises(ValueError, match="sets --seed"):
-        compare.main(["--seed=1"])
-    with pytest.raises(ValueError, match="unknown rows"):
-        compare.main(["--rows=dense,ppo"])
-
-
-
 @pytest.mark.device
 @pytest.mark.parametrize("mode", train.MODES)
 def test_first_update_scores_the_batch_with_its_old_logprobs_in_every_mode(mode):
