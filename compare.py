@@ -1,16 +1,17 @@
 """
-The experiment: every mode, and each SMD ablation, trained from one shared warm-up with several RL seeds,
-reported on the test split as mean ± sample std over seeds; then a budget sweep. First it prints how the
-warm-up fares under each eviction policy and budget, before any RL. Then it only launches train.py
-(`jobs` runs at a time, one thread each) and reads their summaries; what each column measures is computed
-in train.py. Each run's log is out/cmp_<row>_b<budget>_s<seed>.log, its JSONL next to it. A run that fails
-is reported with its log, the tables keep the others (a row or cell says how many seeds it averages when
-some are missing), and compare.py exits with status 1 at the end.
+The experiment: every mode, and each SMD ablation, trained from several warm-ups with several RL seeds each,
+reported on the test split as mean ± sample std over all those runs pooled (the warm-up moves a row more than
+the RL seed does); then a budget sweep. First it prints how each warm-up fares under each eviction policy
+and budget, before any RL. Then it only launches train.py (`jobs` runs at a time, one thread each) and reads
+their summaries; what each column measures is computed in train.py. Each run's log is
+out/cmp_<row>_b<budget>_w<sft_seed>_s<seed>.log, its JSONL next to it. A run that fails is reported with its
+log, the tables keep the others (a row or cell says how many runs it averages when some are missing), and
+compare.py exits with status 1 at the end.
 
-    python compare.py                        # the table and the sweep, about half an hour on 2 CPU cores
-    python compare.py --sweep=False --rows=dense,smd --seeds=5
+    python compare.py                        # the table and the sweep
+    python compare.py --sweep=False --rows=dense,smd --seeds=5 --sft_seeds=0
     python compare.py --budget=21 --lr=3e-5  # any train.py --key=value reaches every run
-    python compare.py --rows= --sweep=False  # the warm-up table alone
+    python compare.py --rows= --sweep=False  # the warm-up tables alone
     python compare.py --help                 # these settings; train.py's: python train.py --help
 
 Not here: any training logic, plotting.
@@ -27,11 +28,13 @@ import time
 import torch
 
 import configurator
+import objectives
 import train
 
 # -----------------------------------------------------------------------------
 # config: overridable as --key=value; every other --key=value goes to train.py, for every run
-seeds = 3                          # RL seeds 0 .. seeds-1, all from one warm-up (train.py's sft_seed)
+seeds = 3                          # RL seeds 0 .. seeds-1 from each warm-up
+sft_seeds = (0, 1)                 # warm-ups (train.py's sft_seed); a row pools every warm-up x RL seed
 rows = "dense,naive,tis,sparse_rl,smd,smd_no_ref_kl,mask_only,distill_only,warmup_teacher"  # table rows
 sweep = True                       # also run the budget sweep
 sweep_budgets = (13, 21, 32, 42)   # KV budgets of the sweep (25%, 40%, 60%, 80% of the 53-token sequence)
@@ -77,9 +80,9 @@ def mean_std(values, fmt):
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(std)}"
 
 
-def of_seeds(n_done, n_seeds):
-    """'' when every seed finished, else how many the numbers average: ' (2 of 3 seeds)'."""
-    return "" if n_done == n_seeds else f" ({n_done} of {n_seeds} seeds)"
+def of_runs(n_done, n_runs):
+    """'' when every run finished, else how many the numbers average: ' (2 of 3 runs)'."""
+    return "" if n_done == n_runs else f" ({n_done} of {n_runs} runs)"
 
 
 def cell(summaries, key, fmt):
@@ -100,7 +103,7 @@ def table(results):
     cells = [["row"] + [h for h, _, _ in COLUMNS]]
     for name, summaries in results:
         done = [s for s in summaries if s is not None]
-        cells.append([name + of_seeds(len(done), len(summaries))]
+        cells.append([name + of_runs(len(done), len(summaries))]
                      + [cell(done, key, fmt) for _, key, fmt in COLUMNS])
     return aligned(cells)
 
@@ -130,8 +133,8 @@ def evaluate_checkpoint(cfg, name, budget):
 
 
 def prepare_warm_up(cfg):
-    """Train (or find) the shared warm-up once, before the runs start in parallel and would all train it;
-    with train.py's thread count, so it is bit for bit the warm-up `python train.py` would train."""
+    """Train (or find) a warm-up once, before the runs start in parallel and would all train it; with
+    train.py's thread count, so it is bit for bit the warm-up `python train.py` would train."""
     torch.set_num_threads(cfg["cpu_threads"])
     model = train.build_model(cfg)
     train.warm_up(model, cfg)
@@ -139,10 +142,22 @@ def prepare_warm_up(cfg):
 
 
 @torch.no_grad()
-def warmup_table(model, cfg, policies, budgets):
+def sampled_k3(model, problems, policy, budget, **settings):
+    """Per-token KL(compressed sampler || full-cache learner), the k3 estimate on one sampled (T=1) rollout of
+    the problems: how far compression moves the policy, on the compressed policy's own samples."""
+    P, R = train.max_lengths()
+    ro = train.smd.rollout(model, [train.encode(train.format_prompt(p)) for p in problems], policy=policy,
+                           budget=budget, max_new_tokens=R, eos_id=train.EOS_ID,
+                           generator=torch.Generator(next(model.parameters()).device).manual_seed(0), **settings)
+    return objectives.mismatch(train.smd.learner_logprobs(model, ro.tokens), ro.logprobs, ro.response_mask)[1]
+
+
+@torch.no_grad()
+def warmup_table(model, cfg, policies, budgets, n_k3=128):
     """How hard compression bites before any RL: the warm-up's greedy accuracy with a full cache and under
-    each policy at each budget, the prompt evictable or kept, on the same held-out problems as the runs;
-    n/a where the setting cannot run (a budget below the prompt + 1 when it is kept, say)."""
+    each policy at each budget, the prompt evictable or kept, on the same held-out problems as the runs, and
+    in brackets the k3 KL of the sampler from the full-cache learner (sampled_k3, on n_k3 of them); n/a where
+    the setting cannot run (a budget below the prompt + 1 when it is kept, say)."""
     _, held_out = train.problem_splits(cfg)
     P, R = train.max_lengths()
     cells = [["policy"] + [f"{b} ({b / (P + R):.0%})" for b in budgets]]
@@ -152,28 +167,31 @@ def warmup_table(model, cfg, policies, budgets):
             for budget in budgets:
                 settings = train.policy_kwargs(dict(cfg, policy=policy, budget=budget, keep_prompt=keep_prompt))
                 try:
-                    row.append(f"{train.evaluate(model, held_out, policy, budget, **settings):.3f}")
+                    accuracy = train.evaluate(model, held_out, policy, budget, **settings)
+                    k3 = sampled_k3(model, held_out[:n_k3], policy, budget, **settings)
+                    row.append(f"{accuracy:.3f} ({k3:.0e})")
                 except ValueError:  # checked before any decoding
                     row.append("n/a")
             cells.append(row)
     full = train.evaluate(model, held_out, "full", P + R)
-    return (f"\nwarm-up greedy accuracy: full cache {full:.3f}; compressed, by budget (KV frac):\n"
-            + aligned(cells))
+    return (f"\nwarm-up greedy accuracy: full cache {full:.3f}; compressed (k3 KL from the full cache), by "
+            f"budget (KV frac):\n" + aligned(cells))
 
 
 def configure(argv):
     """-> (compare's settings, rows and sweep_rows as lists, sweep_rows [] without the sweep; the table's
-    train.py config; the plan, (row, budget, seed) -> that run's train.py flags). Every run's config is
-    checked here, before any work, so a typo costs a second, not a warm-up."""
+    train.py config; the plan, (row, budget, sft_seed, seed) -> that run's train.py flags). Every run's
+    config is checked here, before any work, so a typo costs a second, not a warm-up."""
     overrides, passed = configurator.parse_known(argv, CONFIG)
     own = dict(CONFIG, **overrides)
     own["rows"] = [n for n in own["rows"].split(",") if n]  # --rows= (empty): the warm-up table alone
     own["sweep_rows"] = [n for n in own["sweep_rows"].split(",") if n] if own["sweep"] else []
     unknown = [n for n in own["rows"] + own["sweep_rows"] if n not in ROWS]
-    if unknown or own["seeds"] < 1 or own["jobs"] < 1:
-        raise ValueError(f"need rows from {list(ROWS)}, seeds >= 1, jobs >= 1; got unknown rows {unknown}, "
-                         f"seeds={own['seeds']}, jobs={own['jobs']}")
-    for key in ("seed", "mode", "run_name", "resume"):
+    if unknown or own["seeds"] < 1 or own["jobs"] < 1 or len(set(own["sft_seeds"])) != len(own["sft_seeds"]):
+        raise ValueError(f"need rows from {list(ROWS)}, seeds >= 1, jobs >= 1, distinct sft_seeds; got unknown "
+                         f"rows {unknown}, seeds={own['seeds']}, jobs={own['jobs']}, sft_seeds={own['sft_seeds']}")
+    own["runs"] = [(w, s) for w in own["sft_seeds"] for s in range(own["seeds"])]  # (warm-up, RL seed)
+    for key in ("seed", "sft_seed", "mode", "run_name", "resume"):
         if any(a.startswith(f"--{key}=") for a in passed):
             raise ValueError(f"compare.py sets --{key} itself for every run")
     if not any(a.startswith("--eval_split=") for a in passed):
@@ -183,8 +201,9 @@ def configure(argv):
     runs += [(n, b) for b in own["sweep_budgets"] for n in own["sweep_rows"]]
     plan = {}  # a sweep run the table already has (same row and budget) is not run twice
     for name, budget in runs:
-        for s in range(own["seeds"]):
-            plan.setdefault((name, budget, s), passed + ROWS[name] + [f"--budget={budget}", f"--seed={s}"])
+        for w, s in own["runs"]:
+            plan.setdefault((name, budget, w, s),
+                            passed + ROWS[name] + [f"--budget={budget}", f"--sft_seed={w}", f"--seed={s}"])
     for argv_run in plan.values():
         train.make_config(argv_run)
     return own, cfg, plan
@@ -194,33 +213,37 @@ def main(argv):
     own, cfg, plan = configure(argv)
     os.makedirs(cfg["out_dir"], exist_ok=True)
     t0 = time.time()
-    model = prepare_warm_up(cfg)
-    if own["warmup_policies"]:
-        table_budgets = sorted(set(own["sweep_budgets"]) | {cfg["budget"]})
-        print(warmup_table(model, cfg, own["warmup_policies"].split(","), table_budgets), flush=True)
+    for w in own["sft_seeds"]:
+        model = prepare_warm_up(dict(cfg, sft_seed=w))
+        if own["warmup_policies"]:
+            table_budgets = sorted(set(own["sweep_budgets"]) | {cfg["budget"]})
+            print(f"\nwarm-up sft_seed={w}:" + warmup_table(model, dict(cfg, sft_seed=w),
+                                                          own["warmup_policies"].split(","), table_budgets),
+                  flush=True)
     summaries, failed = {}, []
     with concurrent.futures.ThreadPoolExecutor(own["jobs"]) as pool:
-        futures = {pool.submit(run, a, cfg["out_dir"], f"cmp_{n}_b{b}_s{s}"): (n, b, s)
-                   for (n, b, s), a in plan.items()}
+        futures = {pool.submit(run, a, cfg["out_dir"], run_name(n, b, w, s)): (n, b, w, s)
+                   for (n, b, w, s), a in plan.items()}
         for future in concurrent.futures.as_completed(futures):
-            n, b, s = futures[future]
+            n, b, w, s = futures[future]
             try:
-                r = summaries[n, b, s] = future.result()
+                r = summaries[n, b, w, s] = future.result()
             except Exception as e:  # reported; the tables keep every other run, one crash must not lose them
-                failed.append(f"{n} budget {b} seed {s}: {type(e).__name__}: {e}")
-                print(f"{n:14s} budget {b:2d} seed {s} | failed: {type(e).__name__}: {e}", flush=True)
+                failed.append(f"{n} budget {b} warm-up {w} seed {s}: {type(e).__name__}: {e}")
+                print(f"{n:14s} budget {b:2d} warm-up {w} seed {s} | failed: {type(e).__name__}: {e}", flush=True)
                 continue
-            print(f"{n:14s} budget {b:2d} seed {s} | full-cache acc {r['acc_dense_start']:.3f} -> "
+            print(f"{n:14s} budget {b:2d} warm-up {w} seed {s} | full-cache acc {r['acc_dense_start']:.3f} -> "
                   f"{r['acc_dense']:.3f} | compressed {r['acc_compressed_start']:.3f} -> "
                   f"{r['acc_compressed']:.3f} | {time.time() - t0:.0f}s", flush=True)
 
-    results = [(n, [summaries.get((n, cfg["budget"], s)) for s in range(own["seeds"])]) for n in own["rows"]]
+    results = [(n, [summaries.get((n, cfg["budget"], w, s)) for w, s in own["runs"]]) for n in own["rows"]]
     if not plan:
         return results
-    print(f"\n{own['seeds']} RL seeds per row, one warm-up (sft_seed={cfg['sft_seed']}), "
-          f"policy={cfg['policy']} budget={cfg['budget']} (dense: full-cache rollouts), {cfg['n_steps']} "
-          f"GRPO steps; accuracy: greedy exact match on {cfg['eval_problems']} {cfg['eval_split']} problems, "
-          f"start -> end; mean ± sample std")
+    print(f"\n{len(own['runs'])} runs per row ({own['seeds']} RL seeds on each of the warm-ups sft_seed="
+          f"{','.join(map(str, own['sft_seeds']))}, pooled), policy={cfg['policy']} budget={cfg['budget']} "
+          f"keep_prompt={cfg['keep_prompt']} (dense: full-cache rollouts), {cfg['n_steps']} GRPO steps; "
+          f"accuracy: greedy exact match on {cfg['eval_problems']} {cfg['eval_split']} problems, start -> end; "
+          f"mean ± sample std over runs")
     print(table(results))
     if own["sweep"]:
         print(sweep_table(cfg, own, summaries))
@@ -231,31 +254,35 @@ def main(argv):
     return results
 
 
-def final_accuracy(runs, n_seeds):
+def run_name(row, budget, sft_seed, seed):
+    return f"cmp_{row}_b{budget}_w{sft_seed}_s{seed}"
+
+
+def final_accuracy(runs, n_runs):
     """'full-cache / compressed' final accuracy over the runs that finished; '-' where none did."""
     if not runs:
         return "-"
     return (f"{mean_std([r['acc_dense'] for r in runs], '{:.3f}')} / "
-            f"{mean_std([r['acc_compressed'] for r in runs], '{:.3f}')}{of_seeds(len(runs), n_seeds)}")
+            f"{mean_std([r['acc_compressed'] for r in runs], '{:.3f}')}{of_runs(len(runs), n_runs)}")
 
 
 def sweep_table(cfg, own, summaries):
     """Final full-cache / compressed accuracy per budget, the table's own budget included from its runs ('-'
     for a row that did not run there); dense's weights do not depend on the budget, so its finished
     checkpoints are evaluated at each one."""
-    seeds = range(own["seeds"])
-    dense = [s for s in seeds if ("dense", cfg["budget"], s) in summaries]
+    dense = [(w, s) for w, s in own["runs"] if ("dense", cfg["budget"], w, s) in summaries]
     cells = [["budget (KV frac)", "dense (ceiling)"] + own["sweep_rows"]]
     seq_len = sum(train.max_lengths())
     for budget in sorted(set(own["sweep_budgets"]) | {cfg["budget"]}):
         row = [f"{budget} ({budget / seq_len:.0%})"]
-        dense_runs = [dict(acc_dense=summaries["dense", cfg["budget"], s]["acc_dense"],
-                           acc_compressed=evaluate_checkpoint(cfg, f"cmp_dense_b{cfg['budget']}_s{s}",
-                                                              budget)) for s in dense]
-        row.append(final_accuracy(dense_runs, own["seeds"]))
+        dense_runs = [dict(acc_dense=summaries["dense", cfg["budget"], w, s]["acc_dense"],
+                           acc_compressed=evaluate_checkpoint(dict(cfg, sft_seed=w),
+                                                              run_name("dense", cfg["budget"], w, s), budget))
+                      for w, s in dense]
+        row.append(final_accuracy(dense_runs, len(own["runs"])))
         for name in own["sweep_rows"]:
-            runs = [summaries[name, budget, s] for s in seeds if (name, budget, s) in summaries]
-            row.append(final_accuracy(runs, own["seeds"]))
+            runs = [summaries[name, budget, w, s] for w, s in own["runs"] if (name, budget, w, s) in summaries]
+            row.append(final_accuracy(runs, len(own["runs"])))
         cells.append(row)
     return f"\nbudget sweep: final full-cache / compressed accuracy ({cfg['policy']})\n" + aligned(cells)
 

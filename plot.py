@@ -29,9 +29,9 @@ CONFIG = configurator.knobs(globals())
 
 
 def load(out_dir, row, budget):
-    """Per-seed records of one row: [(train records, eval records)]."""
+    """Per-run records of one row: [(train records, eval records)]."""
     runs = []
-    for path in sorted(glob.glob(os.path.join(out_dir, f"cmp_{row}_b{budget}_s*.jsonl"))):
+    for path in sorted(glob.glob(os.path.join(out_dir, f"cmp_{row}_b{budget}_w*_s*.jsonl"))):
         records = [json.loads(line) for line in open(path)]
         runs.append(([r for r in records if r["kind"] == "train"],
                      [r for r in records if r["kind"] == "eval"]))
@@ -90,7 +90,7 @@ def main(argv):
             ax.set_xlabel("GRPO step", fontsize=8)
     if not drawn:
         sys.exit(f"nothing to draw: run compare.py first "
-                 f"(no {cfg['out_dir']}/cmp_<row>_b{cfg['budget']}_s*.jsonl)")
+                 f"(no {cfg['out_dir']}/cmp_<row>_b{cfg['budget']}_w*_s*.jsonl)")
     axes[3].set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()

@@ -197,20 +197,22 @@ def fake_compare(monkeypatch):
 
 def test_compare_runs_every_row_seed_and_budget_and_reports_mean_and_sample_std(fake_compare, tmp_path):
     compare, runs, _ = fake_compare
-    results = compare.main([f"--out_dir={tmp_path}", "--budget=24", "--seeds=3", "--sweep_budgets=16,24"])
+    results = compare.main([f"--out_dir={tmp_path}", "--budget=24", "--seeds=3", "--sft_seeds=0,1",
+                            "--sweep_budgets=16,24"])
     calls = list(runs.values())
     assert [name for name, _ in results] == compare.rows.split(",")
     n_sweep = len(compare.sweep_rows.split(","))               # budget 24 is the table's: only 16 is new
-    assert len(calls) == 3 * (len(results) + n_sweep)
+    assert len(calls) == 2 * 3 * (len(results) + n_sweep)      # 2 warm-ups x 3 RL seeds
     assert all("--eval_split=test" in argv for argv in calls)  # reports are on the test split
-    seeds = {a for argv in calls for a in argv if a.startswith("--seed=")}
-    assert sorted(seeds) == ["--seed=0", "--seed=1", "--seed=2"]
-    assert not any(a.startswith("--sft_seed=") for argv in calls for a in argv)  # one warm-up for all
-    assert sum("--budget=16" in argv for argv in calls) == 3 * n_sweep
+    pairs = {(a, b) for argv in calls for a in argv for b in argv if a.startswith("--sft_seed=")
+             and b.startswith("--seed=")}
+    assert len(pairs) == 6                                     # every warm-up with every RL seed
+    assert sum("--budget=16" in argv for argv in calls) == 2 * 3 * n_sweep
     smd_row = compare.table(results).splitlines()[2 + compare.rows.split(",").index("smd")].split()
-    assert smd_row[:8] == ["smd", "0.500", "±", "0.000", "->", "0.500", "±", "0.100"]  # 0.4, 0.5, 0.6: sample std
-    with pytest.raises(ValueError, match="sets --seed"):
-        compare.main(["--seed=1"])
+    assert smd_row[:8] == ["smd", "0.500", "±", "0.000", "->", "0.500", "±", "0.089"]  # 0.4 0.5 0.6, twice, pooled
+    for own in ("--seed=1", "--sft_seed=1"):
+        with pytest.raises(ValueError, match="sets --s"):
+            compare.main([own])
     with pytest.raises(ValueError, match="unknown rows"):
         compare.main(["--rows=dense,ppo"])
 
@@ -225,40 +227,42 @@ def sweep_rows(stdout):
 def test_the_sweep_shows_a_dash_for_a_row_that_did_not_run_at_the_tables_budget(fake_compare, tmp_path,
                                                                                   capsys):
     compare, runs, _ = fake_compare  # the review's crash: KeyError('naive', 26, 0)
-    results = compare.main([f"--out_dir={tmp_path}", "--rows=dense,smd", "--sweep_budgets=13", "--seeds=2"])
+    results = compare.main([f"--out_dir={tmp_path}", "--rows=dense,smd", "--sweep_budgets=13", "--seeds=2",
+                            "--sft_seeds=0"])
     assert [name for name, _ in results] == ["dense", "smd"]
     sweep = sweep_rows(capsys.readouterr().out)             # columns: dense, naive, tis, smd
     assert sweep[26] == ["0.550 ± 0.071 / 0.250 ± 0.000", "-", "-", "0.450 ± 0.071 / 0.225 ± 0.035"]
     assert sweep[13][1] == "0.250 ± 0.071 / 0.125 ± 0.035"  # naive did run at 13
     planned = [("dense", 26), ("smd", 26), ("naive", 13), ("tis", 13), ("smd", 13)]
-    assert sorted(runs) == sorted(f"cmp_{n}_b{b}_s{s}" for n, b in planned for s in (0, 1))
+    assert sorted(runs) == sorted(f"cmp_{n}_b{b}_w0_s{s}" for n, b in planned for s in (0, 1))
 
 
 def test_a_sweep_row_whose_name_is_part_of_a_table_rows_name_still_runs(fake_compare, tmp_path, capsys):
     compare, runs, _ = fake_compare  # "smd" is in "dense,smd_no_ref_kl" as a substring, not as a row
     compare.main([f"--out_dir={tmp_path}", "--rows=dense,smd_no_ref_kl", "--sweep_budgets=13,26",
-                  "--seeds=2"])
-    assert {"cmp_smd_b26_s0", "cmp_smd_b26_s1", "cmp_smd_no_ref_kl_b26_s0"} <= set(runs)
+                  "--seeds=2", "--sft_seeds=0"])
+    assert {"cmp_smd_b26_w0_s0", "cmp_smd_b26_w0_s1", "cmp_smd_no_ref_kl_b26_w0_s0"} <= set(runs)
     assert len(runs) == len(set(runs)) == 2 * (2 + 3 + 3)    # a run the table and the sweep share runs once
     assert sweep_rows(capsys.readouterr().out)[26][3] == "0.450 ± 0.071 / 0.225 ± 0.035"
 
 
 def test_a_failed_run_is_reported_and_the_tables_keep_the_others(fake_compare, tmp_path, capsys):
     compare, runs, fail = fake_compare
-    fail.update({"cmp_smd_b26_s1", "cmp_naive_b13_s0", "cmp_naive_b13_s1", "cmp_naive_b13_s2"})
+    fail.update({"cmp_smd_b26_w0_s1", "cmp_naive_b13_w0_s0", "cmp_naive_b13_w0_s1", "cmp_naive_b13_w0_s2"})
     with pytest.raises(SystemExit) as e:  # status 1, after the tables
-        compare.main([f"--out_dir={tmp_path}", "--rows=dense,naive,smd", "--sweep_budgets=13", "--seeds=3"])
+        compare.main([f"--out_dir={tmp_path}", "--rows=dense,naive,smd", "--sweep_budgets=13", "--seeds=3",
+                      "--sft_seeds=0"])
     assert e.value.code.startswith("4 of 18 runs failed")
-    log = os.path.join(str(tmp_path), "cmp_smd_b26_s1.log")
+    log = os.path.join(str(tmp_path), "cmp_smd_b26_w0_s1.log")
     failure = f"RuntimeError: train.py exited with status 1; its log: {log}"
-    assert f"smd budget 26 seed 1: {failure}" in e.value.code
+    assert f"smd budget 26 warm-up 0 seed 1: {failure}" in e.value.code
     out = capsys.readouterr().out
-    assert f"budget 26 seed 1 | failed: {failure}" in out
-    table = {line.split("  ")[0]: line for line in out.split("mean ± sample std\n")[1].splitlines()[2:5]}
-    assert table["smd (2 of 3 seeds)"].split()[8:12] == ["->", "0.500", "±", "0.141"]  # seeds 0, 2: 0.4, 0.6
+    assert f"budget 26 warm-up 0 seed 1 | failed: {failure}" in out
+    table = {line.split("  ")[0]: line for line in out.split("over runs\n")[1].splitlines()[2:5]}
+    assert table["smd (2 of 3 runs)"].split()[8:12] == ["->", "0.500", "±", "0.141"]  # seeds 0, 2: 0.4, 0.6
     assert table["naive"].split()[4:8] == ["->", "0.300", "±", "0.100"]                # 0.2, 0.3, 0.4
     sweep = sweep_rows(out)
-    assert sweep[26][3] == "0.500 ± 0.141 / 0.250 ± 0.071 (2 of 3 seeds)"
+    assert sweep[26][3] == "0.500 ± 0.141 / 0.250 ± 0.071 (2 of 3 runs)"
     assert sweep[13][1] == "-"                                           # no seed finished
 
 
@@ -286,8 +290,9 @@ def test_the_warm_up_table_shows_every_policy_with_the_prompt_evictable_and_kept
     import compare
     import train
     cfg = train.make_config(["--n_layer=1", "--n_head=2", "--n_embd=16", "--eval_problems=4"])
-    text = compare.warmup_table(train.build_model(cfg), cfg, ["h2o", "rkv"], [13, 26])
-    rows = {line.split("  ")[0].strip(): line.split()[-2:] for line in text.splitlines()[4:]}  # after the rule
+    text = compare.warmup_table(train.build_model(cfg), cfg, ["h2o", "rkv"], [13, 26], n_k3=4)
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in text.splitlines()[4:])}
     assert list(rows) == ["h2o", "h2o, prompt kept", "rkv", "rkv, prompt kept"]
-    assert rows["h2o, prompt kept"][0] == "n/a" and rows["h2o, prompt kept"][1] != "n/a"  # 13 < prompt 20 + 1
-    assert all(cell != "n/a" for cell in rows["h2o"] + rows["rkv"])
+    assert rows["h2o, prompt kept"][0] == "n/a"                           # 13 < prompt 20 + 1
+    accuracy_and_k3 = re.compile(r"\d\.\d{3} \(\de[-+]\d\d\)")
+    assert all(accuracy_and_k3.fullmatch(c) for c in rows["h2o"] + rows["rkv"] + rows["h2o, prompt kept"][1:]), rows

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import configurator
+import objectives
 import train
 from conftest import DEVICE
 from model import GPT, GPTConfig
@@ -99,7 +100,7 @@ def assert_same_gradient(got, want, tol=1e-5):
 def pg_surrogate(model, ro, mask, cfg=TINY):
     """At the first update the ratio is 1, so the clipped GRPO loss has the gradient of -mean(A * log pi)."""
     rewards = torch.tensor([float(len(train.decode(t[train.max_lengths()[0]:].tolist())) % 3) for t in ro.tokens])
-    adv = train.group_advantages(rewards, cfg["group_size"])
+    adv = objectives.group_advantages(rewards, cfg["group_size"])
     lp = train.smd.learner_logprobs(model, ro.tokens, mask)
     m = ro.response_mask.float()
     return -(lp * adv[:, None] * m).sum() / m.sum()
@@ -160,28 +161,28 @@ def test_reference_kl_pulls_the_full_cache_pass_toward_the_warm_up_in_every_mode
 def test_tis_diagnostics_on_a_constructed_batch():
     lp_sampler = torch.zeros(1, 4)
     lp_learner = torch.log(torch.tensor([[1.0, 1.0, 0.5, 3.0]]))          # ratios 1, 1, 0.5, 3 -> capped at 2
-    ess, capped = train.tis_diagnostics(lp_learner, lp_sampler, torch.ones(1, 4, dtype=torch.bool), cap=2.0)
+    ess, capped = objectives.tis_diagnostics(lp_learner, lp_sampler, torch.ones(1, 4, dtype=torch.bool), cap=2.0)
     assert ess == pytest.approx(4.5 ** 2 / (4 * 6.25), rel=1e-6)          # (sum w)^2 / (n sum w^2), w = 1 1 .5 2
     assert capped == 0.25
 
 
 def test_advantages_are_zero_mean_per_group_and_zero_for_a_uniform_group():
     rewards = torch.tensor([1., 0., 0., 1., 1., 1., 1., 1., 0., 0., 0., 1.])
-    adv = train.group_advantages(rewards, 4).view(3, 4)
+    adv = objectives.group_advantages(rewards, 4).view(3, 4)
     assert adv.mean(-1).abs().max().item() < 1e-6
     assert adv[1].abs().max().item() == 0.0                     # all four scored 1: no signal
     # eight samples of 7/11: their float32 mean differs from them in the last bit, and dividing by the tiny
     # std would turn that into advantages of +-0.056; they must be exactly 0
     uniform = torch.full((8,), 7 / 11)
     assert (uniform - uniform.mean()).abs().max().item() > 0    # the case is not vacuous
-    assert train.group_advantages(uniform, 8).abs().max().item() == 0.0
+    assert objectives.group_advantages(uniform, 8).abs().max().item() == 0.0
     assert adv[0, 0].item() == pytest.approx(1.0, abs=1e-5)     # normalized: unit std within the group
 
 
 def test_tis_weights_never_exceed_the_cap_and_equal_the_ratio_below_it():
     g = torch.Generator().manual_seed(0)
     lp_learner, lp_sampler = -3 * torch.rand(4, 30, generator=g), -3 * torch.rand(4, 30, generator=g)
-    w = train.tis_weights(lp_learner, lp_sampler, cap=2.0)
+    w = objectives.tis_weights(lp_learner, lp_sampler, cap=2.0)
     ratio = torch.exp(lp_learner - lp_sampler)
     assert w.max().item() <= 2.0
     assert (ratio > 2.0).any()                                  # the cap was actually exercised
@@ -192,7 +193,7 @@ def test_tis_weights_never_exceed_the_cap_and_equal_the_ratio_below_it():
 def test_grpo_loss_is_clipped_outside_the_trust_region():
     lp_old, adv, mask = torch.zeros(1, 3), torch.ones(1), torch.ones(1, 3, dtype=torch.bool)
     lp = torch.log(torch.tensor([[1.5, 1.0, 0.5]])).requires_grad_()
-    loss, clip_frac = train.grpo_loss(lp, lp_old, adv, mask, clip_eps=0.2)
+    loss, clip_frac = objectives.grpo_loss(lp, lp_old, adv, mask, clip_eps=0.2)
     loss.backward()
     assert loss.item() == pytest.approx(-(1.2 + 1.0 + 0.5) / 3, abs=1e-6)   # min(r A, clip(r) A), A = 1
     assert lp.grad[0, 0].item() == 0.0                           # above 1 + eps: no push further up
@@ -336,7 +337,7 @@ def test_tis_weights_scale_the_policy_gradient_loss(monkeypatch):
     # a reward that varies within a group (the random model scores 0 everywhere), so advantages are not all 0
     monkeypatch.setitem(train.REWARDS, "partial", lambda problem, text: float(len(text) % 3))
     naive, _ = one_step("naive", updates_per_batch=1)
-    monkeypatch.setattr(train, "tis_weights", lambda lp, lp_s, cap: torch.full_like(lp, 0.5))
+    monkeypatch.setattr(objectives, "tis_weights", lambda lp, lp_s, cap: torch.full_like(lp, 0.5))
     tis, _ = one_step("tis", updates_per_batch=1)
     assert naive["loss"] != 0.0
     assert tis["loss"] == pytest.approx(0.5 * naive["loss"], rel=1e-6)   # same rollouts, every token weighted 0.5
@@ -347,7 +348,7 @@ def test_sparse_rl_weights_mask_and_rejection_on_hand_made_logprobs():
                           [1.0, 5e-5, 1.0, 1.0],     # one token below the veto 1e-4: the sequence is rejected
                           [2.0, 0.9, 1e-6, 1.0]])    # a response of 2 tokens: the 1e-6 after it vetoes nothing
     response_mask = torch.tensor([[True] * 4, [True] * 4, [True, True, False, False]])
-    weights, keep, outside, rejected = train.sparse_rl_weights(ratio.log(), torch.zeros(3, 4), response_mask,
+    weights, keep, outside, rejected = objectives.sparse_rl_weights(ratio.log(), torch.zeros(3, 4), response_mask,
                                                                0.5, 1.5, 1e-4)
     capped = torch.tensor([[1.0, 0.4, 1.5, 1.2], [1.0, 5e-5, 1.0, 1.0], [1.5, 0.9, 0.0, 0.0]])  # min(ratio, 1.5)
     assert torch.allclose(weights, capped / (capped.sum() / 10), rtol=1e-6)  # mean 1 over the 10 response tokens
@@ -363,14 +364,14 @@ def test_sparse_rl_loss_is_the_weighted_mean_over_kept_tokens(monkeypatch):
         made["weights"] = torch.rand(lp_learner.shape, generator=g) + 0.5
         made["keep"] = response_mask & (torch.rand(lp_learner.shape, generator=g) < 0.5)
         return made["weights"], made["keep"], 0.25, 0.5
-    monkeypatch.setattr(train, "sparse_rl_weights", some_weights_and_tokens)
+    monkeypatch.setattr(objectives, "sparse_rl_weights", some_weights_and_tokens)
     got, ro, stats = step_gradient(monkeypatch, "sparse_rl")
     weights, keep = made["weights"], made["keep"]
     assert 0 < keep.sum() < ro.response_mask.sum() and (stats["sparse_rl_outside"], stats["sparse_rl_rejected"]) == (0.25, 0.5)
 
     def surrogate(model):  # at the first update the ratio is 1: the gradient of -mean_kept(w * A * log pi)
         rewards = torch.tensor([float(len(train.decode(t[train.max_lengths()[0]:].tolist())) % 3) for t in ro.tokens])
-        adv = train.group_advantages(rewards, TINY["group_size"])
+        adv = objectives.group_advantages(rewards, TINY["group_size"])
         lp = train.smd.learner_logprobs(model, ro.tokens)                  # the full-cache learner, as naive's
         return -(lp * adv[:, None] * weights * keep).sum() / keep.sum()
     assert_same_gradient(got, gradient_of(surrogate))
@@ -413,6 +414,39 @@ def test_warm_up_key_ignores_rl_settings_and_names_what_shapes_the_weights(tmp_p
     assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 1    # RL and eval knobs: same base
     train.main(args(cfg, run_name="clip", sft_grad_clip=0.5))
     assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 2    # the warm-up's own clip: new base
+
+
+def test_warm_up_key_changes_with_the_robust_recipe_and_only_with_what_shapes_it():
+    plain = dict(TINY, sft_masked=0.0)
+    robust = dict(TINY, sft_masked=0.5, sft_mask="policy", policy="rkv", keep_prompt=True)
+    path = train.warmup_path
+    assert path(plain) == path(dict(plain, policy="tova", sft_mask="policy"))  # no masks: the policy is RL-only
+    assert len({path(plain), path(dict(plain, sft_masked=0.5)), path(robust)}) == 3
+    for change in (dict(sft_masked=0.25), dict(sft_mask="streaming"), dict(policy="h2o"), dict(keep_prompt=False),
+                   dict(rkv_window=3), dict(sft_min_budget=30)):
+        assert path(dict(robust, **change)) != path(robust), change
+    streaming = dict(TINY, sft_masked=0.5, sft_mask="streaming")
+    assert path(streaming) == path(dict(streaming, policy="rkv", budget=30))  # content-blind masks: RL-only again
+
+
+@pytest.mark.parametrize("recipe", [dict(sft_mask="streaming"), dict(sft_mask="policy", policy="h2o"),
+                                    dict(sft_mask="policy", policy="rkv", keep_prompt=True)])
+def test_warm_up_masks_are_causal_see_themselves_and_keep_the_prompt_where_the_recipe_says(recipe):
+    cfg = dict(TINY, sft_masked=0.5, **recipe)
+    problems, _, _ = train.make_splits(0, 32, 0, 0)
+    x, _ = train.sft_batch(problems, DEVICE)                               # (B, T) = (32, 52)
+    masks = train.warmup_masks(tiny_model(0), x, cfg, torch.Generator(DEVICE).manual_seed(0))
+    L, B, nh, T, _ = masks.shape
+    causal = torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril()
+    assert not (masks & ~causal).any() and masks.diagonal(dim1=-2, dim2=-1).all()  # causal; a query sees itself
+    masked = (masks != causal).flatten(2).any(-1).any(0)                    # (B,) rows trained under a mask
+    assert 8 <= masked.sum() <= 24, "about half the rows"
+    P, _ = train.max_lengths()
+    prompt_seen = masks[:, masked, :, P:, :P].all()                        # response queries see the whole prompt
+    assert prompt_seen == (recipe.get("keep_prompt", False))
+    if recipe["sft_mask"] == "policy":  # recorded at one budget per batch, drawn from sft_min_budget .. T-1
+        budgets = masks[:, masked].sum(-1).amax(dim=(0, 2, 3))              # (R,) most keys any query saw
+        assert (budgets == budgets[0]).all() and cfg["sft_min_budget"] <= budgets[0] < T
 
 
 def test_relative_variance_and_cosine_on_a_constructed_case():

@@ -36,6 +36,7 @@ import torch
 
 import configurator
 import smd
+from objectives import correction, group_advantages, grpo_loss, mismatch
 from data.arithmetic import EOS_ID, N_DIGITS, N_OPERANDS, VOCAB_SIZE, decode, encode, format_prompt, \
     format_response, make_splits, max_lengths, partial_reward
 from data.arithmetic import reward as exact_reward
@@ -58,7 +59,8 @@ rkv_window = 2              # rkv: observation window, the last queries whose at
 rkv_kernel = 3              # rkv: width of the max pool smoothing those scores (odd)
 rkv_lambda = 0.1            # rkv: weight of importance against redundancy (the paper's lambda)
 seed = 0                    # RL seed: batches, sampling
-sft_seed = 0                # data splits, initial weights and warm-up: one base for every RL seed
+sft_seed = 0                # initial weights and warm-up batches: one base for every RL seed
+data_seed = 0               # the problem splits (train, val, test), the same for every warm-up
 device = "cuda" if torch.cuda.is_available() else "cpu"  # where the model runs (a GPU when one is visible)
 cpu_threads = 1             # torch threads; more only busy-wait on these tiny matrices
 out_dir = "out"             # warm-ups, checkpoints and JSONL logs
@@ -80,6 +82,9 @@ sft_batch_size = 64         # worked examples per step
 sft_lr = 3e-3               # peak learning rate
 sft_warmup = 50             # linear warm-up steps, then cosine decay to 10% of sft_lr
 sft_grad_clip = 1.0         # gradient-norm clip of the warm-up (RL has its own, grad_clip)
+sft_masked = 0.0            # fraction of warm-up rows trained under an eviction mask (an eviction-robust base)
+sft_mask = "streaming"      # those masks: streaming (random sinks and window) | policy (recorded from --policy)
+sft_min_budget = 23         # sft_mask=policy: the masks' budget is drawn from sft_min_budget .. T-1
 # phase 2: GRPO, shared by every mode
 reward = "partial"          # training reward: "exact" | "partial" (fraction of right fields); eval is exact match
 n_steps = 120               # GRPO steps (one batch of rollouts each)
@@ -122,7 +127,7 @@ EVAL_POOL = 1000  # val and test each hold this many problems, dealt before trai
 def problem_splits(cfg):
     """(train, eval) problems. Test and val are fixed pools dealt before train, so no setting of
     eval_problems or eval_split can put a training problem into an evaluation."""
-    train_problems, val, test = make_splits(cfg["sft_seed"], cfg["n_train"], EVAL_POOL, EVAL_POOL)
+    train_problems, val, test = make_splits(cfg["data_seed"], cfg["n_train"], EVAL_POOL, EVAL_POOL)
     return train_problems, (val if cfg["eval_split"] == "val" else test)[:cfg["eval_problems"]]
 
 
@@ -156,6 +161,9 @@ def validate_config(cfg):
         raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got {cfg['group_size']}")
     if not 0 <= cfg["clip_eps"] < 1 or cfg["distill_coef"] < 0:
         raise ValueError(f"need 0 <= clip_eps < 1 and distill_coef >= 0, got {cfg['clip_eps']}, {cfg['distill_coef']}")
+    if not 0 <= cfg["sft_masked"] <= 1 or cfg["sft_mask"] not in ("streaming", "policy"):
+        raise ValueError(f"need 0 <= sft_masked <= 1 and sft_mask 'streaming' or 'policy', got "
+                         f"{cfg['sft_masked']}, {cfg['sft_mask']!r}")
     if not 0 < cfg["sparse_rl_low"] < 1 < cfg["sparse_rl_high"]:
         raise ValueError(f"need 0 < sparse_rl_low < 1 < sparse_rl_high, got {cfg['sparse_rl_low']}, "
                          f"{cfg['sparse_rl_high']}")
@@ -186,7 +194,13 @@ def validate_config(cfg):
     if cfg["budget"] > cfg["block_size"]:
         raise ValueError(f"budget {cfg['budget']} is larger than block_size {cfg['block_size']}")
     # unknown policy, or settings that cannot work with this budget (the policy's ValueError names them)
-    smd.make_policy(cfg["policy"], **policy_kwargs(cfg)).check(cfg["budget"], seq_len, P)
+    policy = smd.make_policy(cfg["policy"], **policy_kwargs(cfg))
+    policy.check(cfg["budget"], seq_len, P)
+    if cfg["sft_masked"] and cfg["sft_mask"] == "policy":  # the warm-up records masks down to sft_min_budget
+        if cfg["policy"] == "full" or not cfg["sft_min_budget"] < seq_len - 1:
+            raise ValueError(f"sft_mask='policy' needs an evicting policy and sft_min_budget < {seq_len - 1}, got "
+                             f"{cfg['policy']!r}, {cfg['sft_min_budget']}")
+        policy.check(cfg["sft_min_budget"], seq_len - 1, P)
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no GPU is visible")
 
@@ -221,6 +235,33 @@ def sft_batch(problems, device):
     return x, y
 
 
+def warmup_masks(model, x, cfg, generator):
+    """Which keys each warm-up query may see: (L, B, nh, T, T) bool for inputs x (B, T). A fraction sft_masked
+    of the rows see what an evicting cache would keep, the others every earlier position: a base trained only
+    with full attention spreads its attention everywhere and breaks under any eviction, which large
+    pretrained models do not."""
+    B, T = x.shape
+    P, _ = max_lengths()
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    masks = causal.expand(cfg["n_layer"], B, cfg["n_head"], T, T).clone()
+    draw = lambda high, n, low=0: torch.randint(low, high, (n,), generator=generator, device=generator.device)
+    rows = (draw(2 ** 20, B) < cfg["sft_masked"] * 2 ** 20).nonzero().squeeze(-1).to(x.device)  # (R,)
+    if len(rows) == 0:
+        return masks
+    if cfg["sft_mask"] == "streaming":  # content-blind: 0, 4 or all prompt tokens as sinks, a window of 2..T-1
+        n_sink = torch.tensor([0, 4, P], device=x.device)[draw(3, len(rows)).to(x.device)][:, None, None]
+        window = draw(T, len(rows), low=2).to(x.device)[:, None, None]
+        t = torch.arange(T, device=x.device)
+        seen = causal & ((t < n_sink) | (t[:, None] - t < window))           # (R, T, T)
+        masks[:, rows] = seen[None, :, None]
+    else:  # the policy's own masks, recorded with the current weights at a random budget
+        budget = int(draw(T, 1, low=cfg["sft_min_budget"]))
+        recorded = smd.record(model, x[rows], [P] * len(rows), policy=cfg["policy"], budget=budget,
+                              temperature=0, generator=generator, **policy_kwargs(cfg))
+        masks[:, rows] = recorded.shadow_mask.to_dense()
+    return masks
+
+
 def sft(model, train_problems, cfg, generator):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["sft_lr"], weight_decay=0.0)
     for step in range(cfg["sft_steps"]):
@@ -230,7 +271,7 @@ def sft(model, train_problems, cfg, generator):
             group["lr"] = lr_now
         idx = torch.randint(len(train_problems), (cfg["sft_batch_size"],), generator=generator, device=generator.device)
         x, y = sft_batch([train_problems[i] for i in idx.tolist()], cfg["device"])
-        _, loss = model(x, y)
+        _, loss = model(x, y, attn_mask=warmup_masks(model, x, cfg, generator) if cfg["sft_masked"] else None)
         check_finite(loss, f"sft step {step} loss")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -241,87 +282,6 @@ def sft(model, train_problems, cfg, generator):
 
 # -----------------------------------------------------------------------------
 # phase 2: GRPO
-
-
-def group_advantages(rewards, group_size):
-    """rewards (B,) with B = n_prompts * group_size, group-major -> (B,) advantages, zero mean per group.
-    A group whose samples all scored the same carries no signal and gets advantage exactly 0 (its mean
-    can differ from its values in the last bit, which the division by a tiny std would blow up)."""
-    r = rewards.view(-1, group_size)                                       # (n_prompts, G)
-    adv = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True, unbiased=False) + 1e-6)
-    uniform = (r == r[:, :1]).all(-1, keepdim=True)                        # (n_prompts, 1)
-    return adv.masked_fill(uniform, 0.0).view(-1)
-
-
-def tis_weights(lp_learner, lp_sampler, cap):
-    """Truncated importance weights min(pi_learner / pi_sampler, cap), (B, T), no gradient: they correct
-    for sampling from the compressed policy while training the dense one, and the cap bounds the variance."""
-    return torch.exp(lp_learner - lp_sampler).clamp(max=cap).detach()
-
-
-def tis_diagnostics(lp_learner, lp_sampler, response_mask, cap):
-    """verl's rollout-correction checks over response tokens: the effective sample size (sum w)^2 / (n sum w^2)
-    of the truncated weights (1 = no correction needed; below 0.3 is a warning) and the fraction capped."""
-    ratio = torch.exp(lp_learner - lp_sampler)[response_mask]             # (n_response_tokens,)
-    w = ratio.clamp(max=cap)
-    return (w.sum() ** 2 / (w.numel() * (w ** 2).sum())).item(), (ratio > cap).float().mean().item()
-
-
-def sparse_rl_weights(lp_learner, lp_sampler, response_mask, low, high, veto):
-    """Sparse-RL's correction as its released code runs it (slime's mis.py with mis.yaml: token-level
-    truncated IS, token rejection and a sequence veto, weights normalised over the batch). With
-    ratio = pi_learner / pi_sampler per response token:
-      weights  min(ratio, high), divided by their mean over the batch's response tokens, no gradient;
-      keep     response tokens with low <= ratio <= high, in sequences with no token ratio below veto.
-    -> weights (B, T), keep (B, T) bool, fraction of response tokens outside [low, high], fraction of
-    sequences rejected."""
-    log_ratio = (lp_learner - lp_sampler).detach()                         # (B, T)
-    ratio = log_ratio.clamp(-20.0, 20.0).exp()                             # slime's bound against overflow
-    weights = ratio.clamp(max=high) * response_mask
-    mean = weights.sum() / response_mask.sum().clamp(min=1)
-    if mean > 1e-8:  # as slime: normalise unless every weight vanished
-        weights = weights / mean
-    in_range = (ratio >= low) & (ratio <= high)
-    rejected = ((log_ratio < math.log(veto)) & response_mask).any(-1)      # (B,): the raw ratio, as slime
-    keep = response_mask & in_range & ~rejected[:, None]
-    outside = (response_mask & ~in_range).sum() / response_mask.sum().clamp(min=1)
-    return weights, keep, outside.item(), rejected.float().mean().item()
-
-
-def correction(cfg, lp_learner, lp_sampler, response_mask):
-    """How a mode corrects for the sampler being another policy: per-token weights (None: all 1), the tokens
-    the loss averages over, and the diagnostics it logs (None where the mode has none)."""
-    weights, loss_mask, ess, capped, outside, rejected = None, response_mask, None, None, None, None
-    if cfg["mode"] == "tis":
-        weights = tis_weights(lp_learner, lp_sampler, cfg["tis_cap"])
-        ess, capped = tis_diagnostics(lp_learner, lp_sampler, response_mask, cfg["tis_cap"])
-    if cfg["mode"] == "sparse_rl":
-        bounds = cfg["sparse_rl_low"], cfg["sparse_rl_high"], cfg["sparse_rl_veto"]
-        weights, loss_mask, outside, rejected = sparse_rl_weights(lp_learner, lp_sampler, response_mask, *bounds)
-    return weights, loss_mask, dict(tis_ess=ess, tis_capped=capped, sparse_rl_outside=outside,
-                                    sparse_rl_rejected=rejected)
-
-
-def mismatch(lp_learner, lp_sampler, response_mask):
-    """Max |log pi_learner - log pi_sampler| and the mean k3 estimate of KL(sampler || learner)
-    (exp(r) - 1 - r, r the log-ratio: unbiased and >= 0 per token) over response tokens."""
-    r = (lp_learner - lp_sampler)[response_mask]                           # (n_response_tokens,)
-    return r.abs().max().item(), (r.exp() - 1 - r).mean().item()
-
-
-def grpo_loss(lp, lp_old, advantages, response_mask, clip_eps, weights=None):
-    """Clipped-ratio policy-gradient loss, a mean over every response token of the batch (token-level, so a
-    long response is not down-weighted) that response_mask keeps. lp, lp_old, weights (B, T); advantages (B,).
-    -> loss, clip fraction."""
-    ratio = torch.exp(lp - lp_old)                                         # (B, T)
-    adv = advantages[:, None]                                              # (B, 1), one per sequence
-    per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    if weights is not None:
-        per_token = per_token * weights
-    weight = response_mask.to(lp.dtype)                                   # (B, T): 1 on response tokens
-    clipped = ((ratio - 1).abs() > clip_eps).to(lp.dtype)
-    n = weight.sum().clamp(min=1)                                          # sparse_rl may drop every token
-    return (per_token * weight).sum() / n, ((clipped * weight).sum() / n).item()
 
 
 def check_finite(value, what):
@@ -440,14 +400,24 @@ def build_model(cfg):
                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0)).to(cfg["device"])
 
 
+def warmup_path(cfg, dtype=torch.float32):
+    """out/sft_<hash>.pt, the hash of everything that shapes the warm-up's weights and nothing RL-only."""
+    key = {k: cfg[k] for k in ("sft_seed", "data_seed", "n_train", "n_layer", "n_head", "n_embd", "block_size",
+                               "sft_steps", "sft_batch_size", "sft_lr", "sft_warmup", "sft_grad_clip", "device",
+                               "sft_masked")}
+    if cfg["sft_masked"]:  # what the masks are, and for recorded ones which policy made them
+        key.update(sft_mask=cfg["sft_mask"])
+        if cfg["sft_mask"] == "policy":
+            key.update(policy=cfg["policy"], policy_kwargs=policy_kwargs(cfg), sft_min_budget=cfg["sft_min_budget"])
+    key.update(n_operands=N_OPERANDS, n_digits=N_DIGITS, eval_pool=EVAL_POOL, dtype=str(dtype))
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(cfg["out_dir"], f"sft_{digest}.pt")
+
+
 def warm_up(model, cfg):
-    """Phase 1, shared by every mode and RL seed: load the warm-up checkpoint named by everything that
-    determines its weights (and nothing RL-only), or train and save it. Returns its path."""
-    key = {k: cfg[k] for k in ("sft_seed", "n_train", "n_layer", "n_head", "n_embd", "block_size", "sft_steps",
-                               "sft_batch_size", "sft_lr", "sft_warmup", "sft_grad_clip", "device")}
-    key.update(n_operands=N_OPERANDS, n_digits=N_DIGITS, eval_pool=EVAL_POOL, dtype=str(next(model.parameters()).dtype))
-    path = os.path.join(cfg["out_dir"], "sft_" + hashlib.sha1(json.dumps(key, sort_keys=True).encode())
-                        .hexdigest()[:10] + ".pt")
+    """Phase 1, shared by every mode and RL seed: load the warm-up checkpoint (warmup_path), or train and save
+    it. Returns its path."""
+    path = warmup_path(cfg, next(model.parameters()).dtype)
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location=cfg["device"]))
         print(f"sft: reusing {path}")

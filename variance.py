@@ -26,13 +26,14 @@ import time
 import torch
 
 import configurator
+import objectives
 import train
 
 # -----------------------------------------------------------------------------
 # config: overridable as --key=value; every other --key=value goes to train.py
 K = 32                          # independent batches per mode
 n_ref = 128                     # batches averaged into each reference gradient
-modes = "dense,naive,tis,smd"   # the modes measured, in order
+modes = "dense,naive,tis,sparse_rl,smd"  # the modes measured, in order
 CONFIG = configurator.knobs(globals())
 EPILOG = ("and any train.py --key=value (python train.py --help): the config of the weights and batches;\n"
           "variance.py sets --mode, --run_name and --resume itself")
@@ -45,8 +46,8 @@ def flat_gradient(model, cfg, generator, problems):
     ro, _, adv = train.sample_batch(model, problems, cfg, generator)
     logits = train.policy_pass(model, ro, cfg)
     lp = train.smd.token_logprobs(logits, ro.tokens, cfg["temperature"])   # (B, T)
-    weights, loss_mask, _ = train.correction(cfg, lp.detach(), ro.logprobs, ro.response_mask)
-    loss, _ = train.grpo_loss(lp, lp.detach(), adv, loss_mask, cfg["clip_eps"], weights)
+    weights, loss_mask, _ = objectives.correction(cfg, lp.detach(), ro.logprobs, ro.response_mask)
+    loss, _ = objectives.grpo_loss(lp, lp.detach(), adv, loss_mask, cfg["clip_eps"], weights)
     model.zero_grad(set_to_none=True)
     loss.backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()])
