@@ -296,11 +296,11 @@ class RKV(Policy):
         """k (B, nh, S, hs), pos (B, nh, S) -> (B, nh, S): softmax over keys of their mean similarity."""
         unit = k / (k.norm(dim=-1, keepdim=True) + 1e-8)
         sim = unit @ unit.transpose(-2, -1)                                # (B, nh, S, S) cosine, row i col j
-        sim = sim.masked_fill(torch.eye(k.shape[2], dtype=torch.bool, device=k.device), 0.0)
+        sim.diagonal(dim1=-2, dim2=-1).zero_()                             # a key is not its own duplicate
         similar = sim > self.threshold
         newest = pos[:, :, None, :].masked_fill(~similar, -1).argmax(-1, keepdim=True)  # (B, nh, S, 1)
         spared = torch.zeros_like(similar).scatter_(-1, newest, True) & similar  # i's newest near-duplicate
-        return sim.masked_fill(spared, 0.0).mean(2).softmax(-1)
+        return torch.where(spared, 0.0, sim).mean(2).softmax(-1)
 
     def victim(self, cache, layer):
         pos = cache.positions[layer]                                       # (B, nh, S), full

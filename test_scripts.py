@@ -169,6 +169,9 @@ def test_bench_on_a_gpu_takes_its_preset_first_then_the_other_flags(monkeypatch)
 # ----------------------------------------------------------------------------- compare.py's tables
 
 
+OLD_LAYOUT = ["--keep_prompt=False", "--budget=26", "--sweep_rows=naive,tis,smd"]  # these tests' setting
+
+
 @pytest.fixture
 def fake_compare(monkeypatch):
     """compare.py with its runs faked: each summary's accuracy encodes its row and seed (0.4, 0.5, 0.6 for
@@ -197,7 +200,8 @@ def fake_compare(monkeypatch):
 
 def test_compare_runs_every_row_seed_and_budget_and_reports_mean_and_sample_std(fake_compare, tmp_path):
     compare, runs, _ = fake_compare
-    results = compare.main([f"--out_dir={tmp_path}", "--budget=24", "--seeds=3", "--sft_seeds=0,1",
+    results = compare.main([f"--out_dir={tmp_path}", "--keep_prompt=False", "--budget=24", "--seeds=3",
+                            "--sft_seeds=0,1",
                             "--sweep_budgets=16,24"])
     calls = list(runs.values())
     assert [name for name, _ in results] == compare.rows.split(",")
@@ -209,7 +213,7 @@ def test_compare_runs_every_row_seed_and_budget_and_reports_mean_and_sample_std(
     assert len(pairs) == 6                                     # every warm-up with every RL seed
     assert sum("--budget=16" in argv for argv in calls) == 2 * 3 * n_sweep
     smd_row = compare.table(results).splitlines()[2 + compare.rows.split(",").index("smd")].split()
-    assert smd_row[:8] == ["smd", "0.500", "±", "0.000", "->", "0.500", "±", "0.089"]  # 0.4 0.5 0.6, twice, pooled
+    assert smd_row[:8] == ["smd", "0.500", "±", "0.000", "->", "0.500", "±", "0.089"]  # 0.4 0.5 0.6, twice
     for own in ("--seed=1", "--sft_seed=1"):
         with pytest.raises(ValueError, match="sets --s"):
             compare.main([own])
@@ -227,8 +231,8 @@ def sweep_rows(stdout):
 def test_the_sweep_shows_a_dash_for_a_row_that_did_not_run_at_the_tables_budget(fake_compare, tmp_path,
                                                                                   capsys):
     compare, runs, _ = fake_compare  # the review's crash: KeyError('naive', 26, 0)
-    results = compare.main([f"--out_dir={tmp_path}", "--rows=dense,smd", "--sweep_budgets=13", "--seeds=2",
-                            "--sft_seeds=0"])
+    results = compare.main([f"--out_dir={tmp_path}", *OLD_LAYOUT, "--rows=dense,smd", "--sweep_budgets=13",
+                            "--seeds=2", "--sft_seeds=0"])
     assert [name for name, _ in results] == ["dense", "smd"]
     sweep = sweep_rows(capsys.readouterr().out)             # columns: dense, naive, tis, smd
     assert sweep[26] == ["0.550 ± 0.071 / 0.250 ± 0.000", "-", "-", "0.450 ± 0.071 / 0.225 ± 0.035"]
@@ -239,7 +243,7 @@ def test_the_sweep_shows_a_dash_for_a_row_that_did_not_run_at_the_tables_budget(
 
 def test_a_sweep_row_whose_name_is_part_of_a_table_rows_name_still_runs(fake_compare, tmp_path, capsys):
     compare, runs, _ = fake_compare  # "smd" is in "dense,smd_no_ref_kl" as a substring, not as a row
-    compare.main([f"--out_dir={tmp_path}", "--rows=dense,smd_no_ref_kl", "--sweep_budgets=13,26",
+    compare.main([f"--out_dir={tmp_path}", *OLD_LAYOUT, "--rows=dense,smd_no_ref_kl", "--sweep_budgets=13,26",
                   "--seeds=2", "--sft_seeds=0"])
     assert {"cmp_smd_b26_w0_s0", "cmp_smd_b26_w0_s1", "cmp_smd_no_ref_kl_b26_w0_s0"} <= set(runs)
     assert len(runs) == len(set(runs)) == 2 * (2 + 3 + 3)    # a run the table and the sweep share runs once
@@ -250,7 +254,8 @@ def test_a_failed_run_is_reported_and_the_tables_keep_the_others(fake_compare, t
     compare, runs, fail = fake_compare
     fail.update({"cmp_smd_b26_w0_s1", "cmp_naive_b13_w0_s0", "cmp_naive_b13_w0_s1", "cmp_naive_b13_w0_s2"})
     with pytest.raises(SystemExit) as e:  # status 1, after the tables
-        compare.main([f"--out_dir={tmp_path}", "--rows=dense,naive,smd", "--sweep_budgets=13", "--seeds=3",
+        compare.main([f"--out_dir={tmp_path}", *OLD_LAYOUT, "--rows=dense,naive,smd", "--sweep_budgets=13",
+                      "--seeds=3",
                       "--sft_seeds=0"])
     assert e.value.code.startswith("4 of 18 runs failed")
     log = os.path.join(str(tmp_path), "cmp_smd_b26_w0_s1.log")
@@ -291,8 +296,16 @@ def test_the_warm_up_table_shows_every_policy_with_the_prompt_evictable_and_kept
     import train
     cfg = train.make_config(["--n_layer=1", "--n_head=2", "--n_embd=16", "--eval_problems=4"])
     text = compare.warmup_table(train.build_model(cfg), cfg, ["h2o", "rkv"], [13, 26], n_k3=4)
-    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in text.splitlines()[4:])}
+    lines = text.splitlines()[4:]                                          # after the header and the rule
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in lines)}
     assert list(rows) == ["h2o", "h2o, prompt kept", "rkv", "rkv, prompt kept"]
     assert rows["h2o, prompt kept"][0] == "n/a"                           # 13 < prompt 20 + 1
     accuracy_and_k3 = re.compile(r"\d\.\d{3} \(\de[-+]\d\d\)")
-    assert all(accuracy_and_k3.fullmatch(c) for c in rows["h2o"] + rows["rkv"] + rows["h2o, prompt kept"][1:]), rows
+    assert all(accuracy_and_k3.fullmatch(c) for c in rows["h2o"] + rows["rkv"] + rows["h2o, prompt kept"][1:])
+
+
+def test_the_default_budget_lies_inside_the_sweep_from_harsh_to_near_lossless():
+    import compare
+    import train
+    assert min(compare.sweep_budgets) < train.budget < max(compare.sweep_budgets)
+    assert set(compare.sweep_rows.split(",")) == {"naive", "tis", "sparse_rl", "smd"}

@@ -47,9 +47,9 @@ from model import GPT, GPTConfig
 # what it is, with the runs that chose it: README.md and EXPERIMENTS.md.
 # run
 mode = "smd"                # dense | naive | tis | sparse_rl | smd (see above)
-policy = "h2o"              # eviction policy: streaming | h2o | tova | snapkv | rkv | random | full
-budget = 26                 # KV slots per layer and head in compressed rollouts (the sequence is 53 tokens)
-keep_prompt = False         # never evict a prompt token: the policy chooses among generated tokens only
+policy = "rkv"              # eviction policy: streaming | h2o | tova | snapkv | rkv | random | full
+budget = 28                 # KV slots per layer and head in compressed rollouts (the sequence is 53 tokens)
+keep_prompt = True          # never evict a prompt token: the policy chooses among generated tokens only
 n_sink = 4                  # streaming: attention-sink tokens always kept
 n_recent = 0                # h2o: newest tokens kept (the incoming one included); 0 = half the budget (paper's split)
 tova_head_average = True    # tova: average the newest query's attention over heads (reference code), or per head
@@ -77,14 +77,14 @@ n_head = 4                  # attention heads per block
 n_embd = 64                 # width of the residual stream
 block_size = 64             # longest sequence the model can see (prompt + response = 53)
 # phase 1: supervised warm-up on correct worked examples
-sft_steps = 600             # optimizer steps
+sft_steps = 1200            # optimizer steps
 sft_batch_size = 64         # worked examples per step
 sft_lr = 3e-3               # peak learning rate
 sft_warmup = 50             # linear warm-up steps, then cosine decay to 10% of sft_lr
 sft_grad_clip = 1.0         # gradient-norm clip of the warm-up (RL has its own, grad_clip)
-sft_masked = 0.0            # fraction of warm-up rows trained under an eviction mask (an eviction-robust base)
-sft_mask = "streaming"      # those masks: streaming (random sinks and window) | policy (recorded from --policy)
-sft_min_budget = 23         # sft_mask=policy: the masks' budget is drawn from sft_min_budget .. T-1
+sft_masked = 0.25           # fraction of warm-up rows trained under eviction masks (an eviction-robust base)
+sft_mask = "policy"         # those masks: streaming | random (content-blind) | policy (recorded from --policy)
+sft_min_budget = 26         # sft_mask=random or policy: the masks' budget is drawn from sft_min_budget .. T-1
 # phase 2: GRPO, shared by every mode
 reward = "partial"          # training reward: "exact" | "partial" (fraction of right fields); eval is exact match
 n_steps = 120               # GRPO steps (one batch of rollouts each)
@@ -111,7 +111,7 @@ policy_gradient = True      # False: no GRPO term, distillation only (an ablatio
 learner_attention = "dense"  # "dense" (T x T boolean mask) or "gather" (O(T * budget) scores)
 # logging
 log_interval = 1            # steps between printed lines (every step goes to the JSONL)
-eval_interval = 40          # steps between held-out evaluations
+eval_interval = 60          # steps between held-out evaluations
 ckpt_interval = 40          # steps between checkpoints
 CONFIG = configurator.knobs(globals())
 PRESETS = {"gpu": dict(n_layer=4, n_embd=128, sft_steps=3000, sft_batch_size=256, prompts_per_step=32,
@@ -161,8 +161,8 @@ def validate_config(cfg):
         raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got {cfg['group_size']}")
     if not 0 <= cfg["clip_eps"] < 1 or cfg["distill_coef"] < 0:
         raise ValueError(f"need 0 <= clip_eps < 1 and distill_coef >= 0, got {cfg['clip_eps']}, {cfg['distill_coef']}")
-    if not 0 <= cfg["sft_masked"] <= 1 or cfg["sft_mask"] not in ("streaming", "policy"):
-        raise ValueError(f"need 0 <= sft_masked <= 1 and sft_mask 'streaming' or 'policy', got "
+    if not 0 <= cfg["sft_masked"] <= 1 or cfg["sft_mask"] not in ("streaming", "random", "policy"):
+        raise ValueError(f"need 0 <= sft_masked <= 1 and sft_mask 'streaming', 'random' or 'policy', got "
                          f"{cfg['sft_masked']}, {cfg['sft_mask']!r}")
     if not 0 < cfg["sparse_rl_low"] < 1 < cfg["sparse_rl_high"]:
         raise ValueError(f"need 0 < sparse_rl_low < 1 < sparse_rl_high, got {cfg['sparse_rl_low']}, "
@@ -236,30 +236,42 @@ def sft_batch(problems, device):
 
 
 def warmup_masks(model, x, cfg, generator):
-    """Which keys each warm-up query may see: (L, B, nh, T, T) bool for inputs x (B, T). A fraction sft_masked
-    of the rows see what an evicting cache would keep, the others every earlier position: a base trained only
-    with full attention spreads its attention everywhere and breaks under any eviction, which large
-    pretrained models do not."""
+    """Which keys each query of the warm-up inputs x (B, T) may see: (L, B, nh, T, T) bool. A fraction
+    sft_masked of the rows see what an evicting cache would keep, the others every earlier position: a base
+    trained only with full attention spreads its attention everywhere and breaks under any eviction, which
+    large pretrained models do not."""
     B, T = x.shape
-    P, _ = max_lengths()
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     masks = causal.expand(cfg["n_layer"], B, cfg["n_head"], T, T).clone()
-    draw = lambda high, n, low=0: torch.randint(low, high, (n,), generator=generator, device=generator.device)
-    rows = (draw(2 ** 20, B) < cfg["sft_masked"] * 2 ** 20).nonzero().squeeze(-1).to(x.device)  # (R,)
-    if len(rows) == 0:
-        return masks
-    if cfg["sft_mask"] == "streaming":  # content-blind: 0, 4 or all prompt tokens as sinks, a window of 2..T-1
-        n_sink = torch.tensor([0, 4, P], device=x.device)[draw(3, len(rows)).to(x.device)][:, None, None]
-        window = draw(T, len(rows), low=2).to(x.device)[:, None, None]
-        t = torch.arange(T, device=x.device)
-        seen = causal & ((t < n_sink) | (t[:, None] - t < window))           # (R, T, T)
-        masks[:, rows] = seen[None, :, None]
-    else:  # the policy's own masks, recorded with the current weights at a random budget
-        budget = int(draw(T, 1, low=cfg["sft_min_budget"]))
-        recorded = smd.record(model, x[rows], [P] * len(rows), policy=cfg["policy"], budget=budget,
-                              temperature=0, generator=generator, **policy_kwargs(cfg))
-        masks[:, rows] = recorded.shadow_mask.to_dense()
+    rows = torch.rand(B, generator=generator, device=generator.device) < cfg["sft_masked"]
+    if rows.any():
+        rows = rows.nonzero().squeeze(-1).to(x.device)                     # (R,)
+        masks[:, rows] = eviction_masks(model, x[rows], cfg, generator)
     return masks
+
+
+def eviction_masks(model, x, cfg, generator):
+    """What an evicting cache lets each query of x (R, T) see, by the recipe sft_mask: (L, R, nh, T, T) bool."""
+    B, T = x.shape
+    P, _ = max_lengths()
+    draw = lambda high, n, low=0: torch.randint(low, high, (n,), generator=generator, device=generator.device)
+    if cfg["sft_mask"] == "streaming":  # content-blind: 0, 4 or all prompt tokens as sinks, a window of 2..T-1
+        n_sink = torch.tensor([0, 4, P], device=x.device)[draw(3, B).to(x.device)][:, None, None]
+        window = draw(T, B, low=2).to(x.device)[:, None, None]
+        t = torch.arange(T, device=x.device)
+        seen = (t[:, None] >= t) & ((t < n_sink) | (t[:, None] - t < window))  # (B, T, T)
+        return seen[None, :, None].expand(cfg["n_layer"], -1, cfg["n_head"], -1, -1)
+    budget = int(draw(T, 1, low=cfg["sft_min_budget"]))
+    if cfg["sft_mask"] == "random":  # content-blind: what random eviction keeps depends on positions only, so
+        # a one-unit stand-in model records it (the prompt kept if --keep_prompt), for every layer and head
+        stand_in = GPT(GPTConfig(block_size=T, vocab_size=VOCAB_SIZE, n_layer=1, n_head=1, n_embd=1)).to(x.device)
+        recorded = smd.record(stand_in, x, [P] * B, policy="random", budget=budget, temperature=0,
+                              generator=generator, keep_prompt=cfg["keep_prompt"])
+        return recorded.shadow_mask[0][None].expand(cfg["n_layer"], -1, cfg["n_head"], -1, -1)
+    # the policy's own masks, recorded with the current weights
+    recorded = smd.record(model, x, [P] * B, policy=cfg["policy"], budget=budget, temperature=0,
+                          generator=generator, **policy_kwargs(cfg))
+    return recorded.shadow_mask.to_dense()
 
 
 def sft(model, train_problems, cfg, generator):
@@ -407,6 +419,8 @@ def warmup_path(cfg, dtype=torch.float32):
                                "sft_masked")}
     if cfg["sft_masked"]:  # what the masks are, and for recorded ones which policy made them
         key.update(sft_mask=cfg["sft_mask"])
+        if cfg["sft_mask"] == "random":
+            key.update(keep_prompt=cfg["keep_prompt"], sft_min_budget=cfg["sft_min_budget"])
         if cfg["sft_mask"] == "policy":
             key.update(policy=cfg["policy"], policy_kwargs=policy_kwargs(cfg), sft_min_budget=cfg["sft_min_budget"])
     key.update(n_operands=N_OPERANDS, n_digits=N_DIGITS, eval_pool=EVAL_POOL, dtype=str(dtype))

@@ -4,15 +4,15 @@ Each step of the scratchpad needs an operand from far back in the prompt, so a K
 tokens loses exactly what the answer depends on. Here: vocabulary, problems, their seeded train/val/test
 splits, prompt/response text, the exact-match reward and a partial-credit one. Not here: batching, padding, any model.
 
-    prompt   "31+07+58+24+05+90+12="             operands zero-padded to n_digits
-    response "031>038>096>120>125>215>227;227"   running sums, ';', the final sum; the trainer adds EOS
+    prompt   "3+0+5+2+0+9+1+4+7+2="                operands, n_digits each (default 10 of 1 digit)
+    response "03>03>08>10>10>19>20>24>31>33;33"  running sums, ';', the final sum; the trainer adds EOS
 """
 import random
 from typing import NamedTuple
 
 import tiktoken
 
-N_OPERANDS = 10  # with N_DIGITS=1: 20 prompt + 33 response tokens = 53; train.py's KV budget of 26 fills early
+N_OPERANDS = 10  # with N_DIGITS=1: 20 prompt + 33 response tokens = 53; train.py's KV budget of 28 fills early
 N_DIGITS = 1  # every operand has exactly this many digits, so all problems have one length; 1 (not 2) so
 #               a 2-layer GPT learns the task on a CPU in a few minutes (7 two-digit operands: ~8% after 1000 steps)
 
