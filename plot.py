@@ -1,11 +1,11 @@
 """
-One picture of a comparison: per row of compare.py (mean over its RL seeds), the training reward, the
+One picture of a comparison: per row of compare.py (mean over its runs), the training reward, the
 full-cache and the compressed greedy accuracy, and the sampler/learner mismatch (log scale) over GRPO steps,
 read from the JSONL logs compare.py leaves in out/. Needs matplotlib, which nothing else does:
 `pip install matplotlib`.
 
     python plot.py                                  # out/cmp_*.jsonl at the default budget -> run.png
-    python plot.py --out_dir=out --budget=26 --rows=dense,naive,tis,smd --file=run.png
+    python plot.py --out_dir=out --budget=28 --rows=dense,naive,tis,smd --file=run.png
     python plot.py --help                           # the settings
 """
 
@@ -20,8 +20,8 @@ import configurator
 # -----------------------------------------------------------------------------
 # config, overridable as --key=value
 out_dir = "out"                             # where compare.py left its logs
-budget = 26                                 # the compare.py budget whose runs to draw
-rows = "dense,naive,tis,smd,smd_no_ref_kl"  # compare.py rows to draw, in this order
+budget = 28                                 # the compare.py budget whose runs to draw
+rows = "dense,naive,tis,sparse_rl,smd"      # compare.py rows to draw, in this order
 file = "run.png"                            # the picture written
 smooth = 10                                 # moving average over this many steps for the per-step curves
 CONFIG = configurator.knobs(globals())
@@ -39,7 +39,7 @@ def load(out_dir, row, budget):
 
 
 def mean_curve(runs, kind, key):
-    """Steps and the mean over seeds of `key` (kind 0: train records, 1: eval records)."""
+    """Steps and the mean over runs of `key` (kind 0: train records, 1: eval records)."""
     by_step = defaultdict(list)
     for run in runs:
         for r in run[kind]:
@@ -84,7 +84,7 @@ def main(argv):
             steps, values = mean_curve(runs, kind, key)
             if kind == 0:
                 values = moving_average(values, cfg["smooth"])
-            ax.plot(steps, values, label=f"{row} ({len(runs)} seeds)", marker="o" if kind == 1 else None,
+            ax.plot(steps, values, label=f"{row} ({len(runs)} runs)", marker="o" if kind == 1 else None,
                     ms=3)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("GRPO step", fontsize=8)

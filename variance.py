@@ -13,7 +13,7 @@ An unbiased estimator's cosine with its target is below 1 only by noise: about
 K. (v is measured against ||g_bar||^2, which noise inflates, so it understates the variance when v / K is
 not small.)
 
-    python variance.py                        # ~3 min on one CPU core
+    python variance.py                        # ~5 min on one CPU core
     python variance.py --K=32 --budget=21     # any train.py --key=value sets the weights' and batches' config
     python variance.py --help                 # these settings; train.py's: python train.py --help
 
@@ -84,7 +84,7 @@ def measure(model, cfg, own, train_problems, label):
     ref_var = {name: relative_variance(grads) for name, grads in ref_batches.items()}
     lines = [f"\n{label}: K={K} batches of {cfg['prompts_per_step']}x{cfg['group_size']} per mode, "
              f"references from {n_ref} other batches each; policy={cfg['policy']} budget={cfg['budget']}",
-             f"{'mode':6s}  {'rel. variance':>13s}  {'cos compressed':>14s}  {'(unbiased ~)':>12s}  "
+             f"{'mode':9s}  {'rel. variance':>13s}  {'cos compressed':>14s}  {'(unbiased ~)':>12s}  "
              f"{'cos full-cache':>14s}  {'(unbiased ~)':>12s}"]
     for i, mode in enumerate(modes):
         grads = estimates(model, cfg, mode, K, 100 * (i + 1), train_problems)
@@ -92,7 +92,7 @@ def measure(model, cfg, own, train_problems, label):
         # what an unbiased estimator of that target with this noise would reach: its own K-average and the
         # reference's n_ref-average are both noisy, cos ~ 1 / sqrt((1 + v / K) (1 + v_ref / n_ref))
         ceiling = {name: ((1 + v / K) * (1 + ref_var[name] / n_ref)) ** -0.5 for name in refs}
-        lines.append(f"{mode:6s}  {v:13.2f}  {cosine(mean, refs['smd']):14.3f}  {ceiling['smd']:12.2f}  "
+        lines.append(f"{mode:9s}  {v:13.2f}  {cosine(mean, refs['smd']):14.3f}  {ceiling['smd']:12.2f}  "
                      f"{cosine(mean, refs['dense']):14.3f}  {ceiling['dense']:12.2f}")
     lines.append(f"cos(compressed ref, full-cache ref) = {cosine(refs['smd'], refs['dense']):.3f}; "
                  f"{time.time() - t0:.0f}s")
