@@ -1,10 +1,10 @@
 """
 Benchmark of what SMD saves and what it costs, several sequence lengths and budgets side by side in one run:
   sampler  KV-cache bytes and decode speed of a compressed rollout vs a full one, shadow-mask bytes vs a
-           dense T x T mask, and the sampler/learner log-prob mismatch;
-  learner  forward+backward time and memory with the shadow mask (dense-masked and gather paths) vs plain
+           full T x T bool mask, and the sampler/learner log-prob mismatch;
+  learner  forward+backward time and memory with the shadow mask (mask and gather paths) vs plain
            causal attention, and where the gather path's memory (O(T * S), plus a fixed per-chunk transient of
-           O(GATHER_CHUNK * S * hs)) drops below the dense-masked path's O(T^2).
+           O(GATHER_CHUNK * S * hs)) drops below the mask path's O(T^2).
 Random-init model, random prompts, no training.
 
     python bench.py                   # CPU, one thread, about a minute
@@ -157,27 +157,27 @@ def main(argv):
         n_new = B * (T - P)
         full_s, full = timed(lambda: sample(T, T, "full"))
         causal_batch = model, full.tokens, full.response_mask.float(), None
-        causal_s, _ = timed(lambda: fwd_bwd(model, lambda: learner_loss(*causal_batch, "dense")))
-        causal_mem = learner_memory(model, lambda: learner_loss(*causal_batch, "dense"), cuda)
+        causal_s, _ = timed(lambda: fwd_bwd(model, lambda: learner_loss(*causal_batch, "mask")))
+        causal_mem = learner_memory(model, lambda: learner_loss(*causal_batch, "mask"), cuda)
         for S in cfg["budgets"]:
             comp_s, r = timed(lambda: sample(T, S, cfg["policy"]))
             with torch.no_grad():
                 delta = {a: (learner_logprobs(model, r.tokens, r.shadow_mask, attention=a) - r.logprobs)
-                         [r.response_mask].abs().max().item() for a in ("dense", "gather")}
-            dense_mask_bytes = cfg["n_layer"] * B * cfg["n_head"] * T * T  # a bool byte per (query, key)
-            mask_bytes = r.shadow_mask.written.nbytes
+                         [r.response_mask].abs().max().item() for a in ("mask", "gather")}
+            full_mask_bytes = cfg["n_layer"] * B * cfg["n_head"] * T * T  # a bool byte per (query, key)
+            mask_bytes = r.shadow_mask.slot_of.nbytes
             rows_sampler.append((T, S, r.kv_bytes / 2**10, full.kv_bytes / 2**10, r.kv_bytes / full.kv_bytes,
                                  n_new / comp_s, n_new / full_s, full_s / comp_s, mask_bytes / 2**10,
-                                 dense_mask_bytes / 2**10, mask_bytes / dense_mask_bytes,
-                                 delta["dense"], delta["gather"]))
+                                 full_mask_bytes / 2**10, mask_bytes / full_mask_bytes,
+                                 delta["mask"], delta["gather"]))
             batch = model, r.tokens, r.response_mask.float(), r.shadow_mask
-            paths = ("dense", "gather")
+            paths = ("mask", "gather")
             t = {a: timed(lambda: fwd_bwd(model, lambda: learner_loss(*batch, a)))[0] for a in paths}
             mem = {a: learner_memory(model, lambda: learner_loss(*batch, a), cuda) for a in paths}
-            rows_learner.append((T, S, causal_s * 1e3, t["dense"] / causal_s, t["gather"] / causal_s,
-                                 causal_mem / 2**20, mem["dense"] / causal_mem, mem["gather"] / causal_mem))
-            rows_paths.append((T, S, t["dense"] * 1e3, t["gather"] * 1e3, t["gather"] / t["dense"],
-                               mem["dense"] / 2**20, mem["gather"] / 2**20, mem["gather"] / mem["dense"]))
+            rows_learner.append((T, S, causal_s * 1e3, t["mask"] / causal_s, t["gather"] / causal_s,
+                                 causal_mem / 2**20, mem["mask"] / causal_mem, mem["gather"] / causal_mem))
+            rows_paths.append((T, S, t["mask"] * 1e3, t["gather"] * 1e3, t["gather"] / t["mask"],
+                               mem["mask"] / 2**20, mem["gather"] / 2**20, mem["gather"] / mem["mask"]))
             print(f"measured T={T} S={S}", file=sys.stderr)
 
     print(f"device={cfg['device']} policy={cfg['policy']} B={B} prompt={P} L={cfg['n_layer']} "
@@ -185,18 +185,18 @@ def main(argv):
           f"the best of {cfg['repeats']}; full = no eviction (S = T); learner memory = peak allocated during "
           f"forward+backward "
           f"({'CUDA allocator' if cuda else 'CPU profiler'})")
-    table("(a) sampler: compressed (S slots) vs full KV cache; shadow mask vs a dense T x T bool mask; "
+    table("(a) sampler: compressed (S slots) vs full KV cache; shadow mask vs a full T x T bool mask; "
           "max |sampler - learner| log-prob on response tokens",
           ["T", "S", "KV KiB", "full KiB", "KV ratio", "tok/s", "full tok/s", "speed ratio",
-           "mask KiB", "dense KiB", "mask ratio", "|d| dense", "|d| gather"],
+           "mask KiB", "T x T KiB", "mask ratio", "|d| mask", "|d| gather"],
           ["{}", "{}", "{:.0f}", "{:.0f}", "{:.3f}", "{:.0f}", "{:.0f}", "{:.2f}x", "{:.0f}", "{:.0f}",
            "{:.3f}", "{:.1e}", "{:.1e}"], rows_sampler)
     table("(b) learner forward+backward with the shadow mask, as ratios to plain causal attention",
-          ["T", "S", "causal ms", "dense/causal", "gather/causal", "causal MiB", "dense/causal",
+          ["T", "S", "causal ms", "mask/causal", "gather/causal", "causal MiB", "mask/causal",
            "gather/causal"],
           ["{}", "{}", "{:.1f}", "{:.2f}x", "{:.2f}x", "{:.1f}", "{:.2f}x", "{:.2f}x"], rows_learner)
-    table("(c) learner forward+backward with the shadow mask: gather path vs dense-masked path as T grows",
-          ["T", "S", "dense ms", "gather ms", "gather/dense", "dense MiB", "gather MiB", "gather/dense"],
+    table("(c) learner forward+backward with the shadow mask: gather path vs mask path as T grows",
+          ["T", "S", "mask ms", "gather ms", "gather/mask", "mask MiB", "gather MiB", "gather/mask"],
           ["{}", "{}", "{:.1f}", "{:.1f}", "{:.2f}x", "{:.1f}", "{:.1f}", "{:.2f}x"], rows_paths)
 
 

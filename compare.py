@@ -9,7 +9,7 @@ log, the tables keep the others (a row or cell says how many runs it averages wh
 compare.py exits with status 1 at the end.
 
     python compare.py                        # the table and the sweep
-    python compare.py --sweep=False --rows=dense,smd --seeds=5 --sft_seeds=0
+    python compare.py --sweep=False --rows=full,smd --seeds=5 --sft_seeds=0
     python compare.py --budget=21 --lr=3e-5  # any train.py --key=value reaches every run
     python compare.py --rows= --sweep=False  # the warm-up tables alone
     python compare.py --help                 # these settings; train.py's: python train.py --help
@@ -35,32 +35,32 @@ import train
 # config: overridable as --key=value; every other --key=value goes to train.py, for every run
 seeds = 3                          # RL seeds 0 .. seeds-1 from each warm-up
 sft_seeds = (0, 1)                 # warm-ups (train.py's sft_seed); a row pools every warm-up x RL seed
-rows = "dense,naive,tis,sparse_rl,smd,smd_no_ref_kl,mask_only,distill_only"  # table rows, in order
+rows = "full,naive,tis,sparse_rl,smd,smd_no_ref_kl,mask_only,distill_only"  # table rows, in order
 sweep = True                       # also run the budget sweep
 sweep_budgets = (23, 32, 42)       # KV budgets of the sweep besides the table's (43%, 60%, 79% of 53 tokens)
-sweep_rows = "naive,tis,sparse_rl,smd"  # trained at each sweep budget; dense's checkpoints are evaluated there
+sweep_rows = "naive,tis,sparse_rl,smd"  # trained at each sweep budget; full's checkpoints are evaluated there
 jobs = 2                           # train.py processes at a time
 warmup_policies = "h2o,streaming,tova,snapkv,rkv,random"  # the warm-up's accuracy under each, every budget
 CONFIG = configurator.knobs(globals())
 # -----------------------------------------------------------------------------
 
 ROWS = {  # row name -> the train.py flags that make it; every other setting (ref_kl_coef too) is shared
-    "dense": ["--mode=dense"],                                # full-cache rollouts: the on-policy ceiling
-    "naive": ["--mode=naive"],                                # compressed rollouts, dense learner
+    "full": ["--mode=full"],                                # full-cache rollouts: the on-policy ceiling
+    "naive": ["--mode=naive"],                                # compressed rollouts, unmasked learner
     "tis": ["--mode=tis"],                                    # naive + truncated importance weights
     "sparse_rl": ["--mode=sparse_rl"],                        # naive + Sparse-RL's rejection sampling
-    "smd": ["--mode=smd"],                                    # GRPO(masked) + 0.1 KL(dense || sg(masked))
+    "smd": ["--mode=smd"],                                    # GRPO(masked) + 0.1 KL(unmasked || sg(masked))
     "smd_no_ref_kl": ["--mode=smd", "--ref_kl_coef=0.0"],     # the paper's objective alone
     "mask_only": ["--mode=smd", "--distill_coef=0.0"],        # on-policy GRPO under the mask alone
     "distill_only": ["--mode=smd", "--policy_gradient=False"],  # the distillation KL alone
-    # the old default: the masked pass learns from the warm-up's dense pass
-    "warmup_teacher": ["--mode=smd", "--distill=masked_from_warmup_dense", "--distill_coef=1.0"],
+    # an older default: the masked pass learns from the warm-up's unmasked pass
+    "warmup_teacher": ["--mode=smd", "--distill=masked_from_warmup_unmasked", "--distill_coef=1.0"],
 }
 EPILOG = ("and any train.py --key=value, for every run (python train.py --help); compare.py sets --seed,\n"
           f"--mode, --run_name and --resume itself.\nrows: {', '.join(ROWS)}")
 
 COLUMNS = [  # (header, summary key, format); start -> end columns show both
-    ("full-cache acc", ("acc_dense_start", "acc_dense"), "{:.3f}"),            # greedy exact match, full KV
+    ("full-cache acc", ("acc_full_start", "acc_full"), "{:.3f}"),            # greedy exact match, full KV
     ("compressed acc", ("acc_compressed_start", "acc_compressed"), "{:.3f}"),  # greedy, policy@budget
     ("reward", ("reward_start", "reward_end"), "{:.3f}"),                      # training, first/last 10 steps
     ("mismatch k3", "mismatch_k3_mean", "{:.1e}"),                             # KL(sampler || learner)/token
@@ -123,7 +123,7 @@ def run(argv, out_dir, name):
 
 @torch.no_grad()
 def evaluate_checkpoint(cfg, name, budget):
-    """Compressed accuracy of a finished run's weights at another budget (dense runs in the sweep)."""
+    """Compressed accuracy of a finished run's weights at another budget (full runs in the sweep)."""
     model = train.build_model(cfg)
     model.load_state_dict(torch.load(os.path.join(cfg["out_dir"], name + ".pt"), map_location=cfg["device"],
                                      weights_only=False)["model"])
@@ -234,8 +234,8 @@ def main(argv):
                 failed.append(f"{n} budget {b} warm-up {w} seed {s}: {type(e).__name__}: {e}")
                 print(f"{n:14s} budget {b:2d} warm-up {w} seed {s} | failed: {type(e).__name__}: {e}", flush=True)
                 continue
-            print(f"{n:14s} budget {b:2d} warm-up {w} seed {s} | full-cache acc {r['acc_dense_start']:.3f} -> "
-                  f"{r['acc_dense']:.3f} | compressed {r['acc_compressed_start']:.3f} -> "
+            print(f"{n:14s} budget {b:2d} warm-up {w} seed {s} | full-cache acc {r['acc_full_start']:.3f} -> "
+                  f"{r['acc_full']:.3f} | compressed {r['acc_compressed_start']:.3f} -> "
                   f"{r['acc_compressed']:.3f} | {time.time() - t0:.0f}s", flush=True)
 
     results = [(n, [summaries.get((n, cfg["budget"], w, s)) for w, s in own["runs"]]) for n in own["rows"]]
@@ -243,7 +243,7 @@ def main(argv):
         return results
     print(f"\n{len(own['runs'])} runs per row ({own['seeds']} RL seeds on each of the warm-ups sft_seed="
           f"{','.join(map(str, own['sft_seeds']))}, pooled), policy={cfg['policy']} budget={cfg['budget']} "
-          f"keep_prompt={cfg['keep_prompt']} (dense: full-cache rollouts), {cfg['n_steps']} GRPO steps; "
+          f"keep_prompt={cfg['keep_prompt']} (full: full-cache rollouts), {cfg['n_steps']} GRPO steps; "
           f"accuracy: greedy exact match on {cfg['eval_problems']} {cfg['eval_split']} problems, start -> end; "
           f"mean ± sample std over runs")
     print(table(results))
@@ -264,24 +264,24 @@ def final_accuracy(runs, n_runs):
     """'full-cache / compressed' final accuracy over the runs that finished; '-' where none did."""
     if not runs:
         return "-"
-    return (f"{mean_std([r['acc_dense'] for r in runs], '{:.3f}')} / "
+    return (f"{mean_std([r['acc_full'] for r in runs], '{:.3f}')} / "
             f"{mean_std([r['acc_compressed'] for r in runs], '{:.3f}')}{of_runs(len(runs), n_runs)}")
 
 
 def sweep_table(cfg, own, summaries):
     """Final full-cache / compressed accuracy per budget, the table's own budget included from its runs ('-'
-    for a row that did not run there); dense's weights do not depend on the budget, so its finished
+    for a row that did not run there); full's weights do not depend on the budget, so its finished
     checkpoints are evaluated at each one."""
-    dense = [(w, s) for w, s in own["runs"] if ("dense", cfg["budget"], w, s) in summaries]
-    cells = [["budget (KV frac)", "dense (ceiling)"] + own["sweep_rows"]]
+    full = [(w, s) for w, s in own["runs"] if ("full", cfg["budget"], w, s) in summaries]
+    cells = [["budget (KV frac)", "full (ceiling)"] + own["sweep_rows"]]
     seq_len = sum(train.max_lengths())
     for budget in sorted(set(own["sweep_budgets"]) | {cfg["budget"]}):
         row = [f"{budget} ({budget / seq_len:.0%})"]
-        dense_runs = [dict(acc_dense=summaries["dense", cfg["budget"], w, s]["acc_dense"],
-                           acc_compressed=evaluate_checkpoint(dict(cfg, sft_seed=w),
-                                                              run_name("dense", cfg["budget"], w, s), budget))
-                      for w, s in dense]
-        row.append(final_accuracy(dense_runs, len(own["runs"])))
+        full_runs = [dict(acc_full=summaries["full", cfg["budget"], w, s]["acc_full"],
+                          acc_compressed=evaluate_checkpoint(dict(cfg, sft_seed=w),
+                                                             run_name("full", cfg["budget"], w, s), budget))
+                     for w, s in full]
+        row.append(final_accuracy(full_runs, len(own["runs"])))
         for name in own["sweep_rows"]:
             runs = [summaries[name, budget, w, s] for w, s in own["runs"] if (name, budget, w, s) in summaries]
             row.append(final_accuracy(runs, len(own["runs"])))

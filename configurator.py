@@ -8,8 +8,8 @@ accepts beyond their type (each script checks its own and raises ValueError sayi
 How a script uses it:
 
     budget = 26                              # KV slots per layer and head
-    rows = "dense,smd"                       # table rows, in order
-    CONFIG = configurator.knobs(globals())   # right after the block: {"budget": 26, "rows": "dense,smd"}
+    rows = "full,smd"                       # table rows, in order
+    CONFIG = configurator.knobs(globals())   # right after the block: {"budget": 26, "rows": "full,smd"}
 
     def make_config(argv):                   # the defaults and the overrides, checked; ValueError if not
         cfg = dict(CONFIG, **configurator.parse(argv, CONFIG))
@@ -62,7 +62,7 @@ def convert(key, text, default):
     """The text after --key= as a value of default's type: a str as written; a bool True or False; an int
     where a float is wanted; a tuple from `16`, `16,24` or `(16, 24)`, of its default's element type."""
     if isinstance(default, str):
-        return text  # --rows=dense,smd and --run_name=7 are strings as written
+        return text  # --rows=full,smd and --run_name=7 are strings as written
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -102,7 +102,7 @@ def parse_known(argv, defaults):
 
 
 def show(value):
-    """A value as it is typed on the command line: --sweep_budgets=13,21, --rows=dense,smd."""
+    """A value as it is typed on the command line: --sweep_budgets=13,21, --rows=full,smd."""
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 

@@ -3,8 +3,8 @@ A small GPT (nanoGPT-sized: pre-LayerNorm blocks, learned absolute positions, ti
 attention is written out by hand, so a reader can see exactly where a visibility mask enters.
 
 Attention runs in one of three ways (see CausalSelfAttention.forward):
-  dense   scores for every (query, key) pair, then a boolean attn_mask (B, nh, T, T); causal if none is given;
-  gather  each query gathers only the keys/values its shadow mask names, as slot positions (B, nh, T, S);
+  mask    scores for every (query, key) pair, then a boolean attn_mask (B, nh, T, T); causal if none is given;
+  gather  each query gathers only the keys/values it saw, their positions in slot order (seen, (B, nh, T, S));
   cached  new tokens attend over a KV cache of S slots (prefill: a few tokens at once; decode: one).
 Gather and cached share one function, `attend_slots`, so their arithmetic is identical. This file knows
 nothing about eviction: the cache object (smd.KVCache) decides what is kept and records the shadow mask.
@@ -71,30 +71,31 @@ def attend_slots(q, k, v, visible):
     return y, att
 
 
-def attend_gathered(q, k, v, slot_positions):
-    """The gather path: q, k, v (B, nh, T, hs), slot_positions (B, nh, T, S) -> y (B, nh, T, hs). Queries go
+def attend_gathered(q, k, v, seen):
+    """The gather path: q, k, v (B, nh, T, hs), seen (B, nh, T, S) -> y (B, nh, T, hs). Queries go
     in chunks, and each chunk's gathered keys/values are rebuilt during backward (checkpointing) instead of
     kept, so memory is O(T * S), not O(T * S * hs) nor O(T^2). Per-query arithmetic is unchanged."""
-    def chunk_attention(q, positions):
-        return attend_slots(q, gather_positions(k, positions), gather_positions(v, positions), positions >= 0)[0]
+    def chunk_attention(q, seen):
+        return attend_slots(q, gather_at(k, seen), gather_at(v, seen), seen >= 0)[0]
 
     ys = []
     for i in range(0, q.shape[2], GATHER_CHUNK):
-        q_chunk, positions_chunk = q[:, :, i:i + GATHER_CHUNK], slot_positions[:, :, i:i + GATHER_CHUNK]
+        q_chunk, seen_chunk = q[:, :, i:i + GATHER_CHUNK], seen[:, :, i:i + GATHER_CHUNK]
         if torch.is_grad_enabled():
-            ys.append(checkpoint(chunk_attention, q_chunk, positions_chunk, use_reentrant=False))
+            ys.append(checkpoint(chunk_attention, q_chunk, seen_chunk, use_reentrant=False))
         else:
-            ys.append(chunk_attention(q_chunk, positions_chunk))
+            ys.append(chunk_attention(q_chunk, seen_chunk))
     return torch.cat(ys, dim=2)
 
 
-def gather_positions(x, positions):
-    """x (B, nh, T, hs), positions (B, nh, Tq, S) held by each query's slots (-1 = empty) -> (B, nh, Tq, S, hs):
-    query row i gets the keys (or values) at those positions, in slot order. Empty slots read position 0;
+def gather_at(x, seen):
+    """x (B, nh, T, hs), seen (B, nh, Tq, S) the positions each query's slots held (-1 = empty) ->
+    (B, nh, Tq, S, hs): query row i gets the keys (or values) at those positions, in slot order. Empty slots
+    read position 0;
     the caller masks them out. Backward scatters the gradient to every gathered position."""
-    B, nh, Tq, S = positions.shape
+    B, nh, Tq, S = seen.shape
     hs = x.shape[-1]
-    index = positions.clamp(min=0).long().reshape(B, nh, Tq * S, 1).expand(-1, -1, -1, hs)
+    index = seen.clamp(min=0).long().reshape(B, nh, Tq * S, 1).expand(-1, -1, -1, hs)
     return x.gather(2, index).reshape(B, nh, Tq, S, hs)
 
 
@@ -108,9 +109,9 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attn_mask=None, slot_positions=None, cache=None, layer=0):
-        """x (B, T, C). At most one of: attn_mask (B, nh, T, T) bool, True = may attend; slot_positions
-        (B, nh, T, S), the positions each query's slots held (gather); cache (smd.KVCache). None of them:
+    def forward(self, x, attn_mask=None, seen=None, cache=None, layer=0):
+        """x (B, T, C). At most one of: attn_mask (B, nh, T, T) bool, True = may attend; seen (B, nh, T, S),
+        the positions each query's slots held (gather); cache (smd.KVCache). None of them:
         plain causal attention."""
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
@@ -124,8 +125,8 @@ class CausalSelfAttention(nn.Module):
             k_slots, v_slots, visible = cache.update(layer, k, v)         # (B, nh, S, hs) x2, (B, nh, T, S)
             y, att = attend_slots(q, k_slots.unsqueeze(2), v_slots.unsqueeze(2), visible)
             cache.observe(layer, q, att)                                   # the policy's statistics
-        elif slot_positions is not None:
-            y = attend_gathered(q, k, v, slot_positions)
+        elif seen is not None:
+            y = attend_gathered(q, k, v, seen)
         else:
             if attn_mask is None:
                 attn_mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -198,24 +199,24 @@ class GPT(nn.Module):
                 module.exact = exact
         return self
 
-    def forward(self, idx, targets=None, attn_mask=None, slot_positions=None, cache=None):
+    def forward(self, idx, targets=None, attn_mask=None, seen=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy if targets are given.
         attn_mask:      per-layer bool visibility, attn_mask[l] is (B, nh, T, T) (an (L, B, nh, T, T) tensor
                         or an smd.ShadowMask, which expands one layer at a time);
-        slot_positions: per-layer positions held by each query's slots, [l] is (B, nh, T, S): the gather path;
-        cache:          an smd.KVCache; idx then holds the next tokens, at positions cache.length, ...; the
+        seen:           per-layer positions held by each query's slots, [l] is (B, nh, T, S): the gather path;
+        cache:          an smd.KVCache; idx then holds the next tokens, at positions cache.next_pos, ...; the
                         cache's clock advances by T once every layer has written."""
-        if sum(a is not None for a in (attn_mask, slot_positions, cache)) > 1:
-            raise ValueError("give at most one of attn_mask, slot_positions, cache")
+        if sum(a is not None for a in (attn_mask, seen, cache)) > 1:
+            raise ValueError("give at most one of attn_mask, seen, cache")
         B, T = idx.size()
-        start = cache.length if cache is not None else 0
+        start = cache.next_pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, attn_mask=None if attn_mask is None else attn_mask[layer], cache=cache, layer=layer,
-                      slot_positions=None if slot_positions is None else slot_positions[layer])
+                      seen=None if seen is None else seen[layer])
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(self.transformer.ln_f(x))                    # (B, T, vocab)

@@ -22,7 +22,7 @@ def group_advantages(rewards, group_size):
 
 def tis_weights(lp_learner, lp_sampler, cap):
     """Truncated importance weights min(pi_learner / pi_sampler, cap), (B, T), no gradient: they correct
-    for sampling from the compressed policy while training the dense one, and the cap bounds the variance."""
+    for sampling from the compressed policy while training the full-cache one; the cap bounds the variance."""
     return torch.exp(lp_learner - lp_sampler).clamp(max=cap).detach()
 
 

@@ -5,7 +5,7 @@ read from the JSONL logs compare.py leaves in out/. Needs matplotlib, which noth
 `pip install matplotlib`.
 
     python plot.py                                  # out/cmp_*.jsonl at the default budget -> run.png
-    python plot.py --out_dir=out --budget=28 --rows=dense,naive,tis,smd --file=run.png
+    python plot.py --out_dir=out --budget=28 --rows=full,naive,tis,smd --file=run.png
     python plot.py --help                           # the settings
 """
 
@@ -21,7 +21,7 @@ import configurator
 # config, overridable as --key=value
 out_dir = "out"                             # where compare.py left its logs
 budget = 28                                 # the compare.py budget whose runs to draw
-rows = "dense,naive,tis,sparse_rl,smd"      # compare.py rows to draw, in this order
+rows = "full,naive,tis,sparse_rl,smd"      # compare.py rows to draw, in this order
 file = "run.png"                            # the picture written
 smooth = 10                                 # moving average over this many steps for the per-step curves
 CONFIG = configurator.knobs(globals())
@@ -70,7 +70,7 @@ def main(argv):
     except ImportError:
         sys.exit("plot.py needs matplotlib, which nothing else here does: pip install matplotlib")
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    panels = [(0, "reward", "training reward (moving avg)"), (1, "acc_dense", "full-cache greedy accuracy"),
+    panels = [(0, "reward", "training reward (moving avg)"), (1, "acc_full", "full-cache greedy accuracy"),
               (1, "acc_compressed", f"compressed greedy accuracy (budget {cfg['budget']})"),
               (0, "mismatch_k3", "mismatch KL(sampler || learner), k3")]
     drawn = 0

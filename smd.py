@@ -56,8 +56,8 @@ def window_importance(cache, layer, window):
     """The attention the last `window` queries give each cached key older than them: a softmax over those
     keys alone, averaged over the window queries (R-KV's and decode-time SnapKV's importance).
     -> importance (B, nh, S), 0 for keys in the window; older (B, nh, S) bool, the keys scored."""
-    pos, k = cache.positions[layer], cache.k[layer]                        # (B, nh, S), (B, nh, S, hs)
-    older = (pos >= 0) & (pos < cache.length - window)
+    pos, k = cache.held[layer], cache.k[layer]                        # (B, nh, S), (B, nh, S, hs)
+    older = (pos >= 0) & (pos < cache.next_pos - window)
     q = cache.recent_q[layer]                                              # (B, nh, W, hs): queries t-W..t-1
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])            # (B, nh, W, S)
     att = scores.masked_fill(~older[:, :, None], float("-inf")).softmax(-1)
@@ -75,7 +75,7 @@ def check_window(name, window, kernel, room):
 
 class Policy:
     """What every policy shares: keep_prompt, and the defaults (no statistic kept, any budget works)."""
-    uses_attn_mass = False  # a per-slot float statistic (cache.attn_mass)
+    uses_slot_scores = False  # a per-slot float statistic (cache.slot_scores)
     query_window = 0        # how many recent queries the cache keeps for the policy (cache.recent_q)
     scores_prompt = False   # a per-prompt-position score (cache.prompt_scores)
 
@@ -92,7 +92,7 @@ class Policy:
 
     def evictable(self, cache, layer):
         """(B, nh, S) bool: the cached keys this policy may evict (the generated ones, with keep_prompt)."""
-        pos = cache.positions[layer]
+        pos = cache.held[layer]
         if self.keep_prompt:
             return pos >= cache.prompt_lengths[:, None, None]
         return pos >= 0
@@ -128,7 +128,7 @@ class Streaming(Policy):
                              f"budget {budget}")
 
     def victim(self, cache, layer):
-        pos = cache.positions[layer]                                       # (B, nh, S)
+        pos = cache.held[layer]                                       # (B, nh, S)
         return oldest(pos, self.evictable(cache, layer) & (pos >= self.n_sink))
 
 
@@ -139,7 +139,7 @@ class H2O(Policy):
     (hh_size, recent_size); ours are the same with recent_size = n_recent - 1 plus the incoming token.
     With keep_prompt the two share what the prompt leaves, free = budget - P_b, per row: by default
     n_heavy = free // 2; a given n_recent (or n_heavy) is fixed and the other part gets the rest."""
-    uses_attn_mass = True  # attention mass each key received since it was written
+    uses_slot_scores = True  # attention mass each key received since it was written
 
     def __init__(self, n_heavy=None, n_recent=None, keep_prompt=False):
         super().__init__(keep_prompt)
@@ -170,14 +170,14 @@ class H2O(Policy):
                              f"got n_heavy={n_heavy}, n_recent={n_recent}")
 
     def observe(self, cache, layer, q, att):
-        cache.attn_mass[layer] += att.sum(2)                               # (B, nh, S)
+        cache.slot_scores[layer] += att.sum(2)                               # (B, nh, S)
 
     def victim(self, cache, layer):
         free = cache.budget - cache.prompt_lengths * self.keep_prompt     # (B,) slots for generated tokens
-        pos = cache.positions[layer]
+        pos = cache.held[layer]
         n_recent = torch.as_tensor(self.recent_size(free), device=pos.device).view(-1, 1, 1)  # (B or 1, 1, 1)
-        recent = pos > cache.length - n_recent                             # with the incoming token: n_recent
-        return lowest(cache.attn_mass[layer], pos, self.evictable(cache, layer) & ~recent)
+        recent = pos > cache.next_pos - n_recent                             # with the incoming token: n_recent
+        return lowest(cache.slot_scores[layer], pos, self.evictable(cache, layer) & ~recent)
 
 
 class TOVA(Policy):
@@ -186,7 +186,7 @@ class TOVA(Policy):
     (default, as the reference code does) averages that attention over the layer's heads, so every head
     drops the same token; False decides per head. The published code reads the whole prompt uncompressed
     and then compresses once; ours caps every query at the budget, prompt queries included."""
-    uses_attn_mass = True  # the newest query's attention
+    uses_slot_scores = True  # the newest query's attention
 
     def __init__(self, head_average=True, keep_prompt=False):
         super().__init__(keep_prompt)
@@ -198,13 +198,13 @@ class TOVA(Policy):
             raise ValueError(f"policy 'tova' needs head_average True or False, got {self.head_average!r}")
 
     def observe(self, cache, layer, q, att):
-        cache.attn_mass[layer] = att[:, :, -1]                                 # (B, nh, S)
+        cache.slot_scores[layer] = att[:, :, -1]                                 # (B, nh, S)
 
     def victim(self, cache, layer):
-        att = cache.attn_mass[layer]                                           # (B, nh, S)
+        att = cache.slot_scores[layer]                                           # (B, nh, S)
         if self.head_average:  # heads hold the same positions in the same slots, having dropped the same ones
             att = att.mean(1, keepdim=True).expand_as(att)
-        return lowest(att, cache.positions[layer], self.evictable(cache, layer))
+        return lowest(att, cache.held[layer], self.evictable(cache, layer))
 
 
 class SnapKV(Policy):
@@ -238,12 +238,12 @@ class SnapKV(Policy):
             return
         B, nh, T, S = att.shape
         P = cache.prompt_lengths[:, None]                                  # (B, 1)
-        query_pos = cache.length + torch.arange(T, device=att.device)      # (T,)
+        query_pos = cache.next_pos + torch.arange(T, device=att.device)      # (T,)
         in_window = (query_pos >= P - self.window) & (query_pos < P)       # (B, T)
         received = (att * in_window[:, None, :, None]).sum(2)              # (B, nh, S)
         n_prompt = cache.prompt_scores.shape[-1]
         # by position, so a key keeps its score after eviction; a slot past the prompts received 0 here
-        cache.prompt_scores[layer].scatter_add_(-1, cache.positions[layer].clamp(0, n_prompt - 1), received)
+        cache.prompt_scores[layer].scatter_add_(-1, cache.held[layer].clamp(0, n_prompt - 1), received)
         read = (query_pos == P - 1).any(-1)                                # (B,) rows whose prompt ends here
         if read.any():  # freeze their scores: the pooled window attention of the prompt keys
             raw = cache.prompt_scores[layer]                               # (B, nh, n_prompt)
@@ -254,13 +254,13 @@ class SnapKV(Policy):
             cache.prompt_scores[layer] = torch.where(read[:, None, None], pooled, raw)
 
     def victim(self, cache, layer):
-        pos = cache.positions[layer]                                       # (B, nh, S), full: no empty slot
+        pos = cache.held[layer]                                       # (B, nh, S), full: no empty slot
         if self.keep_prompt:
             importance, older = window_importance(cache, layer, self.window)
             pooled = in_position_order(F.avg_pool1d, importance, pos, self.kernel)
             return lowest(pooled, pos, older & self.evictable(cache, layer))
         P = cache.prompt_lengths[:, None, None]                            # (B, 1, 1)
-        body = (pos < P - self.window) & (cache.length >= P)               # prompt keys, once scored
+        body = (pos < P - self.window) & (cache.next_pos >= P)               # prompt keys, once scored
         score = cache.prompt_scores[layer].gather(-1, pos.clamp(0, cache.prompt_scores.shape[-1] - 1))
         return torch.where(body.any(-1), lowest(score, pos, body), oldest(pos, pos >= 0))
 
@@ -303,7 +303,7 @@ class RKV(Policy):
         return torch.where(spared, 0.0, sim).mean(2).softmax(-1)
 
     def victim(self, cache, layer):
-        pos = cache.positions[layer]                                       # (B, nh, S), full
+        pos = cache.held[layer]                                       # (B, nh, S), full
         importance, older = window_importance(cache, layer, self.window)
         pooled = in_position_order(F.max_pool1d, importance, pos, self.kernel)
         score = self.mix_lambda * pooled - (1 - self.mix_lambda) * self.redundancy(cache.k[layer], pos)
@@ -315,7 +315,7 @@ class Random(Policy):
     reproducible for a seed, and different from one rollout to the next. A baseline with no signal."""
 
     def victim(self, cache, layer):
-        pos, g = cache.positions[layer], cache.generator
+        pos, g = cache.held[layer], cache.generator
         device = g.device if g is not None else pos.device
         if not self.keep_prompt:
             return torch.randint(pos.shape[-1], pos.shape[:-1], generator=g, device=device).to(pos.device)
@@ -344,48 +344,48 @@ def make_policy(name, **policy_kwargs):
 
 
 class ShadowMask:
-    """What every query could see, stored as the cache's write log: written (L, B, nh, T) int16 is the slot
+    """What every query could see, stored as the cache's write log: slot_of (L, B, nh, T) int16 is the slot
     that position t's key/value went into (each token is written once, evicting whatever held the slot).
     Query t therefore saw, in each slot, the latest position <= t written there. That is O(T) per layer and
     head, less than the KV cache itself, and the learner expands it one layer at a time:
-    shadow_mask.slot_positions(l) (B, nh, T, S) lists those positions in slot order (-1 = empty), for the
-    gather path; shadow_mask[l] is the (B, nh, T, T) bool attn_mask, so GPT.forward(attn_mask=shadow_mask)
-    works as is."""
+    shadow_mask.seen(l) (B, nh, T, S) lists those positions in slot order (-1 = empty), for the gather path;
+    shadow_mask[l] is the (B, nh, T, T) bool attn_mask, so GPT.forward(attn_mask=shadow_mask) works as is."""
 
-    def __init__(self, written, budget):
-        self.written = written
+    def __init__(self, slot_of, budget):
+        self.slot_of = slot_of
         self.budget = budget
 
     def __len__(self):
-        return self.written.shape[0]
+        return self.slot_of.shape[0]
 
-    def slot_positions(self, layer):
-        written = self.written[layer]                                      # (B, nh, T)
-        T, S = written.shape[-1], self.budget
-        positions = torch.arange(T, device=written.device, dtype=written.dtype)
-        went_there = written[..., None] == torch.arange(S, device=written.device, dtype=written.dtype)  # (B, nh, T, S)
-        table = torch.where(went_there, positions[:, None], -1)            # position t, in the slot it filled
+    def seen(self, layer):
+        slot_of = self.slot_of[layer]                                      # (B, nh, T)
+        T, S = slot_of.shape[-1], self.budget
+        t = torch.arange(T, device=slot_of.device, dtype=slot_of.dtype)
+        went_there = slot_of[..., None] == torch.arange(S, device=slot_of.device, dtype=slot_of.dtype)  # (B, nh, T, S)
+        table = torch.where(went_there, t[:, None], -1)                    # position t, in the slot it filled
         return table.cummax(dim=2).values                                  # (B, nh, T, S): latest write <= t
 
     def __getitem__(self, layer):
-        positions = self.slot_positions(layer).long()                      # (B, nh, T, S)
-        T = positions.shape[2]
-        dense = torch.zeros(*positions.shape[:3], T + 1, dtype=torch.bool, device=positions.device)
-        dense.scatter_(-1, torch.where(positions < 0, T, positions), True)  # empty slots land in a spare column
-        return dense[..., :T]                                              # (B, nh, T, T)
+        seen = self.seen(layer).long()                                     # (B, nh, T, S)
+        T = seen.shape[2]
+        visible = torch.zeros(*seen.shape[:3], T + 1, dtype=torch.bool, device=seen.device)
+        visible.scatter_(-1, torch.where(seen < 0, T, seen), True)         # empty slots land in a spare column
+        return visible[..., :T]                                            # (B, nh, T, T)
 
-    def to_dense(self):
-        return torch.stack([self[layer] for layer in range(len(self))])    # (L, B, nh, T, T)
+    def visible(self):
+        """(L, B, nh, T, T) bool: every layer's attn_mask at once."""
+        return torch.stack([self[layer] for layer in range(len(self))])
 
     def truncate(self, T):
-        return ShadowMask(self.written[..., :T], self.budget)
+        return ShadowMask(self.slot_of[..., :T], self.budget)
 
 
 class KVCache:
     """A KV cache with a hard capacity of `budget` slots per layer, row and head, preallocated so memory is
     O(budget) whatever the sequence length. All rows advance in lockstep (one position per decode step),
-    so `length` is the position of the next token for every row; GPT.forward advances it once per call, after
-    every layer has written (advance). Records the shadow mask of every query.
+    so `next_pos` is the position of the next token for every row (the cache's clock; GPT.forward advances
+    it once per call, after every layer has written). Records the shadow mask of every query.
     prompt_lengths (B,) tells prompt-aware policies (SnapKV, keep_prompt) where each row's prompt ends;
     generator feeds the random policy."""
 
@@ -398,10 +398,10 @@ class KVCache:
             else prompt_lengths.to(device)
         self.k = torch.zeros(L, B, nh, S, hs, device=device, dtype=dtype)
         self.v = torch.zeros(L, B, nh, S, hs, device=device, dtype=dtype)
-        self.positions = torch.full((L, B, nh, S), -1, device=device, dtype=torch.long)  # -1 = empty slot
+        self.held = torch.full((L, B, nh, S), -1, device=device, dtype=torch.long)  # position in each slot, -1 empty
         # what the policy keeps, each only if it needs it: a per-slot attention statistic (H2O: mass received,
         # TOVA: newest query's attention), the last queries (R-KV), a score per prompt position (SnapKV)
-        self.attn_mass = torch.zeros(L, B, nh, S, device=device, dtype=dtype) if policy.uses_attn_mass else None
+        self.slot_scores = torch.zeros(L, B, nh, S, device=device, dtype=dtype) if policy.uses_slot_scores else None
         W = policy.query_window
         self.recent_q = torch.zeros(L, B, nh, W, hs, device=device, dtype=dtype) if W else None
         self.prompt_scores = None
@@ -410,38 +410,38 @@ class KVCache:
             self.prompt_scores = torch.zeros(L, B, nh, n_prompt, device=device, dtype=dtype)
         log_dtype = torch.int16 if seq_len <= torch.iinfo(torch.int16).max else torch.int32  # holds positions too
         self.shadow_mask = ShadowMask(torch.zeros(L, B, nh, seq_len, device=device, dtype=log_dtype), budget)
-        self.length = 0
+        self.next_pos = 0
 
     def nbytes(self):
         """Every buffer the cache holds for the policy: keys, values, positions, and the policy's statistics.
         (The shadow mask's write log is O(T), not O(budget), and is counted separately.)"""
-        buffers = (self.k, self.v, self.positions, self.attn_mass, self.recent_q, self.prompt_scores)
+        buffers = (self.k, self.v, self.held, self.slot_scores, self.recent_q, self.prompt_scores)
         return sum(t.nbytes for t in buffers if t is not None)
 
     def update(self, layer, k, v):
         """Store the keys/values k, v (B, nh, T, hs) of the next T tokens, then return this layer's cache
         k, v (B, nh, S, hs) and which slots each new query may see, visible (B, nh, T, S)."""
-        T, S, t0 = k.shape[2], self.budget, self.length
+        T, S, t0 = k.shape[2], self.budget, self.next_pos
         if T > 1:  # prefill: the first tokens go into empty slots 0..T-1, no eviction
             assert t0 == 0 and T <= S, "prefill must start an empty cache and fit in it"
             self.k[layer, :, :, :T] = k
             self.v[layer, :, :, :T] = v
-            self.positions[layer, :, :, :T] = torch.arange(T, device=k.device)
-            self.shadow_mask.written[layer, :, :, :T] = torch.arange(T, device=k.device)
+            self.held[layer, :, :, :T] = torch.arange(T, device=k.device)
+            self.shadow_mask.slot_of[layer, :, :, :T] = torch.arange(T, device=k.device)  # prefill's log
         else:
             if t0 < S:  # not full yet: every row and head fills slot t0
-                slot = torch.full(self.positions.shape[1:3], t0, device=k.device, dtype=torch.long)  # (B, nh)
+                slot = torch.full(self.held.shape[1:3], t0, device=k.device, dtype=torch.long)  # (B, nh)
             else:
                 slot = self.policy.victim(self, layer)
             index = slot[:, :, None, None]                                 # (B, nh, 1, 1)
             hs_index = index.expand(-1, -1, 1, k.shape[-1])
             self.k[layer].scatter_(2, hs_index, k)
             self.v[layer].scatter_(2, hs_index, v)
-            self.positions[layer].scatter_(2, index[..., 0], t0)
-            if self.attn_mass is not None:
-                self.attn_mass[layer].scatter_(2, index[..., 0], 0.0)          # a new token starts with no mass
-            self.shadow_mask.written[layer, :, :, t0] = slot               # the shadow mask is this log
-        pos = self.positions[layer][:, :, None, :]                         # (B, nh, 1, S)
+            self.held[layer].scatter_(2, index[..., 0], t0)
+            if self.slot_scores is not None:
+                self.slot_scores[layer].scatter_(2, index[..., 0], 0.0)          # a new token starts with no mass
+            self.shadow_mask.slot_of[layer, :, :, t0] = slot               # decode's log
+        pos = self.held[layer][:, :, None, :]                         # (B, nh, 1, S)
         query_pos = torch.arange(t0, t0 + T, device=k.device)[:, None]     # (T, 1)
         visible = (pos >= 0) & (pos <= query_pos)                          # (B, nh, T, S)
         return self.k[layer], self.v[layer], visible
@@ -454,7 +454,7 @@ class KVCache:
 
     def advance(self, T):
         """The next T positions have been written in every layer: the clock moves on."""
-        self.length += T
+        self.next_pos += T
 
 # -----------------------------------------------------------------------------
 # 4. The sampler
@@ -466,7 +466,7 @@ class Rollout:
     logprobs: torch.Tensor       # (B, T) float: sampler log-prob of each generated token, 0 elsewhere
     response_mask: torch.Tensor  # (B, T) bool: True on generated tokens (up to and including EOS)
     shadow_mask: ShadowMask      # what every query could see: the cache's write log, (L, B, nh, T)
-    kv_bytes: int                # bytes of the cache's per-slot buffers: K, V, positions, policy attn_mass
+    kv_bytes: int                # bytes of the cache's buffers: K, V, held positions, the policy's statistics
     full_kv_bytes: int           # the same for a full cache of prompt + max_new_tokens slots (built, not derived)
 
 
@@ -581,20 +581,21 @@ def decode(model, given, lengths, ends, T, policy, budget, temperature, eos_id, 
 # 5-6. The learner
 
 
-def learner_logits(model, tokens, shadow_mask=None, *, attention="dense"):
-    """(B, T, vocab) teacher-forced logits. shadow_mask=None: plain causal attention (the dense learner).
-    A ShadowMask: every query sees exactly what the sampler saw, via attention="dense" (a T x T boolean
+def learner_logits(model, tokens, shadow_mask=None, *, attention="mask"):
+    """(B, T, vocab) teacher-forced logits. shadow_mask=None: plain causal attention (the unmasked pass, the
+    full-cache policy). A ShadowMask: every query sees exactly what the sampler saw, via attention="mask" (a T x T boolean
     attn_mask per layer) or "gather" (each query gathers its S slots: O(T * S) scores, and after
     model.set_exact() bitwise equal to the sampler on CPU)."""
-    if attention not in ("dense", "gather"):
-        raise ValueError(f"attention must be 'dense' or 'gather', got {attention!r}")
+    if attention not in ("mask", "gather"):
+        raise ValueError(f"attention must be 'mask' or 'gather', got {attention!r}")
     if attention == "gather" and shadow_mask is None:
         raise ValueError("attention='gather' needs a ShadowMask")
-    if shadow_mask is not None and shadow_mask.written.shape[-1] != tokens.shape[1]:
-        raise ValueError(f"shadow_mask covers {shadow_mask.written.shape[-1]} positions, tokens have {tokens.shape[1]}")
+    if shadow_mask is not None and shadow_mask.slot_of.shape[-1] != tokens.shape[1]:
+        raise ValueError(f"shadow_mask covers {shadow_mask.slot_of.shape[-1]} positions, tokens have "
+                         f"{tokens.shape[1]}")
     if attention == "gather":
-        positions = [shadow_mask.slot_positions(layer) for layer in range(len(shadow_mask))]  # L x (B, nh, T, S)
-        logits, _ = model(tokens, slot_positions=positions)
+        seen = [shadow_mask.seen(layer) for layer in range(len(shadow_mask))]  # L x (B, nh, T, S)
+        logits, _ = model(tokens, seen=seen)
     else:
         logits, _ = model(tokens, attn_mask=shadow_mask)
     return logits
@@ -610,7 +611,7 @@ def token_logprobs(logits, tokens, temperature=1.0):
     return F.pad(logp, (1, 0))
 
 
-def learner_logprobs(model, tokens, shadow_mask=None, *, attention="dense", temperature=1.0):
+def learner_logprobs(model, tokens, shadow_mask=None, *, attention="mask", temperature=1.0):
     """(B, T) differentiable log-probs of `tokens` (see learner_logits); with rollout.shadow_mask they
     reproduce rollout.logprobs on response tokens."""
     logits = learner_logits(model, tokens, shadow_mask, attention=attention)
@@ -621,8 +622,8 @@ def kl_divergence(p_logits, q_logits, response_mask, temperature=1.0):
     """Mean over response positions of KL(p || q) = sum_v p (log p - log q), p and q the next-token
     distributions two passes give (logits (B, T, vocab); the logits at t-1 predict token t, so response
     position t weighs the prediction made at t-1). Gradients reach both arguments: detach the one that is
-    a fixed target. SMD's distillation, as its authors state it, is KL(pi_dense || sg(pi_masked)):
-    kl_divergence(dense_logits, masked_logits.detach(), response_mask)."""
+    a fixed target. SMD's distillation, as its authors state it, is KL(pi_dense || sg(pi_masked)), their
+    pi_dense being our unmasked pass: kl_divergence(unmasked_logits, masked_logits.detach(), response_mask)."""
     t = temperature if temperature > 0 else 1.0
     log_p = F.log_softmax(p_logits[:, :-1] / t, dim=-1)                   # (B, T-1, vocab)
     log_q = F.log_softmax(q_logits[:, :-1] / t, dim=-1)

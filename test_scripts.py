@@ -12,7 +12,7 @@ import pytest
 import configurator
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULTS = dict(budget=26, lr=1e-5, resume=False, mode="smd", rows="dense,smd", sweep_budgets=(13, 21),
+DEFAULTS = dict(budget=26, lr=1e-5, resume=False, mode="smd", rows="full,smd", sweep_budgets=(13, 21),
                 scale=(0.5,))
 
 
@@ -28,7 +28,7 @@ def test_a_value_keeps_its_defaults_type():
         dict(budget=8, lr=1.0, resume=True, mode="tis")
     assert type(configurator.parse(["--lr=1"], DEFAULTS)["lr"]) is float  # an int where a float is wanted
     assert configurator.parse(["--mode=7", "--rows="], DEFAULTS) == dict(mode="7", rows="")  # as written
-    assert configurator.parse(["--rows=dense,naive"], DEFAULTS) == dict(rows="dense,naive")
+    assert configurator.parse(["--rows=full,naive"], DEFAULTS) == dict(rows="full,naive")
     for text in ("16", "16,", "(16,)"):
         assert configurator.parse([f"--sweep_budgets={text}"], DEFAULTS) == dict(sweep_budgets=(16,))
     for text in ("16,24", "(16, 24)"):
@@ -64,7 +64,7 @@ def test_parse_known_leaves_other_scripts_flags_as_given():
 
 SOURCE = '''from math import pi      # an imported float is not a knob
 budget = 26              # KV slots per layer and head
-rows = "dense,smd"       # table rows, in order
+rows = "full,smd"        # table rows, in order
 sweep_budgets = (13, 21)
 n_layer, n_head = 2, 4   # two knobs, one comment
 CONFIG = configurator.knobs(globals())
@@ -77,12 +77,12 @@ def test_knobs_and_help_come_from_the_scripts_own_assignments_and_comments(tmp_p
     path.write_text(SOURCE)
     namespace = {"__file__": str(path), "configurator": configurator}
     exec(SOURCE, namespace)
-    assert namespace["CONFIG"] == dict(budget=26, rows="dense,smd", sweep_budgets=(13, 21), n_layer=2,
+    assert namespace["CONFIG"] == dict(budget=26, rows="full,smd", sweep_budgets=(13, 21), n_layer=2,
                                        n_head=4)
     assert configurator.help_text(namespace["CONFIG"], str(path), epilog="and more").splitlines() == [
         "usage: python script.py [--key=value ...]",
         "  --budget=26            KV slots per layer and head",
-        "  --rows=dense,smd       table rows, in order",
+        "  --rows=full,smd        table rows, in order",
         "  --sweep_budgets=13,21",
         "  --n_layer=2            two knobs, one comment",
         "  --n_head=4             two knobs, one comment",
@@ -186,9 +186,9 @@ def fake_compare(monkeypatch):
             log = os.path.join(out_dir, name + ".log")
             raise RuntimeError(f"train.py exited with status 1; its log: {log}")
         cfg = train.make_config(argv)
-        accuracy = {"dense": 0.5, "naive": 0.2, "tis": 0.3, "sparse_rl": 0.35, "smd": 0.4}
+        accuracy = {"full": 0.5, "naive": 0.2, "tis": 0.3, "sparse_rl": 0.35, "smd": 0.4}
         acc = accuracy[cfg["mode"]] + 0.1 * cfg["seed"]
-        return dict(acc_dense_start=0.5, acc_dense=acc, acc_compressed_start=0.1, acc_compressed=acc / 2,
+        return dict(acc_full_start=0.5, acc_full=acc, acc_compressed_start=0.1, acc_compressed=acc / 2,
                     reward_start=0.4, reward_end=0.5, mismatch_k3_mean=1e-3, tis_ess_mean=None, kv_frac=0.5,
                     rl_s=10.0)
     monkeypatch.setattr(compare, "run", fake_run)
@@ -218,7 +218,7 @@ def test_compare_runs_every_row_seed_and_budget_and_reports_mean_and_sample_std(
         with pytest.raises(ValueError, match="sets --s"):
             compare.main([own])
     with pytest.raises(ValueError, match="unknown rows"):
-        compare.main(["--rows=dense,ppo"])
+        compare.main(["--rows=full,ppo"])
 
 
 def sweep_rows(stdout):
@@ -231,19 +231,19 @@ def sweep_rows(stdout):
 def test_the_sweep_shows_a_dash_for_a_row_that_did_not_run_at_the_tables_budget(fake_compare, tmp_path,
                                                                                   capsys):
     compare, runs, _ = fake_compare  # the review's crash: KeyError('naive', 26, 0)
-    results = compare.main([f"--out_dir={tmp_path}", *OLD_LAYOUT, "--rows=dense,smd", "--sweep_budgets=13",
+    results = compare.main([f"--out_dir={tmp_path}", *OLD_LAYOUT, "--rows=full,smd", "--sweep_budgets=13",
                             "--seeds=2", "--sft_seeds=0"])
-    assert [name for name, _ in results] == ["dense", "smd"]
-    sweep = sweep_rows(capsys.readouterr().out)             # columns: dense, naive, tis, smd
+    assert [name for name, _ in results] == ["full", "smd"]
+    sweep = sweep_rows(capsys.readouterr().out)             # columns: full, naive, tis, smd
     assert sweep[26] == ["0.550 ± 0.071 / 0.250 ± 0.000", "-", "-", "0.450 ± 0.071 / 0.225 ± 0.035"]
     assert sweep[13][1] == "0.250 ± 0.071 / 0.125 ± 0.035"  # naive did run at 13
-    planned = [("dense", 26), ("smd", 26), ("naive", 13), ("tis", 13), ("smd", 13)]
+    planned = [("full", 26), ("smd", 26), ("naive", 13), ("tis", 13), ("smd", 13)]
     assert sorted(runs) == sorted(f"cmp_{n}_b{b}_w0_s{s}" for n, b in planned for s in (0, 1))
 
 
 def test_a_sweep_row_whose_name_is_part_of_a_table_rows_name_still_runs(fake_compare, tmp_path, capsys):
-    compare, runs, _ = fake_compare  # "smd" is in "dense,smd_no_ref_kl" as a substring, not as a row
-    compare.main([f"--out_dir={tmp_path}", *OLD_LAYOUT, "--rows=dense,smd_no_ref_kl", "--sweep_budgets=13,26",
+    compare, runs, _ = fake_compare  # "smd" is in "full,smd_no_ref_kl" as a substring, not as a row
+    compare.main([f"--out_dir={tmp_path}", *OLD_LAYOUT, "--rows=full,smd_no_ref_kl", "--sweep_budgets=13,26",
                   "--seeds=2", "--sft_seeds=0"])
     assert {"cmp_smd_b26_w0_s0", "cmp_smd_b26_w0_s1", "cmp_smd_no_ref_kl_b26_w0_s0"} <= set(runs)
     assert len(runs) == len(set(runs)) == 2 * (2 + 3 + 3)    # a run the table and the sweep share runs once
@@ -254,7 +254,7 @@ def test_a_failed_run_is_reported_and_the_tables_keep_the_others(fake_compare, t
     compare, runs, fail = fake_compare
     fail.update({"cmp_smd_b26_w0_s1", "cmp_naive_b13_w0_s0", "cmp_naive_b13_w0_s1", "cmp_naive_b13_w0_s2"})
     with pytest.raises(SystemExit) as e:  # status 1, after the tables
-        compare.main([f"--out_dir={tmp_path}", *OLD_LAYOUT, "--rows=dense,naive,smd", "--sweep_budgets=13",
+        compare.main([f"--out_dir={tmp_path}", *OLD_LAYOUT, "--rows=full,naive,smd", "--sweep_budgets=13",
                       "--seeds=3",
                       "--sft_seeds=0"])
     assert e.value.code.startswith("4 of 18 runs failed")
@@ -281,8 +281,8 @@ def test_compare_run_raises_naming_the_log_when_train_fails(tmp_path):
 def test_sparse_rl_is_a_row_after_tis_with_its_rejection_column():
     import compare
     assert compare.ROWS["sparse_rl"] == ["--mode=sparse_rl"]
-    assert compare.rows.split(",")[:4] == ["dense", "naive", "tis", "sparse_rl"]
-    summary = dict(acc_dense_start=0.5, acc_dense=0.5, acc_compressed_start=0.1, acc_compressed=0.1,
+    assert compare.rows.split(",")[:4] == ["full", "naive", "tis", "sparse_rl"]
+    summary = dict(acc_full_start=0.5, acc_full=0.5, acc_compressed_start=0.1, acc_compressed=0.1,
                    reward_start=0.4, reward_end=0.5, mismatch_k3_mean=1.0, tis_ess_mean=None, kv_frac=0.5,
                    rl_s=10.0)
     lines = compare.table([("sparse_rl", [dict(summary, sparse_rl_rejected_mean=r) for r in (0.25, 0.35)]),

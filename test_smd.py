@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import model as model_module
 import smd
-from model import GPT, GPTConfig, gather_positions
+from model import GPT, GPTConfig, gather_at
 from conftest import DEVICE
 from smd import learner_logprobs, rollout
 
@@ -54,7 +54,7 @@ def max_diff(a, b, where):
 
 @pytest.mark.device
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("attention", ["dense", "gather"])
+@pytest.mark.parametrize("attention", ["mask", "gather"])
 @pytest.mark.parametrize("keep_prompt", [False, True])
 @pytest.mark.parametrize("policy", COMPRESSED)
 def test_smd_logprobs_equal_sampler_for_every_policy(policy, keep_prompt, attention, dtype):
@@ -72,7 +72,7 @@ def test_smd_logprobs_equal_sampler_for_every_policy(policy, keep_prompt, attent
 @pytest.mark.parametrize("policy", COMPRESSED)
 def test_keep_prompt_every_response_query_sees_its_whole_prompt(policy):
     prompts, r = variable_length_rollout(make_model(), policy, seed=3, budget=KEEP_BUDGET, keep_prompt=True)
-    seen = r.shadow_mask.to_dense()                                       # (L, B, nh, T, T)
+    seen = r.shadow_mask.visible()                                       # (L, B, nh, T, T)
     T = seen.shape[-1]
     for b, prompt in enumerate(prompts):
         n = len(prompt)
@@ -90,11 +90,11 @@ def test_keep_prompt_every_response_query_sees_its_whole_prompt(policy):
 
 @pytest.mark.device
 @pytest.mark.parametrize("policy", COMPRESSED)
-def test_dense_learner_differs_from_compressed_sampler(policy):
+def test_unmasked_learner_differs_from_compressed_sampler(policy):
     model = make_model(device=DEVICE)
     r = sample(model, policy)
-    dense = learner_logprobs(model, r.tokens)  # no mask: the naive, off-policy learner
-    assert max_diff(dense, r.logprobs, r.response_mask) > 1e-2
+    unmasked = learner_logprobs(model, r.tokens)  # no mask: the naive, off-policy learner
+    assert max_diff(unmasked, r.logprobs, r.response_mask) > 1e-2
 
 
 @pytest.mark.parametrize("policy", ["full"] + COMPRESSED)
@@ -102,8 +102,8 @@ def test_budget_covering_the_sequence_gives_the_causal_mask(policy):
     model = make_model()
     r = sample(model, policy, budget=40)
     T = r.tokens.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool).tril().expand_as(r.shadow_mask.to_dense())
-    assert torch.equal(r.shadow_mask.to_dense(), causal)
+    causal = torch.ones(T, T, dtype=torch.bool).tril().expand_as(r.shadow_mask.visible())
+    assert torch.equal(r.shadow_mask.visible(), causal)
     assert max_diff(learner_logprobs(model, r.tokens), r.logprobs, r.response_mask) <= TOL[torch.float32]
 
 
@@ -115,11 +115,11 @@ def test_cache_and_mask_rows_never_exceed_budget(policy, monkeypatch):
 
     def counting_update(self, layer, k, v):
         out = update(self, layer, k, v)
-        pos = self.positions[layer]                                              # (B, nh, S)
+        pos = self.held[layer]                                              # (B, nh, S)
         held.append(int((pos >= 0).sum(-1).max()))
         visible = out[2]                                                   # (B, nh, T_new, S)
         for i in range(visible.shape[2]):
-            seen[layer, self.length + i] = torch.where(visible[:, :, i], pos, -1)
+            seen[layer, self.next_pos + i] = torch.where(visible[:, :, i], pos, -1)
         filled = pos.sort(-1).values
         assert not ((filled[..., 1:] == filled[..., :-1]) & (filled[..., 1:] >= 0)).any(), "a position is held twice"
         return out
@@ -128,15 +128,15 @@ def test_cache_and_mask_rows_never_exceed_budget(policy, monkeypatch):
     model = make_model()
     r = sample(model, policy)
     assert max(held) == BUDGET  # the cache filled up, and never beyond
-    dense = r.shadow_mask.to_dense()                                              # (L, B, nh, T, T)
-    T = dense.shape[-1]
-    assert dense.sum(-1).max() == BUDGET
-    assert not (dense & ~torch.ones(T, T, dtype=torch.bool).tril()).any(), "a query sees its future"
-    assert dense.diagonal(dim1=-2, dim2=-1).all(), "every query sees itself"
+    visible = r.shadow_mask.visible()                                              # (L, B, nh, T, T)
+    T = visible.shape[-1]
+    assert visible.sum(-1).max() == BUDGET
+    assert not (visible & ~torch.ones(T, T, dtype=torch.bool).tril()).any(), "a query sees its future"
+    assert visible.diagonal(dim1=-2, dim2=-1).all(), "every query sees itself"
     L, B, nh = 2, 3, 2
-    assert r.shadow_mask.written.shape == (L, B, nh, T) and r.shadow_mask.written.dtype == torch.int16  # O(T) storage
+    assert r.shadow_mask.slot_of.shape == (L, B, nh, T) and r.shadow_mask.slot_of.dtype == torch.int16  # O(T) storage
     for layer in range(L):  # the write log replays to exactly the slots, in order, that each query saw
-        slots = r.shadow_mask.slot_positions(layer)                                        # (B, nh, T, S)
+        slots = r.shadow_mask.seen(layer)                                        # (B, nh, T, S)
         assert slots.shape == (B, nh, T, BUDGET)
         for t in range(T):
             assert torch.equal(slots[:, :, t].long(), seen[layer, t]), f"layer {layer} query {t}"
@@ -144,7 +144,7 @@ def test_cache_and_mask_rows_never_exceed_budget(policy, monkeypatch):
 
 @pytest.mark.parametrize("policy, extra_bytes", [
     ("streaming", 0), ("random", 0),
-    ("h2o", BUDGET * 4), ("tova", BUDGET * 4),  # a float attn_mass per slot
+    ("h2o", BUDGET * 4), ("tova", BUDGET * 4),  # a float slot_scores per slot
     ("snapkv", 10 * 4),                         # a float score per prompt position (prompts of 10)
     ("rkv", 2 * 16 * 4),                        # the last window = 2 queries of 16 floats
 ])
@@ -165,30 +165,30 @@ def test_streaming_keeps_sinks_and_recent_window():
     model = make_model()
     n_sink = 2
     r = sample(model, "streaming", n_sink=n_sink)
-    dense = r.shadow_mask.to_dense()
-    T = dense.shape[-1]
+    visible = r.shadow_mask.visible()
+    T = visible.shape[-1]
     for t in range(BUDGET, T):
         expected = torch.zeros(T, dtype=torch.bool)
         expected[:n_sink] = True
         expected[t - (BUDGET - n_sink) + 1:t + 1] = True
-        assert torch.equal(dense[..., t, :], expected.expand_as(dense[..., t, :])), f"query {t}"
+        assert torch.equal(visible[..., t, :], expected.expand_as(visible[..., t, :])), f"query {t}"
 
 
 def test_h2o_always_sees_its_recent_window():
     model = make_model()
     n_recent = 3
-    dense = sample(model, "h2o", n_recent=n_recent).shadow_mask.to_dense()
-    T = dense.shape[-1]
+    visible = sample(model, "h2o", n_recent=n_recent).shadow_mask.visible()
+    T = visible.shape[-1]
     for t in range(n_recent, T):
-        assert dense[..., t, t - n_recent + 1:t + 1].all(), f"query {t}"
+        assert visible[..., t, t - n_recent + 1:t + 1].all(), f"query {t}"
     # and it is not just a window: per head, some old (heavy-hitter) token survives beyond it
-    assert dense[..., -1, :T - BUDGET].any()
+    assert visible[..., -1, :T - BUDGET].any()
 
 
-def hand_made_cache(positions, attn_mass, prompt_length=0):
-    """The state victim() reads, for one layer: positions, attn_mass (B, nh, S); the next position is 10."""
-    return SimpleNamespace(positions=positions[None], attn_mass=attn_mass[None], length=10, budget=positions.shape[-1],
-                           prompt_lengths=torch.full(positions.shape[:1], prompt_length), generator=None)
+def hand_made_cache(held, slot_scores, prompt_length=0):
+    """The state victim() reads, for one layer: held positions, slot_scores (B, nh, S); the next position is 10."""
+    return SimpleNamespace(held=held[None], slot_scores=slot_scores[None], next_pos=10, budget=held.shape[-1],
+                           prompt_lengths=torch.full(held.shape[:1], prompt_length), generator=None)
 
 
 def test_eviction_policies_pick_the_documented_victim():
@@ -217,9 +217,9 @@ def hand_made_rkv(keys, positions, query, **kwargs):
     policy = smd.RKV(window=1, **kwargs)
     cache = smd.KVCache(config, 1, len(positions), 16, policy, "cpu", torch.float32)
     cache.k[0, 0, 0] = torch.tensor(keys)
-    cache.positions[0, 0, 0] = torch.tensor(positions)
+    cache.held[0, 0, 0] = torch.tensor(positions)
     cache.recent_q[0, 0, 0, 0] = torch.tensor(query)                      # the window: the newest query
-    cache.length = len(positions)
+    cache.next_pos = len(positions)
     return policy, cache
 
 
@@ -241,7 +241,7 @@ def test_rkv_evicts_the_oldest_of_near_duplicate_keys():
     positions = [2, 3, 0, 4, 1]
     policy, cache = hand_made_rkv(keys, positions, [0.0, 0.0], mix_lambda=0.0)
     assert positions[policy.victim(cache, 0).item()] == 0
-    redundancy = policy.redundancy(cache.k[0], cache.positions[0])[0, 0]  # by slot
+    redundancy = policy.redundancy(cache.k[0], cache.held[0])[0, 0]  # by slot
     by_position = redundancy[torch.tensor(positions).argsort()]
     assert by_position[0] > by_position[1] > by_position[2]                # older repeats are more redundant
 
@@ -261,7 +261,7 @@ def test_snapkv_scores_prompt_keys_by_pooled_window_attention_then_slides():
     cache = smd.KVCache(config, 1, 8, 12, policy, "cpu", torch.float32, prompt_lengths=torch.tensor([8]))
     k = torch.zeros(1, 1, 8, 4)
     cache.update(0, k, k)
-    cache.positions[0, 0, 0] = torch.tensor([2, 1, 0, 3, 4, 5, 6, 7])  # slot order is not position order
+    cache.held[0, 0, 0] = torch.tensor([2, 1, 0, 3, 4, 5, 6, 7])  # slot order is not position order
     att = torch.zeros(1, 1, 8, 8)                                          # (B, nh, T, S), by slot
     att[0, 0, 6] = torch.tensor([0.0, 0.6, 0.0, 0.0, 0.0, 0.3, 0.1, 0.0])  # window query 6 (slot 1 = position 1)
     att[0, 0, 7] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.9, 0.0, 0.0, 0.1])  # window query 7
@@ -269,13 +269,13 @@ def test_snapkv_scores_prompt_keys_by_pooled_window_attention_then_slides():
     cache.observe(0, None, att)
     # raw body scores by position 0 .6 0 0 .9 .3 -> pooled (zero-padded, /3): .2 .2 .2 .3 .4 .4
     assert torch.allclose(cache.prompt_scores[0, 0, 0, :6], torch.tensor([0.2, 0.2, 0.2, 0.3, 0.4, 0.4]))
-    cache.length = 8
+    cache.next_pos = 8
     assert policy.victim(cache, 0).item() == 2        # the lowest pooled score; of the tie, the oldest (slot 2)
-    cache.positions[0, 0, 0, :3] = torch.tensor([8, 9, 10])  # positions 0..2 gone: 3 is the lowest body key left
-    cache.length = 11
+    cache.held[0, 0, 0, :3] = torch.tensor([8, 9, 10])  # positions 0..2 gone: 3 is the lowest body key left
+    cache.next_pos = 11
     assert policy.victim(cache, 0).item() == 3
-    cache.positions[0, 0, 0, :6] = torch.tensor([8, 9, 10, 11, 12, 13])  # no body key left: the oldest goes (6)
-    cache.length = 14
+    cache.held[0, 0, 0, :6] = torch.tensor([8, 9, 10, 11, 12, 13])  # no body key left: the oldest goes (6)
+    cache.next_pos = 14
     assert policy.victim(cache, 0).item() == 6
 
 
@@ -284,11 +284,11 @@ def test_snapkv_pools_the_score_an_evicted_prompt_key_received():
     config = GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=1, n_embd=4)
     cache = smd.KVCache(config, 1, 4, 8, smd.SnapKV(window=2, kernel=3), "cpu", torch.float32,
                         prompt_lengths=torch.tensor([6]))
-    cache.positions[0, 0, 0] = torch.tensor([4, 1, 2, 3])
-    cache.length = 4
+    cache.held[0, 0, 0] = torch.tensor([4, 1, 2, 3])
+    cache.next_pos = 4
     cache.observe(0, None, torch.tensor([0.1, 0.9, 0.0, 0.0]).view(1, 1, 1, 4))  # query 4: 0.9 to key 1
-    cache.positions[0, 0, 0] = torch.tensor([4, 5, 2, 3])                 # key 1 evicted, 5 in its slot
-    cache.length = 5
+    cache.held[0, 0, 0] = torch.tensor([4, 5, 2, 3])                 # key 1 evicted, 5 in its slot
+    cache.next_pos = 5
     cache.observe(0, None, torch.tensor([0.0, 0.5, 0.2, 0.3]).view(1, 1, 1, 4))  # query 5, the prompt's last
     # raw body (positions 0..3): 0 .9 .2 .3 -> pooled .3 .367 .467 .167: key 2 keeps .467 thanks to evicted key 1
     assert torch.allclose(cache.prompt_scores[0, 0, 0, :4], torch.tensor([0.3, 1.1 / 3, 1.4 / 3, 0.5 / 3]))
@@ -298,8 +298,8 @@ def test_snapkv_slides_while_a_long_prompt_is_still_being_read():
     config = GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=1, n_embd=4)
     cache = smd.KVCache(config, 1, 8, 16, smd.SnapKV(window=2), "cpu", torch.float32,
                         prompt_lengths=torch.tensor([12]))
-    cache.positions[0] = torch.tensor([[[8, 1, 2, 3, 4, 5, 6, 7]]])        # prompt of 12 tokens, 9 is next
-    cache.length = 9
+    cache.held[0] = torch.tensor([[[8, 1, 2, 3, 4, 5, 6, 7]]])        # prompt of 12 tokens, 9 is next
+    cache.next_pos = 9
     assert cache.policy.victim(cache, 0).item() == 1                      # the oldest: position 1
 
 
@@ -309,7 +309,7 @@ def test_random_policy_is_reproducible_per_seed_and_differs_between_rollouts():
 
     def log(generator):
         return rollout(model, prompts, policy="random", budget=BUDGET, max_new_tokens=30, temperature=0,
-                       generator=generator).shadow_mask.written
+                       generator=generator).shadow_mask.slot_of
     same_seed = [log(torch.Generator().manual_seed(1)) for _ in range(2)]
     assert torch.equal(*same_seed)
     g = torch.Generator().manual_seed(1)
@@ -337,8 +337,8 @@ def test_cache_scores_accumulate_attention_since_written():
         cache.observe(0, None, torch.tensor(att).view(1, 1, 1, 2))
         cache.advance(1)
     # positions 0, 1 filled the slots; position 2 evicted position 1 (less mass: 0.75 < 1.25) from slot 1
-    assert cache.positions[0].flatten().tolist() == [0, 2]
-    assert cache.attn_mass[0].flatten().tolist() == [1.75, 0.5]
+    assert cache.held[0].flatten().tolist() == [0, 2]
+    assert cache.slot_scores[0].flatten().tolist() == [1.75, 0.5]
 
 
 def test_sampler_decodes_one_token_per_step(monkeypatch):
@@ -383,10 +383,10 @@ def test_variable_length_prompts_and_eos_keep_equality(policy):
         assert (r.tokens[b, ends[-1]:] == EOS).all() and (r.logprobs[b, ends[-1]:] == 0).all()
     assert sum(r.tokens[b, e - 1] == EOS for b, e in enumerate(ends)) >= 2, "want rows stopped by EOS"
     assert len(set(ends)) == 3, "want rows ending at different steps"
-    dense = r.shadow_mask.to_dense()                                              # (L, B, nh, T, T)
+    visible = r.shadow_mask.visible()                                              # (L, B, nh, T, T)
     for b, end in enumerate(ends):  # a real token only ever sees real tokens of its own row
-        assert not dense[:, b, :, :end, end:].any()
-    for attention in ("dense", "gather"):
+        assert not visible[:, b, :, :end, end:].any()
+    for attention in ("mask", "gather"):
         lp = learner_logprobs(model, r.tokens, r.shadow_mask, attention=attention)
         assert max_diff(lp, r.logprobs, r.response_mask) <= TOL[torch.float32]
 
@@ -407,10 +407,10 @@ def test_record_of_a_rollout_gives_back_its_shadow_mask_and_logprobs(policy, kee
     rec = smd.record(model, r.tokens, lengths, policy=policy, budget=budget, temperature=temperature,
                      eos_id=EOS, generator=seeded(), keep_prompt=keep_prompt)
     assert torch.equal(rec.tokens, r.tokens)
-    assert torch.equal(rec.shadow_mask.written, r.shadow_mask.written)
+    assert torch.equal(rec.shadow_mask.slot_of, r.shadow_mask.slot_of)
     assert torch.equal(rec.logprobs[r.response_mask], r.logprobs[r.response_mask])  # one code path: bitwise
     assert not (r.response_mask & ~rec.response_mask).any()
-    assert r.response_mask.sum() > 30 and (r.shadow_mask.to_dense().sum(-1) == budget).any()  # not vacuous
+    assert r.response_mask.sum() > 30 and (r.shadow_mask.visible().sum(-1) == budget).any()  # not vacuous
 
 
 def test_record_scores_the_given_tokens_under_the_compressed_cache():
@@ -422,13 +422,13 @@ def test_record_scores_the_given_tokens_under_the_compressed_cache():
     rec = smd.record(model, answers, [10, 10, 10], policy="tova", budget=BUDGET)
     assert torch.equal(rec.tokens, answers) and rec.response_mask[:, 10:].all()
     assert torch.equal(rec.logprobs[:, :20], r.logprobs[:, :20])          # the same prefix, the same cache
-    assert not torch.equal(rec.shadow_mask.written[..., 20:], r.shadow_mask.written[..., 20:])  # tova reads content
+    assert not torch.equal(rec.shadow_mask.slot_of[..., 20:], r.shadow_mask.slot_of[..., 20:])  # tova reads content
     lp = learner_logprobs(model, answers, rec.shadow_mask)                 # and its mask reproduces its log-probs
     assert max_diff(lp, rec.logprobs, rec.response_mask) <= TOL[torch.float32]
 
 
 @pytest.mark.device
-@pytest.mark.parametrize("attention", ["dense", "gather"])
+@pytest.mark.parametrize("attention", ["mask", "gather"])
 def test_gradients_flow_through_masked_learner(attention):
     model = make_model(device=DEVICE)
     r = sample(model, "h2o")
@@ -453,14 +453,14 @@ def test_hand_written_attention_matches_sdpa():
         reference = attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
         ours = attn(x, attn_mask=mask if mask.dim() == 4 else None)
         assert (ours - reference).abs().max() <= 1e-5
-    gathered = attn(x, slot_positions=r.shadow_mask.slot_positions(0))
+    gathered = attn(x, seen=r.shadow_mask.seen(0))
     assert (gathered - reference).abs().max() <= 1e-5
 
 
-def test_gather_positions_reads_positions_in_slot_order():
+def test_gather_at_reads_positions_in_slot_order():
     x = torch.arange(6.0).view(1, 1, 3, 2)                                # (B, nh, T, hs): position p holds [2p, 2p+1]
     slots = torch.tensor([[[[2, -1], [0, 1], [1, 2]]]])                   # (B, nh, T, S)
-    assert gather_positions(x, slots)[0, 0, :, :, 0].tolist() == [[4.0, 0.0], [0.0, 2.0], [2.0, 4.0]]
+    assert gather_at(x, slots)[0, 0, :, :, 0].tolist() == [[4.0, 0.0], [0.0, 2.0], [2.0, 4.0]]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -516,19 +516,19 @@ def test_exact_learner_is_bitwise_equal_to_sampler(policy, keep_prompt):
 
 
 @pytest.mark.parametrize("policy", COMPRESSED)
-def test_gather_path_equals_dense_masked_path_values_and_gradients(policy):
+def test_gather_path_equals_mask_path_values_and_gradients(policy):
     model = make_model()
     _, r = variable_length_rollout(model, policy, seed=3)
     results = {}
-    for attention in ("dense", "gather"):
+    for attention in ("mask", "gather"):
         model.zero_grad()
         lp = learner_logprobs(model, r.tokens, r.shadow_mask, attention=attention)
         (lp * r.response_mask).sum().backward()
         results[attention] = lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    (lp_dense, grad_dense), (lp_gather, grad_gather) = results["dense"], results["gather"]
-    assert (lp_dense - lp_gather).abs().max() <= 1e-5
-    for name in grad_dense:
-        assert (grad_dense[name] - grad_gather[name]).abs().max() <= 1e-5, name
+    (lp_mask, grad_mask), (lp_gather, grad_gather) = results["mask"], results["gather"]
+    assert (lp_mask - lp_gather).abs().max() <= 1e-5
+    for name in grad_mask:
+        assert (grad_mask[name] - grad_gather[name]).abs().max() <= 1e-5, name
 
 
 def test_bench_runs_and_reports_budget_sized_kv_memory():
@@ -540,7 +540,7 @@ def test_bench_runs_and_reports_budget_sized_kv_memory():
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if line.split()[:2] in (["32", "8"], ["48", "8"])]
     assert len(rows) == 6  # T=32 and T=48 in each of the three tables
-    # KV ratio, from the bytes per slot: h2o keeps K, V (2 x 16 floats), a long position and a float attn_mass;
+    # KV ratio, from the bytes per slot: h2o keeps K, V (2 x 16 floats), a long position and a float slot_scores;
     # the full cache that was actually run (S = T) needs none
     per_slot, full_per_slot = 2 * 16 * 4 + 8 + 4, 2 * 16 * 4 + 8
     assert [float(rows[0][4]), float(rows[1][4])] == [round(8 * per_slot / (T * full_per_slot), 3) for T in (32, 48)]

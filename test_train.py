@@ -55,7 +55,7 @@ def test_one_grpo_step_runs_and_moves_the_weights_in_every_mode(mode):
     assert all(v is None or torch.isfinite(torch.tensor(float(v))) for v in stats.values())
     moved = max((p - before[n]).abs().max().item() for n, p in model.state_dict().items())
     assert moved > 1e-5  # the tiny model's distill KL or policy gradient changed something
-    assert (stats["kv_bytes"] < stats["full_kv_bytes"]) == (mode != "dense")
+    assert (stats["kv_bytes"] < stats["full_kv_bytes"]) == (mode != "full")
 
 
 @pytest.mark.device
@@ -63,7 +63,7 @@ def test_smd_learner_matches_the_sampler_to_float32_rounding_and_naive_does_not(
     smd_stats, _ = one_step("smd")
     naive_stats, _ = one_step("naive")
     assert smd_stats["mismatch_max"] <= 1e-5       # same samples, same mask: only summation order differs
-    assert naive_stats["mismatch_max"] > 1e-2      # the dense learner sees keys the sampler had evicted
+    assert naive_stats["mismatch_max"] > 1e-2      # the unmasked learner sees keys the sampler had evicted
     assert naive_stats["mismatch_k3"] > 1e3 * max(smd_stats["mismatch_k3"], 1e-12)
 
 
@@ -107,16 +107,16 @@ def pg_surrogate(model, ro, mask, cfg=TINY):
     return -(lp * adv[:, None] * m).sum() / m.sum()
 
 
-def test_smd_paper_objective_policy_gradient_on_the_masked_pass_and_kl_into_the_dense_pass(monkeypatch):
-    # GRPO(pi_masked) + lambda KL(pi_dense || sg(pi_masked)): the policy gradient flows through the masked
-    # pass only, the KL through the dense pass only, in that direction
+def test_smd_paper_objective_policy_gradient_on_the_masked_pass_and_kl_into_the_unmasked_pass(monkeypatch):
+    # GRPO(pi_masked) + lambda KL(pi_unmasked || sg(pi_masked)): the policy gradient flows through the masked
+    # pass only, the KL through the unmasked pass only, in that direction
     lam = 0.5
-    got, ro, _ = step_gradient(monkeypatch, "smd", distill="dense_from_masked", distill_coef=lam)
+    got, ro, _ = step_gradient(monkeypatch, "smd", distill="unmasked_from_masked", distill_coef=lam)
     kl = lambda model: train.smd.kl_divergence(train.smd.learner_logits(model, ro.tokens),
                                                 train.smd.learner_logits(model, ro.tokens, ro.shadow_mask).detach(),
                                                 ro.response_mask)
     assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, ro.shadow_mask) + lam * kl(model)))
-    wrong = [  # the KL reversed, the stop-gradient on the dense side, the policy gradient on the unmasked pass
+    wrong = [  # the KL reversed, the stop-gradient on the unmasked side, the policy gradient on the unmasked pass
         lambda model: pg_surrogate(model, ro, ro.shadow_mask) + lam * train.smd.kl_divergence(
             train.smd.learner_logits(model, ro.tokens, ro.shadow_mask).detach(),
             train.smd.learner_logits(model, ro.tokens), ro.response_mask),
@@ -138,7 +138,7 @@ def test_ablation_switches_do_what_their_names_say(monkeypatch):
         train.smd.learner_logits(model, ro.tokens),
         train.smd.learner_logits(model, ro.tokens, ro.shadow_mask).detach(), ro.response_mask)))
     reference = tiny_model(seed=1)                                                  # frozen teacher
-    got, ro, _ = step_gradient(monkeypatch, "smd", distill="masked_from_warmup_dense", distill_coef=0.5,
+    got, ro, _ = step_gradient(monkeypatch, "smd", distill="masked_from_warmup_unmasked", distill_coef=0.5,
                                reference=reference)
     with torch.no_grad():
         teacher = train.smd.learner_logits(reference, ro.tokens)
@@ -147,7 +147,7 @@ def test_ablation_switches_do_what_their_names_say(monkeypatch):
                                           + 0.5 * train.smd.kl_divergence(teacher, masked(model), ro.response_mask)))
 
 
-@pytest.mark.parametrize("mode", ["dense", "smd"])
+@pytest.mark.parametrize("mode", ["full", "smd"])
 def test_reference_kl_pulls_the_full_cache_pass_toward_the_warm_up_in_every_mode(monkeypatch, mode):
     reference = tiny_model(seed=1)
     got, ro, stats = step_gradient(monkeypatch, mode, distill_coef=0.0, ref_kl_coef=0.5, reference=reference)
@@ -325,8 +325,8 @@ def test_rl_seeds_share_one_warm_up_and_one_held_out_set(tmp_path):
 @pytest.mark.device
 @pytest.mark.parametrize("mode", train.MODES)
 def test_first_update_scores_the_batch_with_its_old_logprobs_in_every_mode(mode):
-    # dense, smd: the learner (under the shadow mask for smd) reproduces the sampler's log-probs; naive, tis:
-    # the old log-probs are the dense learner's own. An smd update on the unmasked pass, or naive/tis
+    # full, smd: the learner (under the shadow mask for smd) reproduces the sampler's log-probs; naive, tis:
+    # the old log-probs are the unmasked learner's own. An smd update on the unmasked pass, or naive/tis
     # taking the sampler's log-probs as old, would start with a ratio far from 1
     stats, _ = one_step(mode, distill_coef=0.0)
     assert stats["old_gap"] <= 1e-5
@@ -408,7 +408,7 @@ def test_no_training_problem_is_ever_evaluated_and_eval_size_does_not_move_train
 def test_warm_up_key_ignores_rl_settings_and_names_what_shapes_the_weights(tmp_path):
     cfg = {k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "prompts_per_step", "group_size", "sft_steps",
                                 "sft_batch_size", "n_train", "eval_interval", "lr")}
-    cfg.update(out_dir=str(tmp_path), mode="dense", n_steps=1, eval_problems=2)
+    cfg.update(out_dir=str(tmp_path), mode="full", n_steps=1, eval_problems=2)
     for i, extra in enumerate([{}, dict(grad_clip=0.5), dict(eval_problems=3), dict(eval_split="test"),
                                dict(lr=1e-4)]):
         train.main(args(cfg, run_name=f"r{i}", **extra))
@@ -494,7 +494,7 @@ def test_the_reference_stays_the_warm_up_while_the_weights_move(tmp_path):
     # full-cache pass is measurably away from it (a reference that followed the weights would give 0)
     cfg = {k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "prompts_per_step", "group_size", "sft_steps",
                                 "sft_batch_size", "n_train", "eval_problems", "eval_interval", "lr")}
-    cfg.update(out_dir=str(tmp_path), mode="dense", n_steps=3, ref_kl_coef=0.1, lr_warmup=0, updates_per_batch=1)
+    cfg.update(out_dir=str(tmp_path), mode="full", n_steps=3, ref_kl_coef=0.1, lr_warmup=0, updates_per_batch=1)
     train.main(args(cfg, run_name="ref"))
     steps = [json.loads(line) for line in open(tmp_path / "ref.jsonl") if '"train"' in line]
     assert steps[0]["ref_kl"] < 1e-6                            # step 1 starts at the warm-up weights

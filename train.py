@@ -1,24 +1,24 @@
 """
 GRPO post-training of the small GPT on the arithmetic task, with a compressed (evicting) KV cache during
 rollouts. `--mode` picks how the learner treats those rollouts, so one command shows the whole story:
-  dense  full-cache rollouts, dense learner: the on-policy reference;
-  naive  compressed rollouts, dense learner: the learner silently trains on someone else's samples;
+  full   full-cache rollouts, unmasked learner: the on-policy reference;
+  naive  compressed rollouts, unmasked (full-cache) learner: it silently trains on someone else's samples;
   tis    as naive, each token weighted by min(pi_learner / pi_sampler, tis_cap): patched, at a variance cost;
   sparse_rl  as naive, with Sparse-RL's rejection sampling: tokens whose pi_learner / pi_sampler leaves
          [sparse_rl_low, sparse_rl_high] are dropped, sequences with a token below sparse_rl_veto rejected;
   smd    compressed rollouts, the policy-gradient pass under the recorded shadow mask (exactly on-policy),
-         plus distill_coef * KL(pi_dense || sg(pi_masked)): the unmasked pass of the same weights learns
-         from the masked one (Shadow Mask Distillation as its authors state it; `distill` has the variant).
-Phase 1 is a supervised warm-up on worked examples, cached in out/sft_<hash>.pt so every mode and RL seed
-starts from the same base; phase 2 is GRPO. Every step logs reward, sampler-vs-learner mismatch, TIS
+         plus distill_coef * KL(pi_unmasked || sg(pi_masked)): the unmasked pass of the same weights learns
+         from the masked one (Shadow Mask Distillation as its authors state it, their pi_dense our unmasked pass).
+Phase 1 is the eviction-robust supervised warm-up on worked examples, cached in out/sft_<hash>.pt so every
+mode and RL seed starts from the same base; phase 2 is GRPO. The per-mode loss terms are in objectives.py. Every step logs reward, sampler-vs-learner mismatch, TIS
 diagnostics, KL terms, grad norm, KV memory and speed; out/<run_name>.jsonl holds the same for plotting;
 the last line printed starts with "summary:".
 
-    python train.py                          # smd, h2o; a few minutes on 2 CPU cores, warm-up included
+    python train.py                          # smd under rkv@28; ~3 min on 2 CPU cores, warm-up included
     python train.py --mode=naive             # same base, shows the off-policy mismatch
     python train.py --mode=tis --policy=snapkv
     python train.py --preset=gpu             # a larger model and batch for one GPU (used when visible)
-    python compare.py                        # every mode and ablation x 3 RL seeds, and a budget sweep
+    python compare.py                        # every mode and ablation, 2 warm-ups x 3 RL seeds, a sweep
 
 Not here: the model (model.py), the cache, shadow mask, rollout and learner passes (smd.py), the task (data/).
 """
@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import sys
 import time
 
@@ -46,7 +45,7 @@ from model import GPT, GPTConfig
 # config: every default here, one line per knob, any of them overridden by --key=value. Why each default is
 # what it is, with the runs that chose it: README.md and EXPERIMENTS.md.
 # run
-mode = "smd"                # dense | naive | tis | sparse_rl | smd (see above)
+mode = "smd"                # full | naive | tis | sparse_rl | smd (see above)
 policy = "rkv"              # eviction policy: streaming | h2o | tova | snapkv | rkv | random | full
 budget = 28                 # KV slots per layer and head in compressed rollouts (the sequence is 53 tokens)
 keep_prompt = True          # never evict a prompt token: the policy chooses among generated tokens only
@@ -102,13 +101,12 @@ sparse_rl_low = 0.5         # mode=sparse_rl: tokens with pi_learner / pi_sample
 sparse_rl_high = 1.5        # mode=sparse_rl: ... and above this; it also caps the importance weights
 sparse_rl_veto = 1e-4       # mode=sparse_rl: a sequence with any token ratio below this is rejected whole
 # mode=smd
-distill = "dense_from_masked"  # student_from_teacher: dense_from_masked | masked_from_warmup_dense (below)
-#   dense_from_masked (the paper): KL(pi_dense || sg(pi_masked)), the current weights' dense pass learns from
-#   their masked pass; masked_from_warmup_dense: KL(sg(pi_warmup_dense) || pi_masked), the masked pass learns
-#   from the warm-up's dense pass
+distill = "unmasked_from_masked"  # student_from_teacher: unmasked_from_masked (the paper) | masked_from_warmup_unmasked
+#   unmasked_from_masked: KL(pi_unmasked || sg(pi_masked)), the unmasked pass learns from the masked one;
+#   masked_from_warmup_unmasked: KL(sg(pi_warm-up) || pi_masked), the masked pass learns from the warm-up
 distill_coef = 0.1          # lambda, the weight of that KL; 0 = on-policy GRPO under the mask only
 policy_gradient = True      # False: no GRPO term, distillation only (an ablation)
-learner_attention = "dense"  # "dense" (T x T boolean mask) or "gather" (O(T * budget) scores)
+learner_attention = "mask"  # the masked pass: "mask" (a T x T boolean attn_mask) or "gather" (O(T * budget))
 # logging
 log_interval = 1            # steps between printed lines (every step goes to the JSONL)
 eval_interval = 60          # steps between held-out evaluations
@@ -118,9 +116,9 @@ PRESETS = {"gpu": dict(n_layer=4, n_embd=128, sft_steps=3000, sft_batch_size=256
                        group_size=16, eval_problems=1000, cpu_threads=4)}
 # -----------------------------------------------------------------------------
 
-MODES = ("dense", "naive", "tis", "sparse_rl", "smd")
+MODES = ("full", "naive", "tis", "sparse_rl", "smd")
 REWARDS = {"exact": exact_reward, "partial": partial_reward}
-DISTILL = ("dense_from_masked", "masked_from_warmup_dense")  # student_from_teacher, see `distill` above
+DISTILL = ("unmasked_from_masked", "masked_from_warmup_unmasked")  # student_from_teacher, see `distill` above
 EVAL_POOL = 1000  # val and test each hold this many problems, dealt before train: eval_problems never moves them
 
 
@@ -146,9 +144,10 @@ def validate_config(cfg):
     """Raise ValueError, saying what is allowed, for any value that would fail later (or silently)."""
     if cfg["mode"] not in MODES:
         raise ValueError(f"unknown mode {cfg['mode']!r}; choose one of {MODES}")
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "n_train", "eval_problems", "sft_batch_size",
-                "n_steps", "prompts_per_step", "updates_per_batch", "log_interval", "eval_interval",
-                "ckpt_interval", "budget", "cpu_threads"):
+    GPTConfig(block_size=cfg["block_size"], vocab_size=VOCAB_SIZE, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
+              n_embd=cfg["n_embd"])  # the model's own checks: positive sizes, n_embd divisible by n_head
+    for key in ("n_train", "eval_problems", "sft_batch_size", "n_steps", "prompts_per_step", "updates_per_batch",
+                "log_interval", "eval_interval", "ckpt_interval", "budget", "cpu_threads"):
         if cfg[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
     for key in ("sft_steps", "sft_warmup"):
@@ -183,10 +182,8 @@ def validate_config(cfg):
         raise ValueError(f"n_recent must be >= 0 (0 = half the budget), got {cfg['n_recent']}")
     if cfg["reward"] not in REWARDS:
         raise ValueError(f"reward must be one of {sorted(REWARDS)}, got {cfg['reward']!r}")
-    if cfg["learner_attention"] not in ("dense", "gather"):
-        raise ValueError(f"learner_attention must be 'dense' or 'gather', got {cfg['learner_attention']!r}")
-    if cfg["n_embd"] % cfg["n_head"]:
-        raise ValueError(f"n_embd={cfg['n_embd']} must be divisible by n_head={cfg['n_head']}")
+    if cfg["learner_attention"] not in ("mask", "gather"):
+        raise ValueError(f"learner_attention must be 'mask' or 'gather', got {cfg['learner_attention']!r}")
     P, R = max_lengths()
     seq_len = P + R
     if cfg["block_size"] < seq_len:
@@ -271,7 +268,7 @@ def eviction_masks(model, x, cfg, generator):
     # the policy's own masks, recorded with the current weights
     recorded = smd.record(model, x, [P] * B, policy=cfg["policy"], budget=budget, temperature=0,
                           generator=generator, **policy_kwargs(cfg))
-    return recorded.shadow_mask.to_dense()
+    return recorded.shadow_mask.visible()
 
 
 def sft(model, train_problems, cfg, generator):
@@ -302,11 +299,11 @@ def check_finite(value, what):
 
 
 def sample_batch(model, problems, cfg, generator):
-    """group_size samples of each problem (group-major), with a full cache in dense mode and the compressed
+    """group_size samples of each problem (group-major), with a full cache in full mode and the compressed
     one otherwise, scored -> the rollout, rewards (B,) and group advantages (B,)."""
     P, R = max_lengths()
     group_problems = [p for p in problems for _ in range(cfg["group_size"])]
-    compressed = cfg["mode"] != "dense"
+    compressed = cfg["mode"] != "full"
     ro = smd.rollout(model, [encode(format_prompt(p)) for p in group_problems],
                      policy=cfg["policy"] if compressed else "full", budget=cfg["budget"] if compressed else P + R,
                      max_new_tokens=R, temperature=cfg["temperature"], eos_id=EOS_ID, generator=generator,
@@ -319,56 +316,78 @@ def sample_batch(model, problems, cfg, generator):
 
 def policy_pass(model, ro, cfg):
     """The learner's logits for the policy-gradient term (B, T, vocab): SMD's pass sees, through the shadow
-    mask, exactly what the sampler saw; every other mode's is the plain causal (full-cache) pass."""
+    mask, exactly what the sampler saw; every other mode's is the unmasked (full-cache) pass."""
     if cfg["mode"] == "smd":
         return smd.learner_logits(model, ro.tokens, ro.shadow_mask, attention=cfg["learner_attention"])
     return smd.learner_logits(model, ro.tokens)
 
 
+def unmasked_pass(model, ro, cfg, policy_logits):
+    """The full-cache policy's logits (the paper's pi_dense): the policy pass itself outside smd; in smd a
+    second pass without the mask, run only when a KL term needs it (None otherwise)."""
+    if cfg["mode"] != "smd":
+        return policy_logits
+    if cfg["ref_kl_coef"] > 0 or (cfg["distill_coef"] > 0 and cfg["distill"] == "unmasked_from_masked"):
+        return smd.learner_logits(model, ro.tokens)
+    return None
+
+
+def reference_logits(reference, tokens, cfg):
+    """The frozen warm-up's unmasked logits (B, T, vocab), when the reference KL or the warm-up teacher needs them."""
+    warmup_teacher = cfg["mode"] == "smd" and cfg["distill_coef"] > 0 and cfg["distill"] == "masked_from_warmup_unmasked"
+    if cfg["ref_kl_coef"] == 0 and not warmup_teacher:
+        return None
+    if reference is None:
+        raise ValueError("the reference KL and distill='masked_from_warmup_unmasked' need the warm-up model (reference=)")
+    return smd.learner_logits(reference, tokens)
+
+
+def distill_loss(cfg, masked_logits, unmasked_logits, ref_logits, response_mask):
+    """SMD's distillation term (0 in the other modes and with distill_coef 0):
+      unmasked_from_masked (the paper): KL(pi_unmasked || sg(pi_masked)), the full-cache pass learns from the masked;
+      masked_from_warmup_unmasked: KL(sg(pi_warm-up) || pi_masked), the masked pass learns from the warm-up."""
+    if cfg["mode"] != "smd" or cfg["distill_coef"] == 0:
+        return torch.zeros((), device=response_mask.device)
+    if cfg["distill"] == "unmasked_from_masked":
+        return smd.kl_divergence(unmasked_logits, masked_logits.detach(), response_mask, cfg["temperature"])
+    return smd.kl_divergence(ref_logits, masked_logits, response_mask, cfg["temperature"])
+
+
+def reference_kl(cfg, unmasked_logits, ref_logits, response_mask):
+    """KL(pi_unmasked || pi_warm-up), every mode's anchor of the full-cache policy (0 with ref_kl_coef 0)."""
+    if cfg["ref_kl_coef"] == 0:
+        return torch.zeros((), device=response_mask.device)
+    return smd.kl_divergence(unmasked_logits, ref_logits, response_mask, cfg["temperature"])
+
+
 def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
     """One GRPO iteration: sample, score, and take updates_per_batch gradient steps on
-        policy_gradient * GRPO(policy pass) + distill_coef * distillation KL (smd) + ref_kl_coef * reference KL.
+        loss = GRPO(policy pass) + distill_coef * distillation KL + ref_kl_coef * KL(pi_unmasked || pi_warm-up)
     reference: the frozen warm-up model (the reference KL and the warm-up teacher need it).
     Returns the numbers a practitioner diagnoses with."""
     t0 = time.time()
-    mode, temp = cfg["mode"], cfg["temperature"]
     ro, rewards, adv = sample_batch(model, problems, cfg, generator)
     tokens, response_mask, lp_sampler = ro.tokens, ro.response_mask, ro.logprobs  # (B, T) each
     with torch.no_grad():  # the learner's view of the batch before any update: what the mismatch measures
-        lp_learner = smd.token_logprobs(policy_pass(model, ro, cfg), tokens, temp)  # (B, T)
+        lp_learner = smd.token_logprobs(policy_pass(model, ro, cfg), tokens, cfg["temperature"])  # (B, T)
+        ref_logits = reference_logits(reference, tokens, cfg)              # (B, T, vocab) or None
     mm_max, mm_k3 = mismatch(lp_learner, lp_sampler, response_mask)
-    # dense, smd: the sampler's log-probs are the learner's own (to rounding). naive, tis, sparse_rl: the
+    # full, smd: the sampler's log-probs are the learner's own (to rounding). naive, tis, sparse_rl: the
     # usual practice of recomputing them with the learner, which hides that the samples came from elsewhere
-    lp_old = lp_sampler if mode in ("dense", "smd") else lp_learner
+    lp_old = lp_sampler if cfg["mode"] in ("full", "smd") else lp_learner
     weights, loss_mask, diagnostics = correction(cfg, lp_learner, lp_sampler, response_mask)
-    distill_on = mode == "smd" and cfg["distill_coef"] > 0
-    needs_reference = cfg["ref_kl_coef"] > 0 or (distill_on and cfg["distill"] == "masked_from_warmup_dense")
-    if needs_reference and reference is None:
-        raise ValueError("the reference KL and distill='masked_from_warmup_dense' need the warm-up model (reference=)")
-    with torch.no_grad():
-        ref_logits = smd.learner_logits(reference, tokens) if needs_reference else None  # (B, T, vocab)
-    zero = torch.zeros((), device=tokens.device)
 
     for update in range(cfg["updates_per_batch"]):
-        logits = policy_pass(model, ro, cfg)                               # (B, T, vocab)
-        lp = smd.token_logprobs(logits, tokens, temp)                      # (B, T)
+        policy_logits = policy_pass(model, ro, cfg)                        # (B, T, vocab), masked in smd
+        unmasked_logits = unmasked_pass(model, ro, cfg, policy_logits)     # the full-cache policy's
+        lp = smd.token_logprobs(policy_logits, tokens, cfg["temperature"])  # (B, T)
         if update == 0:  # before any step the ratio must be 1 (to rounding) in every mode: lp is what lp_old is
             old_gap = (lp.detach() - lp_old)[response_mask].abs().max().item()
         pg_loss, clip_frac = grpo_loss(lp, lp_old, adv, loss_mask, cfg["clip_eps"], weights)
-        # the full-cache pass of the current weights: the policy pass itself, except in smd
-        dense_logits = logits if mode != "smd" else None
-        if mode == "smd" and ((distill_on and cfg["distill"] == "dense_from_masked") or cfg["ref_kl_coef"] > 0):
-            dense_logits = smd.learner_logits(model, tokens)
-        distill_kl = zero
-        if distill_on and cfg["distill"] == "dense_from_masked":
-            # KL(pi_dense || sg(pi_masked)): the dense pass learns from the masked one (the paper)
-            distill_kl = smd.kl_divergence(dense_logits, logits.detach(), response_mask, temp)
-        elif distill_on:
-            # KL(sg(pi_warmup_dense) || pi_masked): the masked pass learns from the warm-up's dense pass
-            distill_kl = smd.kl_divergence(ref_logits, logits, response_mask, temp)
-        ref_kl = smd.kl_divergence(dense_logits, ref_logits, response_mask, temp) if cfg["ref_kl_coef"] > 0 else zero
-        loss = (pg_loss if cfg["policy_gradient"] else zero) + cfg["distill_coef"] * distill_kl \
-            + cfg["ref_kl_coef"] * ref_kl
+        distill_kl = distill_loss(cfg, policy_logits, unmasked_logits, ref_logits, response_mask)
+        ref_kl = reference_kl(cfg, unmasked_logits, ref_logits, response_mask)
+        pg_term = pg_loss if cfg["policy_gradient"] else torch.zeros_like(pg_loss)  # False: distillation only
+        loss = pg_term + cfg["distill_coef"] * distill_kl + cfg["ref_kl_coef"] * ref_kl
         check_finite(loss, "loss")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -398,10 +417,8 @@ def make_config(argv):
     """The run's config: the defaults, then the preset if one is named, then the other overrides; checked."""
     overrides = configurator.parse(argv, CONFIG)
     preset = overrides.get("preset", CONFIG["preset"])
-    if preset and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} or ''")
     cfg = {**CONFIG, **PRESETS.get(preset, {}), **overrides}
-    validate_config(cfg)  # before any work: a typo should cost a second, not a warm-up
+    validate_config(cfg)  # before any work (an unknown preset too): a typo should cost a second, not a warm-up
     cfg["run_name"] = cfg["run_name"] or f"{cfg['mode']}_{cfg['policy']}{cfg['budget']}"
     return cfg
 
@@ -445,105 +462,119 @@ def warm_up(model, cfg):
     return path
 
 
-def main(argv):
-    t_start = time.time()
-    cfg = make_config(argv)
-    ckpt_path = os.path.join(cfg["out_dir"], cfg["run_name"] + ".pt")
-    if cfg["resume"] and not os.path.exists(ckpt_path):
-        raise FileNotFoundError(f"--resume=True but there is no checkpoint at {ckpt_path}")
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    torch.set_num_threads(cfg["cpu_threads"])
-    random.seed(cfg["seed"])
-    P, R = max_lengths()
-    train_problems, held_out = problem_splits(cfg)
+def start_run(cfg):
+    """The model (warm-up, or the checkpoint when resuming), its frozen warm-up copy, the optimizer, the RL
+    generator, the step to start from and the history so far; a resumed run's log keeps each step once."""
     model = build_model(cfg)
     warm_up(model, cfg)
     # a copy taken before any RL step: the reference KL's anchor and the warm-up teacher (also when resuming)
     reference = copy.deepcopy(model).requires_grad_(False)
-    dense_eval = lambda: evaluate(model, held_out, "full", P + R)
-    compressed_eval = lambda: evaluate(model, held_out, cfg["policy"], cfg["budget"], **policy_kwargs(cfg))
     torch.manual_seed(cfg["seed"])
     generator = torch.Generator(device=cfg["device"]).manual_seed(cfg["seed"])  # RL batches and sampling
-
-    t_rl = time.time()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
     start, history = 0, dict(reward=[], mismatch_max=[], mismatch_k3=[], old_gap=[], kv_frac=[], tis_ess=[],
                              sparse_rl_outside=[], sparse_rl_rejected=[], evals=[])
-    log_path = os.path.join(cfg["out_dir"], cfg["run_name"] + ".jsonl")
     if cfg["resume"]:
-        ckpt = torch.load(ckpt_path, map_location=cfg["device"], weights_only=False)
+        ckpt = torch.load(run_path(cfg, ".pt"), map_location=cfg["device"], weights_only=False)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         generator.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
-        random.setstate(ckpt["python_rng"])
         start, history = ckpt["step"], ckpt["history"]
-        print(f"resuming {ckpt_path} at step {start}")
-        keep_log_until(log_path, start)  # the steps after the checkpoint run again: log them once
-    log_file = open(log_path, "a" if cfg["resume"] else "w")
+        print(f"resuming {run_path(cfg, '.pt')} at step {start}")
+        keep_log_until(run_path(cfg, ".jsonl"), start)  # the steps after the checkpoint run again
+    return model, reference, optimizer, generator, start, history
+
+
+def run_path(cfg, suffix):
+    return os.path.join(cfg["out_dir"], cfg["run_name"] + suffix)
+
+
+def step_line(step, s, cfg, elapsed):
+    """The printed line of one GRPO step."""
+    extra = ""
+    if cfg["mode"] == "tis":
+        extra = f" ess {s['tis_ess']:.2f} capped {s['tis_capped']:.2f} |"
+    if cfg["mode"] == "sparse_rl":
+        extra = f" outside {s['sparse_rl_outside']:.2f} rejected {s['sparse_rl_rejected']:.2f} |"
+    return (f"step {step:4d} | reward {s['reward']:.3f} | mismatch max {s['mismatch_max']:.1e} "
+            f"k3 {s['mismatch_k3']:.1e} |{extra} loss {s['loss']:+.4f} distill {s['distill_kl']:.4f} "
+            f"ref {s['ref_kl']:.4f} clip {s['clip_frac']:.2f} | grad {s['grad_norm']:.3f} | "
+            f"kv {s['kv_bytes'] / 1024:.0f}/{s['full_kv_bytes'] / 1024:.0f} KiB | {s['tok_per_s']:.0f} tok/s "
+            f"| {elapsed:.1f}s")
+
+
+def summarize(cfg, history, rl_s, wall_s):
+    """The run's summary: start and end accuracies and rewards, mean diagnostics, KV fraction, times."""
+    P, R = max_lengths()
+    n, k = len(history["reward"]), min(10, len(history["reward"]))
+    mean = lambda values: sum(values) / len(values)
+    mean_in = lambda key, mode: mean(history[key]) if cfg["mode"] == mode else None
+    compressed = cfg["mode"] != "full"  # a full-mode run's rollouts used a full cache, whatever --policy says
+    (_, full0, comp0), (_, full1, comp1) = history["evals"][0], history["evals"][-1]
+    return dict(mode=cfg["mode"], policy=cfg["policy"] if compressed else "full",
+                budget=cfg["budget"] if compressed else P + R, eval_split=cfg["eval_split"],
+                acc_full_start=full0, acc_full=full1, acc_compressed_start=comp0, acc_compressed=comp1,
+                reward_start=mean(history["reward"][:k]), reward_end=mean(history["reward"][n - k:]),
+                mismatch_max_mean=mean(history["mismatch_max"]), mismatch_k3_mean=mean(history["mismatch_k3"]),
+                old_gap_max=max(history["old_gap"]), tis_ess_mean=mean_in("tis_ess", "tis"),
+                sparse_rl_outside_mean=mean_in("sparse_rl_outside", "sparse_rl"),
+                sparse_rl_rejected_mean=mean_in("sparse_rl_rejected", "sparse_rl"),
+                kv_frac=mean(history["kv_frac"]), rl_s=rl_s, wall_s=wall_s)
+
+
+def main(argv):
+    t_start = time.time()
+    cfg = make_config(argv)
+    if cfg["resume"] and not os.path.exists(run_path(cfg, ".pt")):
+        raise FileNotFoundError(f"--resume=True but there is no checkpoint at {run_path(cfg, '.pt')}")
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    torch.set_num_threads(cfg["cpu_threads"])
+    P, R = max_lengths()
+    train_problems, held_out = problem_splits(cfg)
+    model, reference, optimizer, generator, start, history = start_run(cfg)
+    t_rl = time.time()
+    log_file = open(run_path(cfg, ".jsonl"), "a" if cfg["resume"] else "w")
 
     def log(record):
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
 
     def run_eval(step):
-        acc_dense, acc_comp = dense_eval(), compressed_eval()
-        print(f"eval  {step:4d} | greedy acc ({cfg['eval_split']}) full cache {acc_dense:.3f} | "
+        acc_full = evaluate(model, held_out, "full", P + R)
+        acc_comp = evaluate(model, held_out, cfg["policy"], cfg["budget"], **policy_kwargs(cfg))
+        print(f"eval  {step:4d} | greedy acc ({cfg['eval_split']}) full cache {acc_full:.3f} | "
               f"{cfg['policy']}@{cfg['budget']} {acc_comp:.3f}")
-        log(dict(kind="eval", step=step, acc_dense=acc_dense, acc_compressed=acc_comp))
-        history["evals"].append((step, acc_dense, acc_comp))
+        log(dict(kind="eval", step=step, acc_full=acc_full, acc_compressed=acc_comp))
+        history["evals"].append((step, acc_full, acc_comp))
 
     if start == 0:
         run_eval(0)
     print(f"grpo: mode={cfg['mode']} policy={cfg['policy']} budget={cfg['budget']} "
           f"batch={cfg['prompts_per_step']}x{cfg['group_size']} device={cfg['device']}")
-    for step in range(start, cfg["n_steps"]):
-        lr_now = cfg["lr"] * min(1.0, (step + 1) / cfg["lr_warmup"]) if cfg["lr_warmup"] else cfg["lr"]
+    for step in range(start + 1, cfg["n_steps"] + 1):
+        lr_now = cfg["lr"] * min(1.0, step / cfg["lr_warmup"]) if cfg["lr_warmup"] else cfg["lr"]
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         idx = torch.randint(len(train_problems), (cfg["prompts_per_step"],), generator=generator,
                             device=generator.device)
         s = grpo_step(model, optimizer, [train_problems[i] for i in idx.tolist()], cfg, generator, reference)
-        elapsed = time.time() - t_start
         for key in ("reward", "mismatch_max", "mismatch_k3", "old_gap", "tis_ess", "sparse_rl_outside",
                     "sparse_rl_rejected"):
             history[key].append(s[key])
         history["kv_frac"].append(s["kv_bytes"] / s["full_kv_bytes"])
-        log(dict(kind="train", step=step + 1, lr=lr_now, elapsed_s=elapsed, **s))
-        if (step + 1) % cfg["log_interval"] == 0:
-            tis = f" ess {s['tis_ess']:.2f} capped {s['tis_capped']:.2f} |" if cfg["mode"] == "tis" else ""
-            if cfg["mode"] == "sparse_rl":
-                tis = f" outside {s['sparse_rl_outside']:.2f} rejected {s['sparse_rl_rejected']:.2f} |"
-            print(f"step {step + 1:4d} | reward {s['reward']:.3f} | mismatch max {s['mismatch_max']:.1e} "
-                  f"k3 {s['mismatch_k3']:.1e} |{tis} loss {s['loss']:+.4f} distill {s['distill_kl']:.4f} "
-                  f"ref {s['ref_kl']:.4f} clip {s['clip_frac']:.2f} | grad {s['grad_norm']:.3f} | "
-                  f"kv {s['kv_bytes'] / 1024:.0f}/{s['full_kv_bytes'] / 1024:.0f} KiB | {s['tok_per_s']:.0f} tok/s "
-                  f"| {elapsed:.1f}s")
-        last = step + 1 == cfg["n_steps"]
-        if (step + 1) % cfg["eval_interval"] == 0 or last:
-            run_eval(step + 1)
-        if (step + 1) % cfg["ckpt_interval"] == 0 or last:
-            save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step + 1,
+        log(dict(kind="train", step=step, lr=lr_now, elapsed_s=time.time() - t_start, **s))
+        if step % cfg["log_interval"] == 0:
+            print(step_line(step, s, cfg, time.time() - t_start))
+        if step % cfg["eval_interval"] == 0 or step == cfg["n_steps"]:
+            run_eval(step)
+        if step % cfg["ckpt_interval"] == 0 or step == cfg["n_steps"]:
+            save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                              generator=generator.get_state(), torch_rng=torch.get_rng_state(),
-                             python_rng=random.getstate(), history=history, config=cfg), ckpt_path)
-
+                             history=history, config=cfg), run_path(cfg, ".pt"))
     if start >= cfg["n_steps"]:  # resumed a finished run: nothing trained, evaluate for the summary
         run_eval(start)
-    n, k = len(history["reward"]), min(10, len(history["reward"]))
-    mean = lambda values: sum(values) / len(values)
-    compressed = cfg["mode"] != "dense"  # a dense run's rollouts used a full cache, whatever --policy says
-    sparse_rl = cfg["mode"] == "sparse_rl"
-    (_, dense0, comp0), (_, dense1, comp1) = history["evals"][0], history["evals"][-1]
-    summary = dict(mode=cfg["mode"], policy=cfg["policy"] if compressed else "full",
-                   budget=cfg["budget"] if compressed else P + R, eval_split=cfg["eval_split"],
-                   acc_dense_start=dense0, acc_dense=dense1, acc_compressed_start=comp0, acc_compressed=comp1,
-                   reward_start=mean(history["reward"][:k]), reward_end=mean(history["reward"][n - k:]),
-                   mismatch_max_mean=mean(history["mismatch_max"]), mismatch_k3_mean=mean(history["mismatch_k3"]),
-                   old_gap_max=max(history["old_gap"]),
-                   tis_ess_mean=mean(history["tis_ess"]) if cfg["mode"] == "tis" else None,
-                   sparse_rl_outside_mean=mean(history["sparse_rl_outside"]) if sparse_rl else None,
-                   sparse_rl_rejected_mean=mean(history["sparse_rl_rejected"]) if sparse_rl else None,
-                   kv_frac=mean(history["kv_frac"]), rl_s=time.time() - t_rl, wall_s=time.time() - t_start)
+    summary = summarize(cfg, history, time.time() - t_rl, time.time() - t_start)
     log(dict(kind="summary", **summary))
     log_file.close()
     print("summary: " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))

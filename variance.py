@@ -6,7 +6,7 @@ reference KL), at the first update of a batch, where the ratio is 1 and the clip
   rel. variance   sum_k ||g_k - g_bar||^2 / ((K - 1) ||g_bar||^2)   (per batch, relative to the signal)
   cos compressed  cos(g_bar, gradient of the compressed policy's objective): the policy that samples,
                   estimated by SMD's on-policy estimator averaged over n_ref independent batches
-  cos full-cache  cos(g_bar, gradient of the full-cache policy's objective): dense mode's estimator, likewise
+  cos full-cache  cos(g_bar, gradient of the full-cache policy's objective): full mode's estimator, likewise
 at the warm-up weights and at the weights of an smd run halfway through (train.py's defaults otherwise).
 An unbiased estimator's cosine with its target is below 1 only by noise: about
 1 / sqrt((1 + v / K)(1 + v_ref / n_ref)), printed as "(unbiased ~)"; a biased one stays below that for any
@@ -33,7 +33,7 @@ import train
 # config: overridable as --key=value; every other --key=value goes to train.py
 K = 32                          # independent batches per mode
 n_ref = 128                     # batches averaged into each reference gradient
-modes = "dense,naive,tis,sparse_rl,smd"  # the modes measured, in order
+modes = "full,naive,tis,sparse_rl,smd"  # the modes measured, in order
 CONFIG = configurator.knobs(globals())
 EPILOG = ("and any train.py --key=value (python train.py --help): the config of the weights and batches;\n"
           "variance.py sets --mode, --run_name and --resume itself")
@@ -79,7 +79,7 @@ def measure(model, cfg, own, train_problems, label):
     t0 = time.time()
     K, n_ref, modes = own["K"], own["n_ref"], own["modes"].split(",")
     ref_batches = {"smd": estimates(model, cfg, "smd", n_ref, 10_000, train_problems),
-                   "dense": estimates(model, cfg, "dense", n_ref, 20_000, train_problems)}
+                   "full": estimates(model, cfg, "full", n_ref, 20_000, train_problems)}
     refs = {name: grads.mean(0) for name, grads in ref_batches.items()}
     ref_var = {name: relative_variance(grads) for name, grads in ref_batches.items()}
     lines = [f"\n{label}: K={K} batches of {cfg['prompts_per_step']}x{cfg['group_size']} per mode, "
@@ -93,8 +93,8 @@ def measure(model, cfg, own, train_problems, label):
         # reference's n_ref-average are both noisy, cos ~ 1 / sqrt((1 + v / K) (1 + v_ref / n_ref))
         ceiling = {name: ((1 + v / K) * (1 + ref_var[name] / n_ref)) ** -0.5 for name in refs}
         lines.append(f"{mode:9s}  {v:13.2f}  {cosine(mean, refs['smd']):14.3f}  {ceiling['smd']:12.2f}  "
-                     f"{cosine(mean, refs['dense']):14.3f}  {ceiling['dense']:12.2f}")
-    lines.append(f"cos(compressed ref, full-cache ref) = {cosine(refs['smd'], refs['dense']):.3f}; "
+                     f"{cosine(mean, refs['full']):14.3f}  {ceiling['full']:12.2f}")
+    lines.append(f"cos(compressed ref, full-cache ref) = {cosine(refs['smd'], refs['full']):.3f}; "
                  f"{time.time() - t0:.0f}s")
     print("\n".join(lines), flush=True)
 
