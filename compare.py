@@ -20,11 +20,11 @@ Not here: any training logic, plotting.
 import concurrent.futures
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
 import configurator
@@ -76,8 +76,9 @@ def mean_std(values, fmt):
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(std)}"
+    values = np.array(values, dtype=float)
+    std = values.std(ddof=1) if len(values) > 1 else 0.0
+    return f"{fmt.format(values.mean())} ± {fmt.format(std)}"
 
 
 def of_runs(n_done, n_runs):
