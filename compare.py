@@ -149,7 +149,8 @@ def sampled_k3(model, problems, policy, budget, **settings):
     P, R = train.max_lengths()
     ro = train.smd.rollout(model, [train.encode(train.format_prompt(p)) for p in problems], policy=policy,
                            budget=budget, max_new_tokens=R, eos_id=train.EOS_ID,
-                           generator=torch.Generator(next(model.parameters()).device).manual_seed(0), **settings)
+                           generator=torch.Generator(next(model.parameters()).device).manual_seed(0),
+                           **settings)
     return objectives.mismatch(train.smd.learner_logprobs(model, ro.tokens), ro.logprobs, ro.response_mask)[1]
 
 
@@ -166,7 +167,8 @@ def warmup_table(model, cfg, policies, budgets, n_k3=128):
         for keep_prompt in (False, True):
             row = [policy + (", prompt kept" if keep_prompt else "")]
             for budget in budgets:
-                settings = train.policy_kwargs(dict(cfg, policy=policy, budget=budget, keep_prompt=keep_prompt))
+                setting = dict(cfg, policy=policy, budget=budget, keep_prompt=keep_prompt)
+                settings = train.policy_kwargs(setting)
                 try:
                     accuracy = train.evaluate(model, held_out, policy, budget, **settings)
                     k3 = sampled_k3(model, held_out[:n_k3], policy, budget, **settings)
@@ -189,8 +191,9 @@ def configure(argv):
     own["sweep_rows"] = [n for n in own["sweep_rows"].split(",") if n] if own["sweep"] else []
     unknown = [n for n in own["rows"] + own["sweep_rows"] if n not in ROWS]
     if unknown or own["seeds"] < 1 or own["jobs"] < 1 or len(set(own["sft_seeds"])) != len(own["sft_seeds"]):
-        raise ValueError(f"need rows from {list(ROWS)}, seeds >= 1, jobs >= 1, distinct sft_seeds; got unknown "
-                         f"rows {unknown}, seeds={own['seeds']}, jobs={own['jobs']}, sft_seeds={own['sft_seeds']}")
+        raise ValueError(f"need rows from {list(ROWS)}, seeds >= 1, jobs >= 1, distinct sft_seeds; got "
+                         f"unknown rows {unknown}, seeds={own['seeds']}, jobs={own['jobs']}, "
+                         f"sft_seeds={own['sft_seeds']}")
     own["runs"] = [(w, s) for w in own["sft_seeds"] for s in range(own["seeds"])]  # (warm-up, RL seed)
     for key in ("seed", "sft_seed", "mode", "run_name", "resume"):
         if any(a.startswith(f"--{key}=") for a in passed):
@@ -233,7 +236,8 @@ def main(argv):
                 r = summaries[n, b, w, s] = future.result()
             except Exception as e:  # reported; the tables keep every other run, one crash must not lose them
                 failed.append(f"{n} budget {b} warm-up {w} seed {s}: {type(e).__name__}: {e}")
-                print(f"{n:14s} budget {b:2d} warm-up {w} seed {s} | failed: {type(e).__name__}: {e}", flush=True)
+                print(f"{n:14s} budget {b:2d} warm-up {w} seed {s} | failed: {type(e).__name__}: {e}",
+                      flush=True)
                 continue
             print(f"{n:14s} budget {b:2d} warm-up {w} seed {s} | full-cache acc {r['acc_full_start']:.3f} -> "
                   f"{r['acc_full']:.3f} | compressed {r['acc_compressed_start']:.3f} -> "
@@ -245,7 +249,8 @@ def main(argv):
     print(f"\n{len(own['runs'])} runs per row ({own['seeds']} RL seeds on each of the warm-ups sft_seed="
           f"{','.join(map(str, own['sft_seeds']))}, pooled), policy={cfg['policy']} budget={cfg['budget']} "
           f"keep_prompt={cfg['keep_prompt']} (full: full-cache rollouts), {cfg['n_steps']} GRPO steps; "
-          f"accuracy: greedy exact match on {cfg['eval_problems']} {cfg['eval_split']} problems, start -> end; "
+          f"accuracy: greedy exact match on {cfg['eval_problems']} {cfg['eval_split']} problems, "
+          f"start -> end; "
           f"mean ± sample std over runs")
     print(table(results))
     if own["sweep"]:
@@ -284,7 +289,8 @@ def sweep_table(cfg, own, summaries):
                      for w, s in full]
         row.append(final_accuracy(full_runs, len(own["runs"])))
         for name in own["sweep_rows"]:
-            runs = [summaries[name, budget, w, s] for w, s in own["runs"] if (name, budget, w, s) in summaries]
+            runs = [summaries[name, budget, w, s] for w, s in own["runs"]
+                    if (name, budget, w, s) in summaries]
             row.append(final_accuracy(runs, len(own["runs"])))
         cells.append(row)
     return f"\nbudget sweep: final full-cache / compressed accuracy ({cfg['policy']})\n" + aligned(cells)

@@ -60,7 +60,8 @@ class Linear(nn.Linear):
 
 def attend_slots(q, k, v, visible):
     """Attention of each query over its own S key/value slots.
-    q (B, nh, T, hs); k, v (B, nh, T or 1, S, hs); visible (B, nh, T, S) bool -> y (B, nh, T, hs), att (B, nh, T, S).
+    q (B, nh, T, hs); k, v (B, nh, T or 1, S, hs); visible (B, nh, T, S) bool
+    -> y (B, nh, T, hs), att (B, nh, T, S).
     Written with elementwise products and sums (not matmuls) so the result for one query is the same whether
     it is computed alone (a decode step) or among T queries (the learner): the basis of bitwise equality."""
     scale = 1.0 / math.sqrt(q.shape[-1])

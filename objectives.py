@@ -27,8 +27,9 @@ def tis_weights(lp_learner, lp_sampler, cap):
 
 
 def tis_diagnostics(lp_learner, lp_sampler, response_mask, cap):
-    """verl's rollout-correction checks over response tokens: the effective sample size (sum w)^2 / (n sum w^2)
-    of the truncated weights (1 = no correction needed; below 0.3 is a warning) and the fraction capped."""
+    """verl's rollout-correction checks over response tokens: the effective sample size (sum w)^2 /
+    (n sum w^2) of the truncated weights (1 = no correction needed; below 0.3 is a warning) and the fraction
+    capped."""
     ratio = torch.exp(lp_learner - lp_sampler)[response_mask]             # (n_response_tokens,)
     w = ratio.clamp(max=cap)
     return (w.sum() ** 2 / (w.numel() * (w ** 2).sum())).item(), (ratio > cap).float().mean().item()
@@ -64,7 +65,8 @@ def correction(cfg, lp_learner, lp_sampler, response_mask):
         ess, capped = tis_diagnostics(lp_learner, lp_sampler, response_mask, cfg["tis_cap"])
     if cfg["mode"] == "sparse_rl":
         bounds = cfg["sparse_rl_low"], cfg["sparse_rl_high"], cfg["sparse_rl_veto"]
-        weights, loss_mask, outside, rejected = sparse_rl_weights(lp_learner, lp_sampler, response_mask, *bounds)
+        weights, loss_mask, outside, rejected = sparse_rl_weights(lp_learner, lp_sampler, response_mask,
+                                                                  *bounds)
     return weights, loss_mask, dict(tis_ess=ess, tis_capped=capped, sparse_rl_outside=outside,
                                     sparse_rl_rejected=rejected)
 

@@ -65,10 +65,10 @@ def window_importance(cache, layer, window):
 
 
 def check_window(name, window, kernel, room):
-    """An observation window and a pooling kernel that fit `room` slots (the budget, less the prompt if kept)."""
+    """An observation window and a pooling kernel that fit `room` slots (the budget, less a kept prompt)."""
     if not isinstance(window, int) or not 1 <= window < room:
-        raise ValueError(f"policy '{name}' needs 1 <= window < {room} (the budget, less the longest prompt when "
-                         f"it is kept), got window={window!r}")
+        raise ValueError(f"policy '{name}' needs 1 <= window < {room} (the budget, less the longest prompt "
+                         f"when it is kept), got window={window!r}")
     if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
         raise ValueError(f"policy '{name}' needs an odd kernel >= 1, got kernel={kernel!r}")
 
@@ -106,7 +106,8 @@ class Full(Policy):
 
     def check(self, budget, seq_len, prompt_len):
         if budget < seq_len:
-            raise ValueError(f"policy 'full' never evicts: budget {budget} must be >= sequence length {seq_len}")
+            raise ValueError(f"policy 'full' never evicts: budget {budget} must be >= sequence length "
+                             f"{seq_len}")
 
     def victim(self, cache, layer):
         raise AssertionError("a full-budget cache is never full")
@@ -176,7 +177,7 @@ class H2O(Policy):
         free = cache.budget - cache.prompt_lengths * self.keep_prompt     # (B,) slots for generated tokens
         pos = cache.held[layer]
         n_recent = torch.as_tensor(self.recent_size(free), device=pos.device).view(-1, 1, 1)  # (B or 1, 1, 1)
-        recent = pos > cache.next_pos - n_recent                             # with the incoming token: n_recent
+        recent = pos > cache.next_pos - n_recent                           # with the incoming token: n_recent
         return lowest(cache.slot_scores[layer], pos, self.evictable(cache, layer) & ~recent)
 
 
@@ -362,7 +363,8 @@ class ShadowMask:
         slot_of = self.slot_of[layer]                                      # (B, nh, T)
         T, S = slot_of.shape[-1], self.budget
         t = torch.arange(T, device=slot_of.device, dtype=slot_of.dtype)
-        went_there = slot_of[..., None] == torch.arange(S, device=slot_of.device, dtype=slot_of.dtype)  # (B, nh, T, S)
+        slots = torch.arange(S, device=slot_of.device, dtype=slot_of.dtype)
+        went_there = slot_of[..., None] == slots                           # (B, nh, T, S)
         table = torch.where(went_there, t[:, None], -1)                    # position t, in the slot it filled
         return table.cummax(dim=2).values                                  # (B, nh, T, S): latest write <= t
 
@@ -370,7 +372,7 @@ class ShadowMask:
         seen = self.seen(layer).long()                                     # (B, nh, T, S)
         T = seen.shape[2]
         visible = torch.zeros(*seen.shape[:3], T + 1, dtype=torch.bool, device=seen.device)
-        visible.scatter_(-1, torch.where(seen < 0, T, seen), True)         # empty slots land in a spare column
+        visible.scatter_(-1, torch.where(seen < 0, T, seen), True)         # empty slots go to a spare column
         return visible[..., :T]                                            # (B, nh, T, T)
 
     def visible(self):
@@ -398,17 +400,20 @@ class KVCache:
             else prompt_lengths.to(device)
         self.k = torch.zeros(L, B, nh, S, hs, device=device, dtype=dtype)
         self.v = torch.zeros(L, B, nh, S, hs, device=device, dtype=dtype)
-        self.held = torch.full((L, B, nh, S), -1, device=device, dtype=torch.long)  # position in each slot, -1 empty
+        # the position each slot holds, -1 when empty
+        self.held = torch.full((L, B, nh, S), -1, device=device, dtype=torch.long)
         # what the policy keeps, each only if it needs it: a per-slot attention statistic (H2O: mass received,
         # TOVA: newest query's attention), the last queries (R-KV), a score per prompt position (SnapKV)
-        self.slot_scores = torch.zeros(L, B, nh, S, device=device, dtype=dtype) if policy.uses_slot_scores else None
+        self.slot_scores = None
+        if policy.uses_slot_scores:
+            self.slot_scores = torch.zeros(L, B, nh, S, device=device, dtype=dtype)
         W = policy.query_window
         self.recent_q = torch.zeros(L, B, nh, W, hs, device=device, dtype=dtype) if W else None
         self.prompt_scores = None
         if policy.scores_prompt:
             n_prompt = max(int(self.prompt_lengths.max()), 1)
             self.prompt_scores = torch.zeros(L, B, nh, n_prompt, device=device, dtype=dtype)
-        log_dtype = torch.int16 if seq_len <= torch.iinfo(torch.int16).max else torch.int32  # holds positions too
+        log_dtype = torch.int16 if seq_len <= torch.iinfo(torch.int16).max else torch.int32  # positions fit
         self.shadow_mask = ShadowMask(torch.zeros(L, B, nh, seq_len, device=device, dtype=log_dtype), budget)
         self.next_pos = 0
 
@@ -439,7 +444,7 @@ class KVCache:
             self.v[layer].scatter_(2, hs_index, v)
             self.held[layer].scatter_(2, index[..., 0], t0)
             if self.slot_scores is not None:
-                self.slot_scores[layer].scatter_(2, index[..., 0], 0.0)          # a new token starts with no mass
+                self.slot_scores[layer].scatter_(2, index[..., 0], 0.0)  # a new token starts with no mass
             self.shadow_mask.slot_of[layer, :, :, t0] = slot               # decode's log
         pos = self.held[layer][:, :, None, :]                         # (B, nh, 1, S)
         query_pos = torch.arange(t0, t0 + T, device=k.device)[:, None]     # (T, 1)
@@ -467,7 +472,7 @@ class Rollout:
     response_mask: torch.Tensor  # (B, T) bool: True on generated tokens (up to and including EOS)
     shadow_mask: ShadowMask      # what every query could see: the cache's write log, (L, B, nh, T)
     kv_bytes: int                # bytes of the cache's buffers: K, V, held positions, the policy's statistics
-    full_kv_bytes: int           # the same for a full cache of prompt + max_new_tokens slots (built, not derived)
+    full_kv_bytes: int           # the same for a full cache of prompt + max_new_tokens slots (built)
 
 
 def pad_prompts(prompts, pad_id, device):
@@ -550,7 +555,7 @@ def decode(model, given, lengths, ends, T, policy, budget, temperature, eos_id, 
     # prefill: the prefix every row shares as prompt, in one parallel pass, as far as the cache holds it
     n_prefill = min(int(lengths.min()), budget)
     logits, _ = model(tokens[:, :n_prefill], cache=cache)
-    logits = logits[:, -1]                                                 # (B, vocab): predicts position n_prefill
+    logits = logits[:, -1]                                                 # (B, vocab): predicts n_prefill
     for t in range(n_prefill, T):
         logp = F.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)  # (B, vocab)
         if temperature == 0:
@@ -574,8 +579,8 @@ def decode(model, given, lengths, ends, T, policy, budget, temperature, eos_id, 
     # a full cache of the same shapes, built on the meta device: its real byte count, nothing allocated
     n_full = given.shape[1] + int((ends - lengths).max()) if not forced else T
     full = KVCache(model.config, B, n_full, n_full, Full(), "meta", dtype)
-    return Rollout(tokens[:, :T], logprobs[:, :T], response_mask[:, :T], cache.shadow_mask.truncate(T), cache.nbytes(),
-                   full.nbytes())
+    return Rollout(tokens[:, :T], logprobs[:, :T], response_mask[:, :T], cache.shadow_mask.truncate(T),
+                   cache.nbytes(), full.nbytes())
 
 # -----------------------------------------------------------------------------
 # 5-6. The learner
@@ -583,8 +588,8 @@ def decode(model, given, lengths, ends, T, policy, budget, temperature, eos_id, 
 
 def learner_logits(model, tokens, shadow_mask=None, *, attention="mask"):
     """(B, T, vocab) teacher-forced logits. shadow_mask=None: plain causal attention (the unmasked pass, the
-    full-cache policy). A ShadowMask: every query sees exactly what the sampler saw, via attention="mask" (a T x T boolean
-    attn_mask per layer) or "gather" (each query gathers its S slots: O(T * S) scores, and after
+    full-cache policy). A ShadowMask: every query sees exactly what the sampler saw, via attention="mask" (a
+    T x T boolean attn_mask per layer) or "gather" (each query gathers its S slots: O(T * S) scores, and after
     model.set_exact() bitwise equal to the sampler on CPU)."""
     if attention not in ("mask", "gather"):
         raise ValueError(f"attention must be 'mask' or 'gather', got {attention!r}")
@@ -623,7 +628,8 @@ def kl_divergence(p_logits, q_logits, response_mask, temperature=1.0):
     distributions two passes give (logits (B, T, vocab); the logits at t-1 predict token t, so response
     position t weighs the prediction made at t-1). Gradients reach both arguments: detach the one that is
     a fixed target. SMD's distillation, as its authors state it, is KL(pi_dense || sg(pi_masked)), their
-    pi_dense being our unmasked pass: kl_divergence(unmasked_logits, masked_logits.detach(), response_mask)."""
+    pi_dense being our unmasked pass:
+    kl_divergence(unmasked_logits, masked_logits.detach(), response_mask)."""
     t = temperature if temperature > 0 else 1.0
     log_p = F.log_softmax(p_logits[:, :-1] / t, dim=-1)                   # (B, T-1, vocab)
     log_q = F.log_softmax(q_logits[:, :-1] / t, dim=-1)

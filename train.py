@@ -8,9 +8,11 @@ rollouts. `--mode` picks how the learner treats those rollouts, so one command s
          [sparse_rl_low, sparse_rl_high] are dropped, sequences with a token below sparse_rl_veto rejected;
   smd    compressed rollouts, the policy-gradient pass under the recorded shadow mask (exactly on-policy),
          plus distill_coef * KL(pi_unmasked || sg(pi_masked)): the unmasked pass of the same weights learns
-         from the masked one (Shadow Mask Distillation as its authors state it, their pi_dense our unmasked pass).
+         from the masked one (Shadow Mask Distillation as its authors state it; their pi_dense is our
+         unmasked pass).
 Phase 1 is the eviction-robust supervised warm-up on worked examples, cached in out/sft_<hash>.pt so every
-mode and RL seed starts from the same base; phase 2 is GRPO. The per-mode loss terms are in objectives.py. Every step logs reward, sampler-vs-learner mismatch, TIS
+mode and RL seed starts from the same base; phase 2 is GRPO (the per-mode loss terms are in objectives.py).
+Every step logs reward, sampler-vs-learner mismatch, TIS
 diagnostics, KL terms, grad norm, KV memory and speed; out/<run_name>.jsonl holds the same for plotting;
 the last line printed starts with "summary:".
 
@@ -50,9 +52,9 @@ policy = "rkv"              # eviction policy: streaming | h2o | tova | snapkv |
 budget = 28                 # KV slots per layer and head in compressed rollouts (the sequence is 53 tokens)
 keep_prompt = True          # never evict a prompt token: the policy chooses among generated tokens only
 n_sink = 4                  # streaming: attention-sink tokens always kept
-n_recent = 0                # h2o: newest tokens kept (the incoming one included); 0 = half the budget (paper's split)
-tova_head_average = True    # tova: average the newest query's attention over heads (reference code), or per head
-snap_window = 4             # snapkv: observation window, the last prompt queries whose attention scores the prompt
+n_recent = 0                # h2o: newest tokens kept (the incoming one included); 0: half (the paper's split)
+tova_head_average = True    # tova: average the newest query's attention over heads (reference code), or not
+snap_window = 4             # snapkv: observation window, the last prompt queries, whose attention scores it
 snap_kernel = 3             # snapkv: width of the average pool smoothing those scores (odd)
 rkv_window = 2              # rkv: observation window, the last queries whose attention scores older keys
 rkv_kernel = 3              # rkv: width of the max pool smoothing those scores (odd)
@@ -65,7 +67,7 @@ cpu_threads = 1             # torch threads; more only busy-wait on these tiny m
 out_dir = "out"             # warm-ups, checkpoints and JSONL logs
 run_name = ""               # "" -> f"{mode}_{policy}{budget}"
 resume = False              # continue out/<run_name>.pt (model, optimizer, step, RNG states)
-preset = ""                 # "gpu": a larger model and batch (PRESETS below), applied before the other overrides
+preset = ""                 # "gpu": a larger model and batch (PRESETS below), applied before other overrides
 # data
 n_train = 20000             # training problems (warm-up and RL prompts)
 eval_problems = 400         # held-out problems for greedy accuracy, <= EVAL_POOL
@@ -82,10 +84,10 @@ sft_lr = 3e-3               # peak learning rate
 sft_warmup = 50             # linear warm-up steps, then cosine decay to 10% of sft_lr
 sft_grad_clip = 1.0         # gradient-norm clip of the warm-up (RL has its own, grad_clip)
 sft_masked = 0.25           # fraction of warm-up rows trained under eviction masks (an eviction-robust base)
-sft_mask = "policy"         # those masks: streaming | random (content-blind) | policy (recorded from --policy)
+sft_mask = "policy"         # those masks: streaming | random (content-blind) | policy (recorded, --policy)
 sft_min_budget = 26         # sft_mask=random or policy: the masks' budget is drawn from sft_min_budget .. T-1
 # phase 2: GRPO, shared by every mode
-reward = "partial"          # training reward: "exact" | "partial" (fraction of right fields); eval is exact match
+reward = "partial"          # training reward: "exact" | "partial" (fraction of right fields); eval: exact
 n_steps = 120               # GRPO steps (one batch of rollouts each)
 prompts_per_step = 8        # problems per batch
 group_size = 8              # samples per problem; advantages are normalised within each group
@@ -95,13 +97,13 @@ lr_warmup = 20              # steps of linear learning-rate warm-up from 0
 updates_per_batch = 2       # gradient steps on each batch; from the 2nd on, the ratio clip acts
 clip_eps = 0.2              # PPO ratio clip
 grad_clip = 1.0             # gradient-norm clip
-ref_kl_coef = 0.1           # beta: KL(full-cache pass || frozen warm-up's full-cache pass), in every mode alike
+ref_kl_coef = 0.1           # beta: KL(unmasked pass || the frozen warm-up's), in every mode alike
 tis_cap = 2.0               # mode=tis: C in min(pi_learner / pi_sampler, C) (verl's default; TRL's is 3)
 sparse_rl_low = 0.5         # mode=sparse_rl: tokens with pi_learner / pi_sampler below this are dropped
 sparse_rl_high = 1.5        # mode=sparse_rl: ... and above this; it also caps the importance weights
 sparse_rl_veto = 1e-4       # mode=sparse_rl: a sequence with any token ratio below this is rejected whole
 # mode=smd
-distill = "unmasked_from_masked"  # student_from_teacher: unmasked_from_masked (the paper) | masked_from_warmup_unmasked
+distill = "unmasked_from_masked"  # student_from_teacher: unmasked_from_masked | masked_from_warmup_unmasked
 #   unmasked_from_masked: KL(pi_unmasked || sg(pi_masked)), the unmasked pass learns from the masked one;
 #   masked_from_warmup_unmasked: KL(sg(pi_warm-up) || pi_masked), the masked pass learns from the warm-up
 distill_coef = 0.1          # lambda, the weight of that KL; 0 = on-policy GRPO under the mask only
@@ -119,7 +121,7 @@ PRESETS = {"gpu": dict(n_layer=4, n_embd=128, sft_steps=3000, sft_batch_size=256
 MODES = ("full", "naive", "tis", "sparse_rl", "smd")
 REWARDS = {"exact": exact_reward, "partial": partial_reward}
 DISTILL = ("unmasked_from_masked", "masked_from_warmup_unmasked")  # student_from_teacher, see `distill` above
-EVAL_POOL = 1000  # val and test each hold this many problems, dealt before train: eval_problems never moves them
+EVAL_POOL = 1000  # val and test hold this many problems each, dealt before train: eval_problems moves none
 
 
 def problem_splits(cfg):
@@ -144,10 +146,11 @@ def validate_config(cfg):
     """Raise ValueError, saying what is allowed, for any value that would fail later (or silently)."""
     if cfg["mode"] not in MODES:
         raise ValueError(f"unknown mode {cfg['mode']!r}; choose one of {MODES}")
-    GPTConfig(block_size=cfg["block_size"], vocab_size=VOCAB_SIZE, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
-              n_embd=cfg["n_embd"])  # the model's own checks: positive sizes, n_embd divisible by n_head
-    for key in ("n_train", "eval_problems", "sft_batch_size", "n_steps", "prompts_per_step", "updates_per_batch",
-                "log_interval", "eval_interval", "ckpt_interval", "budget", "cpu_threads"):
+    GPTConfig(block_size=cfg["block_size"], vocab_size=VOCAB_SIZE, n_layer=cfg["n_layer"],
+              n_head=cfg["n_head"], n_embd=cfg["n_embd"])  # the model's own checks: sizes, n_embd % n_head
+    for key in ("n_train", "eval_problems", "sft_batch_size", "n_steps", "prompts_per_step",
+                "updates_per_batch", "log_interval", "eval_interval", "ckpt_interval", "budget",
+                "cpu_threads"):
         if cfg[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
     for key in ("sft_steps", "sft_warmup"):
@@ -157,9 +160,11 @@ def validate_config(cfg):
         if not cfg[key] > 0:
             raise ValueError(f"{key} must be > 0, got {cfg[key]}")
     if cfg["group_size"] < 2:
-        raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got {cfg['group_size']}")
+        raise ValueError(f"group_size must be >= 2 (advantages compare one prompt's samples), got "
+                         f"{cfg['group_size']}")
     if not 0 <= cfg["clip_eps"] < 1 or cfg["distill_coef"] < 0:
-        raise ValueError(f"need 0 <= clip_eps < 1 and distill_coef >= 0, got {cfg['clip_eps']}, {cfg['distill_coef']}")
+        raise ValueError(f"need 0 <= clip_eps < 1 and distill_coef >= 0, got {cfg['clip_eps']}, "
+                         f"{cfg['distill_coef']}")
     if not 0 <= cfg["sft_masked"] <= 1 or cfg["sft_mask"] not in ("streaming", "random", "policy"):
         raise ValueError(f"need 0 <= sft_masked <= 1 and sft_mask 'streaming', 'random' or 'policy', got "
                          f"{cfg['sft_masked']}, {cfg['sft_mask']!r}")
@@ -169,7 +174,8 @@ def validate_config(cfg):
     if cfg["distill"] not in DISTILL:
         raise ValueError(f"distill must be one of {DISTILL}, got {cfg['distill']!r}")
     if cfg["ref_kl_coef"] < 0 or cfg["lr_warmup"] < 0:
-        raise ValueError(f"need ref_kl_coef >= 0 and lr_warmup >= 0, got {cfg['ref_kl_coef']}, {cfg['lr_warmup']}")
+        raise ValueError(f"need ref_kl_coef >= 0 and lr_warmup >= 0, got {cfg['ref_kl_coef']}, "
+                         f"{cfg['lr_warmup']}")
     if not cfg["policy_gradient"] and not (cfg["mode"] == "smd" and cfg["distill_coef"] > 0):
         raise ValueError("policy_gradient=False (distillation only) needs mode='smd' and distill_coef > 0: "
                          "otherwise nothing is trained")
@@ -195,8 +201,8 @@ def validate_config(cfg):
     policy.check(cfg["budget"], seq_len, P)
     if cfg["sft_masked"] and cfg["sft_mask"] == "policy":  # the warm-up records masks down to sft_min_budget
         if cfg["policy"] == "full" or not cfg["sft_min_budget"] < seq_len - 1:
-            raise ValueError(f"sft_mask='policy' needs an evicting policy and sft_min_budget < {seq_len - 1}, got "
-                             f"{cfg['policy']!r}, {cfg['sft_min_budget']}")
+            raise ValueError(f"sft_mask='policy' needs an evicting policy and sft_min_budget < {seq_len - 1},"
+                             f" got {cfg['policy']!r}, {cfg['sft_min_budget']}")
         policy.check(cfg["sft_min_budget"], seq_len - 1, P)
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no GPU is visible")
@@ -226,7 +232,8 @@ def save_atomic(obj, path):
 def sft_batch(problems, device):
     """Worked examples -> inputs x (B, T-1) and targets y (B, T-1), -1 (ignored) on prompt positions."""
     P, _ = max_lengths()
-    seq = torch.tensor([encode(format_prompt(p) + format_response(p)) + [EOS_ID] for p in problems], device=device)
+    seq = [encode(format_prompt(p) + format_response(p)) + [EOS_ID] for p in problems]
+    seq = torch.tensor(seq, device=device)                                # (B, T)
     x, y = seq[:, :-1], seq[:, 1:].clone()                                # (B, T-1) each
     y[:, :P - 1] = -1  # learn the response only; the prompt is random digits
     return x, y
@@ -248,11 +255,11 @@ def warmup_masks(model, x, cfg, generator):
 
 
 def eviction_masks(model, x, cfg, generator):
-    """What an evicting cache lets each query of x (R, T) see, by the recipe sft_mask: (L, R, nh, T, T) bool."""
+    """What an evicting cache lets each query of x (R, T) see, by recipe sft_mask: (L, R, nh, T, T) bool."""
     B, T = x.shape
     P, _ = max_lengths()
     draw = lambda high, n, low=0: torch.randint(low, high, (n,), generator=generator, device=generator.device)
-    if cfg["sft_mask"] == "streaming":  # content-blind: 0, 4 or all prompt tokens as sinks, a window of 2..T-1
+    if cfg["sft_mask"] == "streaming":  # content-blind: 0, 4 or all prompt tokens as sinks, a window 2..T-1
         n_sink = torch.tensor([0, 4, P], device=x.device)[draw(3, B).to(x.device)][:, None, None]
         window = draw(T, B, low=2).to(x.device)[:, None, None]
         t = torch.arange(T, device=x.device)
@@ -261,7 +268,8 @@ def eviction_masks(model, x, cfg, generator):
     budget = int(draw(T, 1, low=cfg["sft_min_budget"]))
     if cfg["sft_mask"] == "random":  # content-blind: what random eviction keeps depends on positions only, so
         # a one-unit stand-in model records it (the prompt kept if --keep_prompt), for every layer and head
-        stand_in = GPT(GPTConfig(block_size=T, vocab_size=VOCAB_SIZE, n_layer=1, n_head=1, n_embd=1)).to(x.device)
+        stand_in = GPT(GPTConfig(block_size=T, vocab_size=VOCAB_SIZE, n_layer=1, n_head=1, n_embd=1))
+        stand_in = stand_in.to(x.device)
         recorded = smd.record(stand_in, x, [P] * B, policy="random", budget=budget, temperature=0,
                               generator=generator, keep_prompt=cfg["keep_prompt"])
         return recorded.shadow_mask[0][None].expand(cfg["n_layer"], -1, cfg["n_head"], -1, -1)
@@ -278,7 +286,8 @@ def sft(model, train_problems, cfg, generator):
         lr_now = cfg["sft_lr"] * min(1.0, (step + 1) / (cfg["sft_warmup"] + 1)) * (0.1 + 0.9 * decay)
         for group in optimizer.param_groups:
             group["lr"] = lr_now
-        idx = torch.randint(len(train_problems), (cfg["sft_batch_size"],), generator=generator, device=generator.device)
+        idx = torch.randint(len(train_problems), (cfg["sft_batch_size"],), generator=generator,
+                            device=generator.device)
         x, y = sft_batch([train_problems[i] for i in idx.tolist()], cfg["device"])
         _, loss = model(x, y, attn_mask=warmup_masks(model, x, cfg, generator) if cfg["sft_masked"] else None)
         check_finite(loss, f"sft step {step} loss")
@@ -305,12 +314,13 @@ def sample_batch(model, problems, cfg, generator):
     group_problems = [p for p in problems for _ in range(cfg["group_size"])]
     compressed = cfg["mode"] != "full"
     ro = smd.rollout(model, [encode(format_prompt(p)) for p in group_problems],
-                     policy=cfg["policy"] if compressed else "full", budget=cfg["budget"] if compressed else P + R,
+                     policy=cfg["policy"] if compressed else "full",
+                     budget=cfg["budget"] if compressed else P + R,
                      max_new_tokens=R, temperature=cfg["temperature"], eos_id=EOS_ID, generator=generator,
                      **(policy_kwargs(cfg) if compressed else {}))
     reward_fn = REWARDS[cfg["reward"]]
-    rewards = torch.tensor([reward_fn(p, decode(ro.tokens[i, P:].tolist())) for i, p in enumerate(group_problems)],
-                           device=ro.tokens.device)                        # (B,)
+    rewards = [reward_fn(p, decode(ro.tokens[i, P:].tolist())) for i, p in enumerate(group_problems)]
+    rewards = torch.tensor(rewards, device=ro.tokens.device)              # (B,)
     return ro, rewards, group_advantages(rewards, cfg["group_size"])
 
 
@@ -333,19 +343,23 @@ def unmasked_pass(model, ro, cfg, policy_logits):
 
 
 def reference_logits(reference, tokens, cfg):
-    """The frozen warm-up's unmasked logits (B, T, vocab), when the reference KL or the warm-up teacher needs them."""
-    warmup_teacher = cfg["mode"] == "smd" and cfg["distill_coef"] > 0 and cfg["distill"] == "masked_from_warmup_unmasked"
+    """The frozen warm-up's unmasked logits (B, T, vocab), if the reference KL or warm-up teacher use them."""
+    warmup_teacher = (cfg["mode"] == "smd" and cfg["distill_coef"] > 0
+                      and cfg["distill"] == "masked_from_warmup_unmasked")
     if cfg["ref_kl_coef"] == 0 and not warmup_teacher:
         return None
     if reference is None:
-        raise ValueError("the reference KL and distill='masked_from_warmup_unmasked' need the warm-up model (reference=)")
+        raise ValueError("the reference KL and distill='masked_from_warmup_unmasked' need the warm-up model "
+                         "(reference=)")
     return smd.learner_logits(reference, tokens)
 
 
 def distill_loss(cfg, masked_logits, unmasked_logits, ref_logits, response_mask):
     """SMD's distillation term (0 in the other modes and with distill_coef 0):
-      unmasked_from_masked (the paper): KL(pi_unmasked || sg(pi_masked)), the full-cache pass learns from the masked;
-      masked_from_warmup_unmasked: KL(sg(pi_warm-up) || pi_masked), the masked pass learns from the warm-up."""
+      unmasked_from_masked (the paper): KL(pi_unmasked || sg(pi_masked)), the unmasked pass learns from the
+        masked one;
+      masked_from_warmup_unmasked: KL(sg(pi_warm-up) || pi_masked), the masked pass learns from the
+        warm-up."""
     if cfg["mode"] != "smd" or cfg["distill_coef"] == 0:
         return torch.zeros((), device=response_mask.device)
     if cfg["distill"] == "unmasked_from_masked":
@@ -362,7 +376,7 @@ def reference_kl(cfg, unmasked_logits, ref_logits, response_mask):
 
 def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
     """One GRPO iteration: sample, score, and take updates_per_batch gradient steps on
-        loss = GRPO(policy pass) + distill_coef * distillation KL + ref_kl_coef * KL(pi_unmasked || pi_warm-up)
+        loss = GRPO(policy pass) + distill_coef * distillation KL + ref_kl_coef * KL(pi_unmasked || pi_warmup)
     reference: the frozen warm-up model (the reference KL and the warm-up teacher need it).
     Returns the numbers a practitioner diagnoses with."""
     t0 = time.time()
@@ -381,7 +395,7 @@ def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
         policy_logits = policy_pass(model, ro, cfg)                        # (B, T, vocab), masked in smd
         unmasked_logits = unmasked_pass(model, ro, cfg, policy_logits)     # the full-cache policy's
         lp = smd.token_logprobs(policy_logits, tokens, cfg["temperature"])  # (B, T)
-        if update == 0:  # before any step the ratio must be 1 (to rounding) in every mode: lp is what lp_old is
+        if update == 0:  # before any step the ratio is 1 (to rounding) in every mode: lp is what lp_old is
             old_gap = (lp.detach() - lp_old)[response_mask].abs().max().item()
         pg_loss, clip_frac = grpo_loss(lp, lp_old, adv, loss_mask, cfg["clip_eps"], weights)
         distill_kl = distill_loss(cfg, policy_logits, unmasked_logits, ref_logits, response_mask)
@@ -408,7 +422,8 @@ def evaluate(model, problems, policy, budget, **policy_kwargs):
     P, R = max_lengths()
     ro = smd.rollout(model, [encode(format_prompt(p)) for p in problems], policy=policy, budget=budget,
                      max_new_tokens=R, temperature=0, eos_id=EOS_ID, **policy_kwargs)
-    return sum(exact_reward(p, decode(ro.tokens[i, P:].tolist())) for i, p in enumerate(problems)) / len(problems)
+    right = sum(exact_reward(p, decode(ro.tokens[i, P:].tolist())) for i, p in enumerate(problems))
+    return right / len(problems)
 
 # -----------------------------------------------------------------------------
 
@@ -418,7 +433,7 @@ def make_config(argv):
     overrides = configurator.parse(argv, CONFIG)
     preset = overrides.get("preset", CONFIG["preset"])
     cfg = {**CONFIG, **PRESETS.get(preset, {}), **overrides}
-    validate_config(cfg)  # before any work (an unknown preset too): a typo should cost a second, not a warm-up
+    validate_config(cfg)  # before any work, an unknown preset too: a typo should cost a second, not a warm-up
     cfg["run_name"] = cfg["run_name"] or f"{cfg['mode']}_{cfg['policy']}{cfg['budget']}"
     return cfg
 
@@ -431,15 +446,16 @@ def build_model(cfg):
 
 def warmup_path(cfg, dtype=torch.float32):
     """out/sft_<hash>.pt, the hash of everything that shapes the warm-up's weights and nothing RL-only."""
-    key = {k: cfg[k] for k in ("sft_seed", "data_seed", "n_train", "n_layer", "n_head", "n_embd", "block_size",
-                               "sft_steps", "sft_batch_size", "sft_lr", "sft_warmup", "sft_grad_clip", "device",
-                               "sft_masked")}
+    names = ("sft_seed", "data_seed", "n_train", "n_layer", "n_head", "n_embd", "block_size", "sft_steps",
+             "sft_batch_size", "sft_lr", "sft_warmup", "sft_grad_clip", "device", "sft_masked")
+    key = {k: cfg[k] for k in names}
     if cfg["sft_masked"]:  # what the masks are, and for recorded ones which policy made them
         key.update(sft_mask=cfg["sft_mask"])
         if cfg["sft_mask"] == "random":
             key.update(keep_prompt=cfg["keep_prompt"], sft_min_budget=cfg["sft_min_budget"])
         if cfg["sft_mask"] == "policy":
-            key.update(policy=cfg["policy"], policy_kwargs=policy_kwargs(cfg), sft_min_budget=cfg["sft_min_budget"])
+            key.update(policy=cfg["policy"], policy_kwargs=policy_kwargs(cfg),
+                       sft_min_budget=cfg["sft_min_budget"])
     key.update(n_operands=N_OPERANDS, n_digits=N_DIGITS, eval_pool=EVAL_POOL, dtype=str(dtype))
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(cfg["out_dir"], f"sft_{digest}.pt")
@@ -516,7 +532,8 @@ def summarize(cfg, history, rl_s, wall_s):
                 budget=cfg["budget"] if compressed else P + R, eval_split=cfg["eval_split"],
                 acc_full_start=full0, acc_full=full1, acc_compressed_start=comp0, acc_compressed=comp1,
                 reward_start=mean(history["reward"][:k]), reward_end=mean(history["reward"][n - k:]),
-                mismatch_max_mean=mean(history["mismatch_max"]), mismatch_k3_mean=mean(history["mismatch_k3"]),
+                mismatch_max_mean=mean(history["mismatch_max"]),
+                mismatch_k3_mean=mean(history["mismatch_k3"]),
                 old_gap_max=max(history["old_gap"]), tis_ess_mean=mean_in("tis_ess", "tis"),
                 sparse_rl_outside_mean=mean_in("sparse_rl_outside", "sparse_rl"),
                 sparse_rl_rejected_mean=mean_in("sparse_rl_rejected", "sparse_rl"),
@@ -577,7 +594,8 @@ def main(argv):
     summary = summarize(cfg, history, time.time() - t_rl, time.time() - t_start)
     log(dict(kind="summary", **summary))
     log_file.close()
-    print("summary: " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    print("summary: " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                 for k, v in summary.items()))
     return summary
 
 

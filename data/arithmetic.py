@@ -2,7 +2,8 @@
 The toy task and its tokenizer: add n_operands numbers and write the running sums as a scratchpad.
 Each step of the scratchpad needs an operand from far back in the prompt, so a KV cache that evicts old
 tokens loses exactly what the answer depends on. Here: vocabulary, problems, their seeded train/val/test
-splits, prompt/response text, the exact-match reward and a partial-credit one. Not here: batching, padding, any model.
+splits, prompt/response text, the exact-match reward and a partial-credit one.
+Not here: batching, padding, any model.
 
     prompt   "3+0+5+2+0+9+1+4+7+2="                operands, n_digits each (default 10 of 1 digit)
     response "03>03>08>10>10>19>20>24>31>33;33"  running sums, ';', the final sum; the trainer adds EOS
@@ -12,9 +13,9 @@ from typing import NamedTuple
 
 import tiktoken
 
-N_OPERANDS = 10  # with N_DIGITS=1: 20 prompt + 33 response tokens = 53; train.py's KV budget of 28 fills early
+N_OPERANDS = 10  # with N_DIGITS=1: 20 prompt + 33 response tokens = 53; train.py's budget of 28 fills early
 N_DIGITS = 1  # every operand has exactly this many digits, so all problems have one length; 1 (not 2) so
-#               a 2-layer GPT learns the task on a CPU in a few minutes (7 two-digit operands: ~8% after 1000 steps)
+#               a 2-layer GPT learns the task on a CPU in minutes (7 two-digit operands: ~8% after 1000 steps)
 
 # -----------------------------------------------------------------------------
 # tokenizer: one token per character, built from this list alone (nothing is downloaded)
