@@ -5,7 +5,8 @@ Benchmark of what SMD saves and what it costs, several sequence lengths and budg
   learner  forward+backward time and memory with the shadow mask (mask and gather paths) vs plain
            causal attention, and where the gather path's memory (O(T * S), plus a fixed per-chunk transient of
            O(GATHER_CHUNK * S * hs)) drops below the mask path's O(T^2).
-Random-init model, random prompts, no training.
+Random-init model, random prompts, no training; --trained=True adds the sampler/learner gap of the model
+train.py trains (its default warm-up), rolled out as train.py does.
 
     python bench.py                   # CPU, one thread, about a minute
     python bench.py --device=cuda     # one GPU: CUDA_PRESET's larger model and lengths, then the other flags
@@ -40,6 +41,7 @@ exact = False              # batch-invariant linears: bitwise sampler == gather 
 repeats = 3                # timed repeats after one warm-up; we report the fastest, the least disturbed
 seed = 1337                # model weights, prompts and sampling
 threads = 1                # CPU threads: with more, a busy machine stalls their barriers and times explode
+trained = False            # also measure the gap on train.py's default warm-up (python train.py makes it)
 CONFIG = configurator.knobs(globals())
 CUDA_PRESET = dict(lengths=(256, 512, 1024, 2048), budgets=(64, 256), batch_size=4,
                    n_layer=8, n_head=8, n_embd=512, vocab_size=256)
@@ -122,6 +124,34 @@ def learner_memory(model, loss_fn, cuda):
     return peak
 
 
+def trained_gap():
+    """The sampler/learner log-prob gap on the model train.py's defaults make, rolled out as train.py does
+    (its policy and budget, T=1) on 64 test problems: rows (dtype, path, max, mean over response tokens)."""
+    import train
+    from data.arithmetic import EOS_ID, encode, format_prompt
+    cfg = train.make_config(["--eval_split=test"])
+    path = train.warmup_path(cfg)
+    if not os.path.exists(path):
+        sys.exit(f"--trained=True needs train.py's default warm-up at {path}: run python train.py first")
+    model = train.build_model(cfg)
+    model.load_state_dict(torch.load(path, map_location=cfg["device"]))
+    _, problems = train.problem_splits(cfg)
+    prompts = [encode(format_prompt(p)) for p in problems[:64]]
+    P, R = train.max_lengths()
+    rows = []
+    for dtype in (torch.float32, torch.float64):
+        model.to(dtype)
+        r = rollout(model, prompts, policy=cfg["policy"], budget=cfg["budget"], max_new_tokens=R,
+                    eos_id=EOS_ID, generator=torch.Generator(cfg["device"]).manual_seed(0),
+                    **train.policy_kwargs(cfg))
+        for attention in ("mask", "gather"):
+            with torch.no_grad():
+                gap = (learner_logprobs(model, r.tokens, r.shadow_mask, attention=attention) - r.logprobs)
+            gap = gap[r.response_mask].abs()
+            rows.append((str(dtype).removeprefix("torch."), attention, gap.max().item(), gap.mean().item()))
+    return rows
+
+
 def table(title, header, fmts, rows):
     cells = [[f.format(v) for f, v in zip(fmts, row)] for row in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
@@ -198,6 +228,10 @@ def main(argv):
     table("(c) learner forward+backward with the shadow mask: gather path vs mask path as T grows",
           ["T", "S", "mask ms", "gather ms", "gather/mask", "mask MiB", "gather MiB", "gather/mask"],
           ["{}", "{}", "{:.1f}", "{:.1f}", "{:.2f}x", "{:.1f}", "{:.1f}", "{:.2f}x"], rows_paths)
+    if cfg["trained"]:
+        table("(d) the trained model (train.py's default warm-up and rollouts, 64 test problems): |sampler - "
+              "learner| log-prob on response tokens",
+              ["dtype", "path", "max", "mean"], ["{}", "{}", "{:.1e}", "{:.1e}"], trained_gap())
 
 
 if __name__ == "__main__":

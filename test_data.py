@@ -106,7 +106,8 @@ def test_every_problem_has_exactly_the_max_lengths():
 
 def test_default_cache_fills_before_half_the_response_is_written():
     prompt_len, response_len = max_lengths()
-    assert prompt_len < DEFAULT_KV_BUDGET < prompt_len + response_len / 2   # evicting for most of the running sums
+    # evicting for most of the running sums
+    assert prompt_len < DEFAULT_KV_BUDGET < prompt_len + response_len / 2
     import train
     assert train.budget == DEFAULT_KV_BUDGET
     assert prompt_len + response_len <= 64  # small enough for a tiny GPT on a CPU

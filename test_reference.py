@@ -156,7 +156,8 @@ def victim(policy, options, budget, t, h, seen, att, q, k, prompt_len):
         return min(p for p in allowed if p >= options.get("n_sink", 4))
     if policy == "h2o":
         if keep:
-            n_recent = h2o_keep_prompt_recent(budget, prompt_len, options.get("n_heavy"), options.get("n_recent"))
+            n_recent = h2o_keep_prompt_recent(budget, prompt_len, options.get("n_heavy"),
+                                              options.get("n_recent"))
         else:
             _, n_recent = h2o_split(budget, options.get("n_heavy"), options.get("n_recent"))
         received = att[h].sum(0)                                           # (t,) from every query that saw p
@@ -195,7 +196,8 @@ def victim(policy, options, budget, t, h, seen, att, q, k, prompt_len):
 
 
 @functools.lru_cache(maxsize=None)
-def reference_rollout(policy, options, budget, temperature, eos_id, dtype=torch.float64, lengths=PROMPT_LENGTHS):
+def reference_rollout(policy, options, budget, temperature, eos_id, dtype=torch.float64,
+                      lengths=PROMPT_LENGTHS):
     """What rollout(make_model(dtype), make_prompts(lengths), ...) must return, with generator seed SEED,
     as a dict of tokens (B, T), logprobs (B, T), response_mask (B, T) and mask (L, B, nh, T, T).
     options is a tuple of (name, value) pairs so results can be cached across tests."""
@@ -222,8 +224,8 @@ def reference_rollout(policy, options, budget, temperature, eos_id, dtype=torch.
         for layer in range(L):
             draws = None
             if policy == "random" and t >= S:  # one draw per layer and eviction step, in the sampling stream
-                draws = (torch.rand((B, nh), generator=generator, dtype=torch.float32) if keep  # (B, nh) in [0, 1)
-                         else torch.randint(S, (B, nh), generator=generator))                  # (B, nh) slots
+                draws = (torch.rand((B, nh), generator=generator, dtype=torch.float32)  # (B, nh) in [0, 1)
+                         if keep else torch.randint(S, (B, nh), generator=generator))   # (B, nh) slots
             for b in range(B):
                 for h in range(nh):
                     slots = seen[layer][b][h]
@@ -282,7 +284,8 @@ def run_rollout(policy, options, budget, temperature, eos_id, dtype=torch.float6
 
 def pick_eos(policy, options, budget, temperature, dtype=torch.float64):
     """An EOS token that at least two rows generate, at different steps, in the reference run without EOS
-    (a row's tokens up to its first EOS do not depend on whether EOS stops it), so the cases are not vacuous."""
+    (a row's tokens up to its first EOS do not depend on whether EOS stops it), so the cases are not
+    vacuous."""
     ref = reference_rollout(policy, options, budget, temperature, None, dtype)
     best, best_key = None, None
     for token in range(VOCAB):
@@ -291,7 +294,8 @@ def pick_eos(policy, options, budget, temperature, dtype=torch.float64):
             hits = ((ref["tokens"][b] == token) & ref["response_mask"][b]).nonzero()
             ends.append(int(hits[0]) + 1 if len(hits) else n + MAX_NEW_TOKENS)
         n_hit = sum(e < n + MAX_NEW_TOKENS for e, n in zip(ends, PROMPT_LENGTHS))
-        key = (n_hit, min(e - n for e, n in zip(ends, PROMPT_LENGTHS)))   # most rows, then the longest response
+        # most rows, then the longest response
+        key = (n_hit, min(e - n for e, n in zip(ends, PROMPT_LENGTHS)))
         if n_hit >= 2 and len(set(ends)) == len(ends) and (best_key is None or key > best_key):
             best, best_key = token, key
     assert best is not None, f"no token ends two rows at different steps for {policy} {options}"
@@ -343,7 +347,8 @@ KEEP_PROMPT_POLICIES = [  # (policy, options, budgets)
     ("rkv", KEEP + (("window", 1), ("kernel", 5), ("mix_lambda", 0.5), ("threshold", 0.8)), (14, 17)),
 ]
 CASES += [(policy, options, budget, temperature)
-          for policy, options, budgets in KEEP_PROMPT_POLICIES for budget in budgets for temperature in (0.0, 1.0)]
+          for policy, options, budgets in KEEP_PROMPT_POLICIES for budget in budgets
+          for temperature in (0.0, 1.0)]
 
 
 def case_id(policy, options, budget, temperature):
@@ -358,7 +363,8 @@ def assert_same(r, ref, dtype):
     assert len(differ) == 0, f"first differing token (row, position): {differ[0].tolist()}"
     visible = r.shadow_mask.visible()                                            # (L, B, nh, T, T)
     differ = (visible != ref["mask"]).nonzero()
-    assert len(differ) == 0, f"first differing mask entry (layer, row, head, query, key): {differ[0].tolist()}"
+    assert len(differ) == 0, ("first differing mask entry (layer, row, head, query, key): "
+                              f"{differ[0].tolist()}")
     assert torch.equal(r.response_mask, ref["response_mask"])
     assert (r.logprobs - ref["logprobs"])[ref["response_mask"]].abs().max().item() <= TOL[dtype]
     assert (r.logprobs[~ref["response_mask"]] == 0).all()
@@ -415,7 +421,8 @@ FLOAT32_CASES = [("streaming", (), 5), ("h2o", (), 5), ("tova", (), 5), ("snapkv
                  ("rkv", (), 5), ("snapkv", KEEP, 17), ("h2o", KEEP, 13)]
 
 
-@pytest.mark.parametrize("policy, options, budget", FLOAT32_CASES, ids=[case_id(*c, 1.0) for c in FLOAT32_CASES])
+@pytest.mark.parametrize("policy, options, budget", FLOAT32_CASES,
+                         ids=[case_id(*c, 1.0) for c in FLOAT32_CASES])
 def test_rollout_equals_reference_sampler_in_float32(policy, options, budget):
     eos_id = pick_eos(policy, options, budget, 1.0, torch.float32)
     ref = reference_rollout(policy, options, budget, 1.0, eos_id, torch.float32)
@@ -424,13 +431,16 @@ def test_rollout_equals_reference_sampler_in_float32(policy, options, budget):
 
 @pytest.mark.parametrize("policy", ["h2o", "snapkv", "random", "rkv"])
 def test_rollout_equals_reference_sampler_on_a_prompt_tensor_longer_than_the_budget(policy):
-    lengths = (9, 9, 9)  # a (B, P) tensor: prefill stops at the budget, the rest of the prompt is evicted into
+    # a (B, P) tensor: prefill stops at the budget, and the rest of the prompt enters by evicting
+    lengths = (9, 9, 9)
     ref = reference_rollout(policy, (), 6, 1.0, None, lengths=lengths)
-    assert_same(run_rollout(policy, (), 6, 1.0, None, lengths=lengths, tensor_prompts=True), ref, torch.float64)
+    assert_same(run_rollout(policy, (), 6, 1.0, None, lengths=lengths, tensor_prompts=True), ref,
+                torch.float64)
     assert ref["response_mask"].sum(1).tolist() == [MAX_NEW_TOKENS] * 3
 
 
-MAX_NEW_TOKENS_CASES = [("streaming", (), 5), ("h2o", (), 5), ("snapkv", (), 5), ("rkv", (), 5), ("h2o", KEEP, 13)]
+MAX_NEW_TOKENS_CASES = [("streaming", (), 5), ("h2o", (), 5), ("snapkv", (), 5), ("rkv", (), 5),
+                        ("h2o", KEEP, 13)]
 
 
 @pytest.mark.parametrize("policy, options, budget", MAX_NEW_TOKENS_CASES,
@@ -466,7 +476,8 @@ def test_keep_prompt_policies_evict_differently_on_the_same_input():
     policy is that window in disguise."""
     budget = 17
     settings = [(policy, options) for policy, options, budgets in KEEP_PROMPT_POLICIES if budget in budgets]
-    masks = {name: reference_rollout(*name, budget, 1.0, None)["mask"] for name in settings}  # (L, B, nh, T, T)
+    masks = {name: reference_rollout(*name, budget, 1.0, None)["mask"]  # (L, B, nh, T, T)
+             for name in settings}
     names = list(masks)
     for i, a in enumerate(names):
         assert_keeps_the_prompt(masks[a])
@@ -478,10 +489,12 @@ def test_keep_prompt_policies_evict_differently_on_the_same_input():
     assert torch.equal(sinks2, window.expand_as(sinks2))
     sinks4 = masks["streaming", KEEP]
     assert torch.equal(sinks4[:, 1:], window[:, 1:].expand_as(sinks4[:, 1:]))
-    assert sinks4[:, 0, :, budget:, 3].all() and not torch.equal(sinks4[:, :1], window[:, :1].expand_as(sinks4[:, :1]))
+    assert (sinks4[:, 0, :, budget:, 3].all()
+            and not torch.equal(sinks4[:, :1], window[:, :1].expand_as(sinks4[:, :1])))
     for name, mask in masks.items():
         if name[0] != "streaming":
-            assert not torch.equal(mask, window.expand_as(mask)), f"{name} is the sliding window after the prompt"
+            assert not torch.equal(mask, window.expand_as(mask)), (
+                f"{name} is the sliding window after the prompt")
 
 
 def test_reference_redundancy_spares_the_most_recent_similar_key_by_position_not_slot():
@@ -498,8 +511,9 @@ def test_reference_redundancy_spares_the_most_recent_similar_key_by_position_not
     torch.testing.assert_close(got, want.softmax(-1), rtol=0, atol=1e-15)
     # a threshold of 1 (nothing is more similar than that) spares nothing: a, d, b each see two similar keys
     got = redundancy(keys, positions, threshold=1.0)
-    torch.testing.assert_close(got, (torch.tensor([2.0, 2.0, 2.0, 0.0], dtype=torch.float64) * cos / 4).softmax(-1),
-                               rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        got, (torch.tensor([2.0, 2.0, 2.0, 0.0], dtype=torch.float64) * cos / 4).softmax(-1),
+        rtol=0, atol=1e-15)
 
 
 def test_reference_pure_importance_with_one_window_query_is_tova_without_the_newest_key():

@@ -69,6 +69,31 @@ def test_smd_logprobs_equal_sampler_for_every_policy(policy, keep_prompt, attent
     assert max_diff(learner_logprobs(model, r.tokens), r.logprobs, r.response_mask) > 1e-2  # the mask matters
 
 
+@pytest.mark.device
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("policy, budget, kwargs", [("rkv", 28, dict(keep_prompt=True)), ("h2o", 26, {})])
+def test_smd_logprobs_equal_sampler_at_the_trained_models_scale(policy, budget, kwargs, dtype):
+    """train.py's model shape and sequence (20 + 33 tokens) with weights large enough for logits as large as the
+    trained model's (10.7; its float32 gap is 1.6e-5 there, `python bench.py --trained=True`). Float rounding
+    in a log-prob grows with the logits, so the tolerance is stated per unit of the largest logit."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=15, n_layer=2, n_head=4, n_embd=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.5)
+    model = model.to(dtype).to(DEVICE).eval()
+    prompts = torch.randint(0, 14, (32, 20), generator=torch.Generator().manual_seed(0))
+    r = rollout(model, prompts, policy=policy, budget=budget, max_new_tokens=33,
+                generator=torch.Generator(DEVICE).manual_seed(0), **kwargs)
+    logits = smd.learner_logits(model, r.tokens, r.shadow_mask)
+    scale = logits.abs().max().item()
+    assert scale >= 10.7 and r.logprobs[r.response_mask].min() < -7     # at least the trained model's scale
+    lp = smd.token_logprobs(logits, r.tokens)
+    assert max_diff(lp, r.logprobs, r.response_mask) <= TOL[dtype] * scale
+    assert max_diff(learner_logprobs(model, r.tokens), r.logprobs, r.response_mask) > 1e-2  # the mask matters
+
+
 @pytest.mark.parametrize("policy", COMPRESSED)
 def test_keep_prompt_every_response_query_sees_its_whole_prompt(policy):
     prompts, r = variable_length_rollout(make_model(), policy, seed=3, budget=KEEP_BUDGET, keep_prompt=True)
@@ -121,7 +146,8 @@ def test_cache_and_mask_rows_never_exceed_budget(policy, monkeypatch):
         for i in range(visible.shape[2]):
             seen[layer, self.next_pos + i] = torch.where(visible[:, :, i], pos, -1)
         filled = pos.sort(-1).values
-        assert not ((filled[..., 1:] == filled[..., :-1]) & (filled[..., 1:] >= 0)).any(), "a position is held twice"
+        assert not ((filled[..., 1:] == filled[..., :-1]) & (filled[..., 1:] >= 0)).any(), (
+            "a position is held twice")
         return out
 
     monkeypatch.setattr(smd.KVCache, "update", counting_update)
@@ -134,7 +160,8 @@ def test_cache_and_mask_rows_never_exceed_budget(policy, monkeypatch):
     assert not (visible & ~torch.ones(T, T, dtype=torch.bool).tril()).any(), "a query sees its future"
     assert visible.diagonal(dim1=-2, dim2=-1).all(), "every query sees itself"
     L, B, nh = 2, 3, 2
-    assert r.shadow_mask.slot_of.shape == (L, B, nh, T) and r.shadow_mask.slot_of.dtype == torch.int16  # O(T) storage
+    # O(T) storage
+    assert r.shadow_mask.slot_of.shape == (L, B, nh, T) and r.shadow_mask.slot_of.dtype == torch.int16
     for layer in range(L):  # the write log replays to exactly the slots, in order, that each query saw
         slots = r.shadow_mask.seen(layer)                                        # (B, nh, T, S)
         assert slots.shape == (B, nh, T, BUDGET)
@@ -186,7 +213,8 @@ def test_h2o_always_sees_its_recent_window():
 
 
 def hand_made_cache(held, slot_scores, prompt_length=0):
-    """The state victim() reads, for one layer: held positions, slot_scores (B, nh, S); the next position is 10."""
+    """The state victim() reads, for one layer: held positions, slot_scores (B, nh, S); the next position
+    is 10."""
     return SimpleNamespace(held=held[None], slot_scores=slot_scores[None], next_pos=10, budget=held.shape[-1],
                            prompt_lengths=torch.full(held.shape[:1], prompt_length), generator=None)
 
@@ -198,16 +226,19 @@ def test_eviction_policies_pick_the_documented_victim():
     assert smd.Streaming(n_sink=2).victim(cache, 0).item() == 2  # the oldest non-sink
     assert smd.H2O(n_recent=3).victim(cache, 0).item() == 7      # 8, 9 and the incoming 10 are recent: 7 goes
     assert smd.H2O(n_recent=4).victim(cache, 0).item() == 1      # 7 joins the window: 0.5 is the least left
-    assert smd.H2O().victim(cache, 0).item() == 1                # even split: 4 recent (7, 8, 9, 10) + 4 heavy
+    # even split: 4 recent (7, 8, 9, 10) + 4 heavy
+    assert smd.H2O().victim(cache, 0).item() == 1
     newest_att = torch.tensor([[[0.3, 0.2, 0.1, 0.02, 0.1, 0.08, 0.1, 0.1]]])
-    assert smd.TOVA().victim(hand_made_cache(pos, newest_att), 0).item() == 3  # least liked by the newest query
+    # least liked by the newest query
+    assert smd.TOVA().victim(hand_made_cache(pos, newest_att), 0).item() == 3
     assert smd.TOVA().victim(hand_made_cache(pos, 1 - newest_att), 0).item() == 0
 
 
 def test_ties_go_to_the_oldest_position_whatever_slot_it_is_in():
     pos = torch.tensor([[[5, 2, 9, 1, 7]]])                               # (B, nh, S), newest 9
     att = torch.tensor([[[0.1, 0.3, 0.2, 0.1, 0.3]]])                    # a tie at 0.1: positions 5 and 1
-    assert smd.TOVA().victim(hand_made_cache(pos, att), 0).item() == 3   # position 1's slot, not the first slot
+    # position 1's slot, not the first slot
+    assert smd.TOVA().victim(hand_made_cache(pos, att), 0).item() == 3
     assert smd.H2O(n_recent=1).victim(hand_made_cache(pos, att), 0).item() == 3
 
 
@@ -224,7 +255,8 @@ def hand_made_rkv(keys, positions, query, **kwargs):
 
 
 def test_rkv_evicts_the_least_attended_key_max_pooled_in_position_order():
-    keys = [[0.0, -1.0], [1.0, 0.0], [1.0, 1.0], [-1.0, 0.0], [0.0, 1.0]]  # positions 3 0 4 2 1 (4: the window)
+    # positions 3 0 4 2 1 (4: the window)
+    keys = [[0.0, -1.0], [1.0, 0.0], [1.0, 1.0], [-1.0, 0.0], [0.0, 1.0]]
     positions, query = [3, 0, 4, 2, 1], [2.0, 1.0]                         # scores by position 2 1 -2 -1
     policy, cache = hand_made_rkv(keys, positions, query, kernel=1, mix_lambda=1.0)
     assert positions[policy.victim(cache, 0).item()] == 2                  # the least attended
@@ -247,8 +279,8 @@ def test_rkv_evicts_the_oldest_of_near_duplicate_keys():
 
 
 def test_tova_head_average_decides_for_all_heads_and_per_head_does_not():
-    pos = torch.arange(4).expand(1, 2, 4)                                  # (B, nh, S): 2 heads, same positions
-    att = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.5, 0.0, 0.3, 0.2]]])    # head means: 0.3 0.1 0.3 0.3
+    pos = torch.arange(4).expand(1, 2, 4)                               # (B, nh, S): 2 heads, same positions
+    att = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.5, 0.0, 0.3, 0.2]]])  # head means: 0.3 0.1 0.3 0.3
     cache = hand_made_cache(pos, att)
     assert smd.TOVA(head_average=True).victim(cache, 0).tolist() == [[1, 1]]
     assert smd.TOVA(head_average=False).victim(cache, 0).tolist() == [[0, 1]]
@@ -263,14 +295,16 @@ def test_snapkv_scores_prompt_keys_by_pooled_window_attention_then_slides():
     cache.update(0, k, k)
     cache.held[0, 0, 0] = torch.tensor([2, 1, 0, 3, 4, 5, 6, 7])  # slot order is not position order
     att = torch.zeros(1, 1, 8, 8)                                          # (B, nh, T, S), by slot
-    att[0, 0, 6] = torch.tensor([0.0, 0.6, 0.0, 0.0, 0.0, 0.3, 0.1, 0.0])  # window query 6 (slot 1 = position 1)
+    # window query 6 (slot 1 = position 1)
+    att[0, 0, 6] = torch.tensor([0.0, 0.6, 0.0, 0.0, 0.0, 0.3, 0.1, 0.0])
     att[0, 0, 7] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.9, 0.0, 0.0, 0.1])  # window query 7
     att[0, 0, 0, 0] = 1.0                                                  # not a window query: ignored
     cache.observe(0, None, att)
     # raw body scores by position 0 .6 0 0 .9 .3 -> pooled (zero-padded, /3): .2 .2 .2 .3 .4 .4
     assert torch.allclose(cache.prompt_scores[0, 0, 0, :6], torch.tensor([0.2, 0.2, 0.2, 0.3, 0.4, 0.4]))
     cache.next_pos = 8
-    assert policy.victim(cache, 0).item() == 2        # the lowest pooled score; of the tie, the oldest (slot 2)
+    # the lowest pooled score; of the tie, the oldest (slot 2)
+    assert policy.victim(cache, 0).item() == 2
     cache.held[0, 0, 0, :3] = torch.tensor([8, 9, 10])  # positions 0..2 gone: 3 is the lowest body key left
     cache.next_pos = 11
     assert policy.victim(cache, 0).item() == 3
@@ -290,7 +324,8 @@ def test_snapkv_pools_the_score_an_evicted_prompt_key_received():
     cache.held[0, 0, 0] = torch.tensor([4, 5, 2, 3])                 # key 1 evicted, 5 in its slot
     cache.next_pos = 5
     cache.observe(0, None, torch.tensor([0.0, 0.5, 0.2, 0.3]).view(1, 1, 1, 4))  # query 5, the prompt's last
-    # raw body (positions 0..3): 0 .9 .2 .3 -> pooled .3 .367 .467 .167: key 2 keeps .467 thanks to evicted key 1
+    # raw body (positions 0..3): 0 .9 .2 .3 -> pooled .3 .367 .467 .167:
+    # key 2 keeps .467 thanks to evicted key 1
     assert torch.allclose(cache.prompt_scores[0, 0, 0, :4], torch.tensor([0.3, 1.1 / 3, 1.4 / 3, 0.5 / 3]))
 
 
@@ -400,7 +435,7 @@ def test_record_of_a_rollout_gives_back_its_shadow_mask_and_logprobs(policy, kee
     budget = KEEP_BUDGET if keep_prompt else BUDGET
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 15, (n,), generator=gen).tolist() for n in (3, 11, 7)]
-    seeded = lambda: torch.Generator(DEVICE).manual_seed(5)                # the random policy draws from it too
+    seeded = lambda: torch.Generator(DEVICE).manual_seed(5)             # the random policy draws from it too
     r = rollout(model, prompts, policy=policy, budget=budget, max_new_tokens=30, temperature=temperature,
                 eos_id=EOS, generator=seeded(), keep_prompt=keep_prompt)
     lengths = [len(p) for p in prompts]
@@ -422,8 +457,10 @@ def test_record_scores_the_given_tokens_under_the_compressed_cache():
     rec = smd.record(model, answers, [10, 10, 10], policy="tova", budget=BUDGET)
     assert torch.equal(rec.tokens, answers) and rec.response_mask[:, 10:].all()
     assert torch.equal(rec.logprobs[:, :20], r.logprobs[:, :20])          # the same prefix, the same cache
-    assert not torch.equal(rec.shadow_mask.slot_of[..., 20:], r.shadow_mask.slot_of[..., 20:])  # tova reads content
-    lp = learner_logprobs(model, answers, rec.shadow_mask)                 # and its mask reproduces its log-probs
+    # tova reads content
+    assert not torch.equal(rec.shadow_mask.slot_of[..., 20:], r.shadow_mask.slot_of[..., 20:])
+    # and its mask reproduces its log-probs
+    lp = learner_logprobs(model, answers, rec.shadow_mask)
     assert max_diff(lp, rec.logprobs, rec.response_mask) <= TOL[torch.float32]
 
 
@@ -458,8 +495,8 @@ def test_hand_written_attention_matches_sdpa():
 
 
 def test_gather_at_reads_positions_in_slot_order():
-    x = torch.arange(6.0).view(1, 1, 3, 2)                                # (B, nh, T, hs): position p holds [2p, 2p+1]
-    slots = torch.tensor([[[[2, -1], [0, 1], [1, 2]]]])                   # (B, nh, T, S)
+    x = torch.arange(6.0).view(1, 1, 3, 2)                      # (B, nh, T, hs): position p holds [2p, 2p+1]
+    slots = torch.tensor([[[[2, -1], [0, 1], [1, 2]]]])         # (B, nh, T, S)
     assert gather_at(x, slots)[0, 0, :, :, 0].tolist() == [[4.0, 0.0], [0.0, 2.0], [2.0, 4.0]]
 
 
@@ -500,13 +537,15 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
 
 
 @pytest.mark.device
-@pytest.mark.parametrize("policy, keep_prompt", [("full", False)] + [(p, k) for p in COMPRESSED for k in (False, True)])
+@pytest.mark.parametrize("policy, keep_prompt",
+                         [("full", False)] + [(p, k) for p in COMPRESSED for k in (False, True)])
 def test_exact_learner_is_bitwise_equal_to_sampler(policy, keep_prompt):
     """Bitwise on CPU, asserted with torch.equal. On a GPU the same recipe is asserted only to TOL: it holds
     bit for bit only as far as that GPU's kernels are batch-invariant, which we do not control."""
     model = make_model(device=DEVICE)
     budget = 41 if policy == "full" else KEEP_BUDGET if keep_prompt else BUDGET  # full: 11 + 30 new tokens
-    model.set_exact()                                      # the one switch: batch-invariant linears everywhere
+    # the one switch: batch-invariant linears everywhere
+    model.set_exact()
     _, r = variable_length_rollout(model, policy, seed=3, budget=budget, keep_prompt=keep_prompt)
     lp = learner_logprobs(model, r.tokens, r.shadow_mask, attention="gather")
     if DEVICE == "cpu":
@@ -534,13 +573,15 @@ def test_gather_path_equals_mask_path_values_and_gradients(policy):
 def test_bench_runs_and_reports_budget_sized_kv_memory():
     import subprocess
     import sys
-    args = ["--lengths=(32,48)", "--budgets=(8,)", "--batch_size=1", "--n_layer=1", "--n_embd=32", "--n_head=2",
-            "--repeats=1", "--prompt_len=4"]
+    args = ["--lengths=(32,48)", "--budgets=(8,)", "--batch_size=1", "--n_layer=1", "--n_embd=32",
+            "--n_head=2", "--repeats=1", "--prompt_len=4"]
     out = subprocess.run([sys.executable, "bench.py", *args], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:2] in (["32", "8"], ["48", "8"])]
+    rows = [line.split() for line in out.stdout.splitlines()
+            if line.split()[:2] in (["32", "8"], ["48", "8"])]
     assert len(rows) == 6  # T=32 and T=48 in each of the three tables
-    # KV ratio, from the bytes per slot: h2o keeps K, V (2 x 16 floats), a long position and a float slot_scores;
-    # the full cache that was actually run (S = T) needs none
+    # KV ratio, from the bytes per slot: h2o keeps K, V (2 x 16 floats), a long position and a float
+    # slot_scores; the full cache that was actually run (S = T) needs none
     per_slot, full_per_slot = 2 * 16 * 4 + 8 + 4, 2 * 16 * 4 + 8
-    assert [float(rows[0][4]), float(rows[1][4])] == [round(8 * per_slot / (T * full_per_slot), 3) for T in (32, 48)]
+    assert ([float(rows[0][4]), float(rows[1][4])]
+            == [round(8 * per_slot / (T * full_per_slot), 3) for T in (32, 48)])

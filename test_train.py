@@ -19,8 +19,8 @@ from model import GPT, GPTConfig
 from data.arithmetic import VOCAB_SIZE
 
 TINY = dict(train.CONFIG, n_layer=1, n_head=2, n_embd=16, prompts_per_step=2, group_size=4, budget=16,
-            policy="h2o", keep_prompt=False, sft_masked=0.0, sft_steps=3, sft_batch_size=8, n_steps=2, n_train=50,
-            eval_problems=4,
+            policy="h2o", keep_prompt=False, sft_masked=0.0, sft_steps=3, sft_batch_size=8, n_steps=2,
+            n_train=50, eval_problems=4,
             eval_interval=1, ckpt_interval=1, lr=1e-3, ref_kl_coef=0.0, cpu_threads=1, device=DEVICE)
 
 
@@ -43,7 +43,8 @@ def one_step(mode, seed=0, reference=None, **overrides):
     model = tiny_model(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
     problems, _, _ = train.make_splits(seed, 2, 0, 0)
-    stats = train.grpo_step(model, optimizer, problems, cfg, torch.Generator(DEVICE).manual_seed(seed), reference)
+    stats = train.grpo_step(model, optimizer, problems, cfg, torch.Generator(DEVICE).manual_seed(seed),
+                            reference)
     return stats, model
 
 
@@ -78,8 +79,10 @@ def step_gradient(monkeypatch, mode, **overrides):
     weights, so a test can rebuild the intended loss by hand and compare gradients."""
     rollouts = []
     rollout = train.smd.rollout
-    monkeypatch.setattr(train.smd, "rollout", lambda *a, **k: rollouts.append(rollout(*a, **k)) or rollouts[-1])
-    monkeypatch.setitem(train.REWARDS, "partial", lambda problem, text: float(len(text) % 3))  # advantages != 0
+    monkeypatch.setattr(train.smd, "rollout",
+                        lambda *a, **k: rollouts.append(rollout(*a, **k)) or rollouts[-1])
+    # advantages != 0
+    monkeypatch.setitem(train.REWARDS, "partial", lambda problem, text: float(len(text) % 3))
     cfg = dict(updates_per_batch=1, grad_clip=1e9, **overrides)
     stats, model = one_step(mode, **cfg)
     return {n: p.grad for n, p in model.named_parameters()}, rollouts[0], stats
@@ -100,7 +103,8 @@ def assert_same_gradient(got, want, tol=1e-5):
 
 def pg_surrogate(model, ro, mask, cfg=TINY):
     """At the first update the ratio is 1, so the clipped GRPO loss has the gradient of -mean(A * log pi)."""
-    rewards = torch.tensor([float(len(train.decode(t[train.max_lengths()[0]:].tolist())) % 3) for t in ro.tokens])
+    rewards = torch.tensor([float(len(train.decode(t[train.max_lengths()[0]:].tolist())) % 3)
+                            for t in ro.tokens])
     adv = objectives.group_advantages(rewards, cfg["group_size"])
     lp = train.smd.learner_logprobs(model, ro.tokens, mask)
     m = ro.response_mask.float()
@@ -112,11 +116,13 @@ def test_smd_paper_objective_policy_gradient_on_the_masked_pass_and_kl_into_the_
     # pass only, the KL through the unmasked pass only, in that direction
     lam = 0.5
     got, ro, _ = step_gradient(monkeypatch, "smd", distill="unmasked_from_masked", distill_coef=lam)
-    kl = lambda model: train.smd.kl_divergence(train.smd.learner_logits(model, ro.tokens),
-                                                train.smd.learner_logits(model, ro.tokens, ro.shadow_mask).detach(),
-                                                ro.response_mask)
-    assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, ro.shadow_mask) + lam * kl(model)))
-    wrong = [  # the KL reversed, the stop-gradient on the unmasked side, the policy gradient on the unmasked pass
+    kl = lambda model: train.smd.kl_divergence(
+        train.smd.learner_logits(model, ro.tokens),
+        train.smd.learner_logits(model, ro.tokens, ro.shadow_mask).detach(), ro.response_mask)
+    assert_same_gradient(got, gradient_of(
+        lambda model: pg_surrogate(model, ro, ro.shadow_mask) + lam * kl(model)))
+    # the KL reversed, the stop-gradient on the unmasked side, the policy gradient on the unmasked pass
+    wrong = [
         lambda model: pg_surrogate(model, ro, ro.shadow_mask) + lam * train.smd.kl_divergence(
             train.smd.learner_logits(model, ro.tokens, ro.shadow_mask).detach(),
             train.smd.learner_logits(model, ro.tokens), ro.response_mask),
@@ -133,7 +139,8 @@ def test_ablation_switches_do_what_their_names_say(monkeypatch):
     got, ro, stats = step_gradient(monkeypatch, "smd", distill_coef=0.0)           # mask only
     assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, ro.shadow_mask)))
     assert stats["distill_kl"] == 0.0
-    got, ro, _ = step_gradient(monkeypatch, "smd", distill_coef=0.5, policy_gradient=False)  # distillation only
+    # distillation only
+    got, ro, _ = step_gradient(monkeypatch, "smd", distill_coef=0.5, policy_gradient=False)
     assert_same_gradient(got, gradient_of(lambda model: 0.5 * train.smd.kl_divergence(
         train.smd.learner_logits(model, ro.tokens),
         train.smd.learner_logits(model, ro.tokens, ro.shadow_mask).detach(), ro.response_mask)))
@@ -143,8 +150,9 @@ def test_ablation_switches_do_what_their_names_say(monkeypatch):
     with torch.no_grad():
         teacher = train.smd.learner_logits(reference, ro.tokens)
     masked = lambda model: train.smd.learner_logits(model, ro.tokens, ro.shadow_mask)
-    assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, ro.shadow_mask)
-                                          + 0.5 * train.smd.kl_divergence(teacher, masked(model), ro.response_mask)))
+    assert_same_gradient(got, gradient_of(
+        lambda model: pg_surrogate(model, ro, ro.shadow_mask)
+        + 0.5 * train.smd.kl_divergence(teacher, masked(model), ro.response_mask)))
 
 
 @pytest.mark.parametrize("mode", ["full", "smd"])
@@ -155,15 +163,17 @@ def test_reference_kl_pulls_the_full_cache_pass_toward_the_warm_up_in_every_mode
     with torch.no_grad():
         ref_logits = train.smd.learner_logits(reference, ro.tokens)
     assert stats["ref_kl"] > 0
-    assert_same_gradient(got, gradient_of(lambda model: pg_surrogate(model, ro, mask) + 0.5 * train.smd.kl_divergence(
-        train.smd.learner_logits(model, ro.tokens), ref_logits, ro.response_mask)))
+    assert_same_gradient(got, gradient_of(
+        lambda model: pg_surrogate(model, ro, mask) + 0.5 * train.smd.kl_divergence(
+            train.smd.learner_logits(model, ro.tokens), ref_logits, ro.response_mask)))
 
 
 def test_tis_diagnostics_on_a_constructed_batch():
     lp_sampler = torch.zeros(1, 4)
-    lp_learner = torch.log(torch.tensor([[1.0, 1.0, 0.5, 3.0]]))          # ratios 1, 1, 0.5, 3 -> capped at 2
-    ess, capped = objectives.tis_diagnostics(lp_learner, lp_sampler, torch.ones(1, 4, dtype=torch.bool), cap=2.0)
-    assert ess == pytest.approx(4.5 ** 2 / (4 * 6.25), rel=1e-6)          # (sum w)^2 / (n sum w^2), w = 1 1 .5 2
+    lp_learner = torch.log(torch.tensor([[1.0, 1.0, 0.5, 3.0]]))      # ratios 1, 1, 0.5, 3 -> capped at 2
+    ess, capped = objectives.tis_diagnostics(lp_learner, lp_sampler, torch.ones(1, 4, dtype=torch.bool),
+                                             cap=2.0)
+    assert ess == pytest.approx(4.5 ** 2 / (4 * 6.25), rel=1e-6)      # (sum w)^2 / (n sum w^2), w = 1 1 .5 2
     assert capped == 0.25
 
 
@@ -249,7 +259,8 @@ def test_bad_config_fails_before_any_work(tmp_path):
 def test_overrides_keep_their_types_and_reject_unknown_keys():
     got = configurator.parse(["--budget=8", "--mode=tis", "--lr=1", "--resume=True"], train.CONFIG)
     assert got == dict(budget=8, mode="tis", lr=1.0, resume=True) and type(got["lr"]) is float
-    for typo in ("--bugdet=8", "--N_OPERANDS=5", "--MODES=x"):  # a task constant is not config: it would be ignored
+    # a task constant is not config: it would be ignored
+    for typo in ("--bugdet=8", "--N_OPERANDS=5", "--MODES=x"):
         with pytest.raises(ValueError, match="unknown config key"):
             configurator.parse([typo], train.CONFIG)
     with pytest.raises(ValueError, match="wants a int"):
@@ -259,7 +270,8 @@ def test_overrides_keep_their_types_and_reject_unknown_keys():
 def test_same_seed_gives_the_same_step_bit_for_bit():
     a, model_a = one_step("tis", seed=3)
     b, model_b = one_step("tis", seed=3)
-    assert {k: v for k, v in a.items() if k != "tok_per_s"} == {k: v for k, v in b.items() if k != "tok_per_s"}
+    assert ({k: v for k, v in a.items() if k != "tok_per_s"}
+            == {k: v for k, v in b.items() if k != "tok_per_s"})
     assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
 
 
@@ -287,7 +299,8 @@ def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
 def test_resume_after_a_crash_logs_each_step_once(tmp_path, monkeypatch):
     cfg = {k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "prompts_per_step", "group_size", "sft_steps",
                                 "sft_batch_size", "n_train", "eval_problems", "lr")}
-    cfg.update(out_dir=str(tmp_path), mode="naive", eval_interval=1, ckpt_interval=2, n_steps=4, run_name="crash")
+    cfg.update(out_dir=str(tmp_path), mode="naive", eval_interval=1, ckpt_interval=2, n_steps=4,
+               run_name="crash")
     grpo_step, calls = train.grpo_step, []
 
     def crash_at_step_4(*a, **k):
@@ -308,10 +321,12 @@ def test_resume_after_a_crash_logs_each_step_once(tmp_path, monkeypatch):
 
 def test_rl_seeds_share_one_warm_up_and_one_held_out_set(tmp_path):
     cfg = {k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "prompts_per_step", "group_size", "sft_steps",
-                                "sft_batch_size", "n_train", "eval_problems", "eval_interval", "lr", "n_steps")}
+                                "sft_batch_size", "n_train", "eval_problems", "eval_interval", "lr",
+                                "n_steps")}
     cfg.update(out_dir=str(tmp_path), mode="tis")
     runs = [train.main(args(cfg, seed=seed, run_name=f"seed{seed}")) for seed in (0, 1)]
-    assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 1    # the RL seed is not in the key
+    # the RL seed is not in the key
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 1
     logs = [[json.loads(line) for line in open(tmp_path / f"seed{seed}.jsonl")] for seed in (0, 1)]
     assert logs[0][0] == logs[1][0] and logs[0][0]["kind"] == "eval"              # same base, same problems
     k3 = [[r["mismatch_k3"] for r in log if r["kind"] == "train"] for log in logs]
@@ -319,7 +334,8 @@ def test_rl_seeds_share_one_warm_up_and_one_held_out_set(tmp_path):
     for run, values in zip(runs, k3):
         assert run["mismatch_k3_mean"] == pytest.approx(sum(values) / len(values), rel=1e-12)
     train.main(args(cfg, sft_seed=1, run_name="other_base"))
-    assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 2    # another sft_seed: another base
+    # another sft_seed: another base
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 2
 
 
 @pytest.mark.device
@@ -341,18 +357,21 @@ def test_tis_weights_scale_the_policy_gradient_loss(monkeypatch):
     monkeypatch.setattr(objectives, "tis_weights", lambda lp, lp_s, cap: torch.full_like(lp, 0.5))
     tis, _ = one_step("tis", updates_per_batch=1)
     assert naive["loss"] != 0.0
-    assert tis["loss"] == pytest.approx(0.5 * naive["loss"], rel=1e-6)   # same rollouts, every token weighted 0.5
+    # same rollouts, every token weighted 0.5
+    assert tis["loss"] == pytest.approx(0.5 * naive["loss"], rel=1e-6)
 
 
 def test_sparse_rl_weights_mask_and_rejection_on_hand_made_logprobs():
-    ratio = torch.tensor([[1.0, 0.4, 1.6, 1.2],      # two tokens outside [0.5, 1.5]
-                          [1.0, 5e-5, 1.0, 1.0],     # one token below the veto 1e-4: the sequence is rejected
-                          [2.0, 0.9, 1e-6, 1.0]])    # a response of 2 tokens: the 1e-6 after it vetoes nothing
+    ratio = torch.tensor([[1.0, 0.4, 1.6, 1.2],     # two tokens outside [0.5, 1.5]
+                          [1.0, 5e-5, 1.0, 1.0],    # one token below the veto 1e-4: the sequence is rejected
+                          [2.0, 0.9, 1e-6, 1.0]])   # a response of 2 tokens: the 1e-6 after it vetoes nothing
     response_mask = torch.tensor([[True] * 4, [True] * 4, [True, True, False, False]])
-    weights, keep, outside, rejected = objectives.sparse_rl_weights(ratio.log(), torch.zeros(3, 4), response_mask,
-                                                               0.5, 1.5, 1e-4)
-    capped = torch.tensor([[1.0, 0.4, 1.5, 1.2], [1.0, 5e-5, 1.0, 1.0], [1.5, 0.9, 0.0, 0.0]])  # min(ratio, 1.5)
-    assert torch.allclose(weights, capped / (capped.sum() / 10), rtol=1e-6)  # mean 1 over the 10 response tokens
+    weights, keep, outside, rejected = objectives.sparse_rl_weights(ratio.log(), torch.zeros(3, 4),
+                                                                    response_mask, 0.5, 1.5, 1e-4)
+    # min(ratio, 1.5)
+    capped = torch.tensor([[1.0, 0.4, 1.5, 1.2], [1.0, 5e-5, 1.0, 1.0], [1.5, 0.9, 0.0, 0.0]])
+    # mean 1 over the 10 response tokens
+    assert torch.allclose(weights, capped / (capped.sum() / 10), rtol=1e-6)
     assert keep.tolist() == [[True, False, False, True], [False] * 4, [False, True, False, False]]
     assert outside == pytest.approx(4 / 10) and rejected == pytest.approx(1 / 3)
 
@@ -360,7 +379,8 @@ def test_sparse_rl_weights_mask_and_rejection_on_hand_made_logprobs():
 def test_sparse_rl_loss_is_the_weighted_mean_over_kept_tokens(monkeypatch):
     made = {}
 
-    def some_weights_and_tokens(lp_learner, lp_sampler, response_mask, low, high, veto):  # any weights, half the tokens
+    # any weights, half the tokens
+    def some_weights_and_tokens(lp_learner, lp_sampler, response_mask, low, high, veto):
         g = torch.Generator().manual_seed(0)
         made["weights"] = torch.rand(lp_learner.shape, generator=g) + 0.5
         made["keep"] = response_mask & (torch.rand(lp_learner.shape, generator=g) < 0.5)
@@ -368,12 +388,14 @@ def test_sparse_rl_loss_is_the_weighted_mean_over_kept_tokens(monkeypatch):
     monkeypatch.setattr(objectives, "sparse_rl_weights", some_weights_and_tokens)
     got, ro, stats = step_gradient(monkeypatch, "sparse_rl")
     weights, keep = made["weights"], made["keep"]
-    assert 0 < keep.sum() < ro.response_mask.sum() and (stats["sparse_rl_outside"], stats["sparse_rl_rejected"]) == (0.25, 0.5)
+    assert (0 < keep.sum() < ro.response_mask.sum()
+            and (stats["sparse_rl_outside"], stats["sparse_rl_rejected"]) == (0.25, 0.5))
 
     def surrogate(model):  # at the first update the ratio is 1: the gradient of -mean_kept(w * A * log pi)
-        rewards = torch.tensor([float(len(train.decode(t[train.max_lengths()[0]:].tolist())) % 3) for t in ro.tokens])
+        rewards = torch.tensor([float(len(train.decode(t[train.max_lengths()[0]:].tolist())) % 3)
+                                for t in ro.tokens])
         adv = objectives.group_advantages(rewards, TINY["group_size"])
-        lp = train.smd.learner_logprobs(model, ro.tokens)                  # the full-cache learner, as naive's
+        lp = train.smd.learner_logprobs(model, ro.tokens)               # the full-cache learner, as naive's
         return -(lp * adv[:, None] * weights * keep).sum() / keep.sum()
     assert_same_gradient(got, gradient_of(surrogate))
     with pytest.raises(AssertionError):  # averaged over every response token instead: a different gradient
@@ -381,7 +403,7 @@ def test_sparse_rl_loss_is_the_weighted_mean_over_kept_tokens(monkeypatch):
 
 
 def test_kl_divergence_is_kl_of_first_from_second_and_follows_the_temperature():
-    p_logits = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]])        # (B, T, vocab); row 1 predicts token 1
+    p_logits = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]])      # (B, T, vocab); row 1 predicts token 1
     q_logits = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]]])
     response = torch.tensor([[False, True]])
     for t in (1.0, 0.5):
@@ -396,7 +418,8 @@ def test_no_training_problem_is_ever_evaluated_and_eval_size_does_not_move_train
     first_train = None
     for eval_problems in (1, 200, train.EVAL_POOL):
         for split in ("val", "test"):
-            problems, held_out = train.problem_splits(dict(base, eval_problems=eval_problems, eval_split=split))
+            problems, held_out = train.problem_splits(dict(base, eval_problems=eval_problems,
+                                                           eval_split=split))
             assert len(held_out) == eval_problems and not set(problems) & set(held_out)
             first_train = first_train or problems
             assert problems == first_train
@@ -412,22 +435,26 @@ def test_warm_up_key_ignores_rl_settings_and_names_what_shapes_the_weights(tmp_p
     for i, extra in enumerate([{}, dict(grad_clip=0.5), dict(eval_problems=3), dict(eval_split="test"),
                                dict(lr=1e-4)]):
         train.main(args(cfg, run_name=f"r{i}", **extra))
-    assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 1    # RL and eval knobs: same base
+    # RL and eval knobs: same base
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 1
     train.main(args(cfg, run_name="clip", sft_grad_clip=0.5))
-    assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 2    # the warm-up's own clip: new base
+    # the warm-up's own clip: new base
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 2
 
 
 def test_warm_up_key_changes_with_the_robust_recipe_and_only_with_what_shapes_it():
     plain = dict(TINY, sft_masked=0.0)
     robust = dict(TINY, sft_masked=0.5, sft_mask="policy", policy="rkv", keep_prompt=True)
     path = train.warmup_path
-    assert path(plain) == path(dict(plain, policy="tova", sft_mask="policy"))  # no masks: the policy is RL-only
+    # no masks: the policy is RL-only
+    assert path(plain) == path(dict(plain, policy="tova", sft_mask="policy"))
     assert len({path(plain), path(dict(plain, sft_masked=0.5)), path(robust)}) == 3
-    for change in (dict(sft_masked=0.25), dict(sft_mask="streaming"), dict(policy="h2o"), dict(keep_prompt=False),
-                   dict(rkv_window=3), dict(sft_min_budget=30)):
+    for change in (dict(sft_masked=0.25), dict(sft_mask="streaming"), dict(policy="h2o"),
+                   dict(keep_prompt=False), dict(rkv_window=3), dict(sft_min_budget=30)):
         assert path(dict(robust, **change)) != path(robust), change
     streaming = dict(TINY, sft_masked=0.5, sft_mask="streaming")
-    assert path(streaming) == path(dict(streaming, policy="rkv", budget=30))  # content-blind masks: RL-only again
+    # content-blind masks: RL-only again
+    assert path(streaming) == path(dict(streaming, policy="rkv", budget=30))
 
 
 @pytest.mark.parametrize("recipe", [dict(sft_mask="streaming"), dict(sft_mask="random", keep_prompt=True),
@@ -440,12 +467,16 @@ def test_warm_up_masks_are_causal_see_themselves_and_keep_the_prompt_where_the_r
     masks = train.eviction_masks(tiny_model(0), x, cfg, torch.Generator(DEVICE).manual_seed(0))
     L, B, nh, T, _ = masks.shape
     causal = torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril()
-    assert not (masks & ~causal).any() and masks.diagonal(dim1=-2, dim2=-1).all()  # causal; a query sees itself
+    # causal; a query sees itself
+    assert not (masks & ~causal).any() and masks.diagonal(dim1=-2, dim2=-1).all()
     evicts = (masks != causal).flatten(2).any(-1).any(0)                   # (B,) rows that lose some key
-    assert evicts.all() if recipe["sft_mask"] != "streaming" else evicts.float().mean() > 0.5  # wide windows keep all
+    # wide windows keep all
+    assert evicts.all() if recipe["sft_mask"] != "streaming" else evicts.float().mean() > 0.5
     P, _ = train.max_lengths()
-    assert masks[..., P:, :P].all() == recipe.get("keep_prompt", False)   # response queries see the whole prompt
-    if recipe["sft_mask"] != "streaming":  # recorded at one budget per batch, drawn from sft_min_budget .. T-1
+    # response queries see the whole prompt
+    assert masks[..., P:, :P].all() == recipe.get("keep_prompt", False)
+    # recorded at one budget per batch, drawn from sft_min_budget .. T-1
+    if recipe["sft_mask"] != "streaming":
         budgets = masks.sum(-1).amax(dim=(0, 2, 3))                        # (B,) most keys any query saw
         assert (budgets == budgets[0]).all() and cfg["sft_min_budget"] <= budgets[0] < T
 
@@ -457,12 +488,14 @@ def test_warm_up_trains_about_sft_masked_of_its_rows_under_eviction_masks():
     masks = train.warmup_masks(tiny_model(0), x, cfg, torch.Generator(DEVICE).manual_seed(0))
     causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=DEVICE).tril()
     masked = (masks != causal).flatten(2).any(-1).any(0)                   # (B,) rows under an eviction mask
-    assert 8 <= masked.sum() <= 24                                         # 16 expected of 64; the rest see all
+    # 16 expected of 64; the rest see all
+    assert 8 <= masked.sum() <= 24
 
 
 def test_relative_variance_and_cosine_on_a_constructed_case():
     import variance
-    grads = torch.tensor([[1.0, 0.0], [3.0, 0.0], [1.0, 2.0], [3.0, 2.0]])  # mean (2, 1), deviations of norm^2 2
+    # mean (2, 1), deviations of norm^2 2
+    grads = torch.tensor([[1.0, 0.0], [3.0, 0.0], [1.0, 2.0], [3.0, 2.0]])
     assert variance.relative_variance(grads) == pytest.approx(8 / (3 * 5))
     assert variance.relative_variance(torch.ones(5, 3)) == 0.0
     assert variance.cosine(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])) == pytest.approx(2 ** -0.5)
@@ -494,7 +527,8 @@ def test_the_reference_stays_the_warm_up_while_the_weights_move(tmp_path):
     # full-cache pass is measurably away from it (a reference that followed the weights would give 0)
     cfg = {k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "prompts_per_step", "group_size", "sft_steps",
                                 "sft_batch_size", "n_train", "eval_problems", "eval_interval", "lr")}
-    cfg.update(out_dir=str(tmp_path), mode="full", n_steps=3, ref_kl_coef=0.1, lr_warmup=0, updates_per_batch=1)
+    cfg.update(out_dir=str(tmp_path), mode="full", n_steps=3, ref_kl_coef=0.1, lr_warmup=0,
+               updates_per_batch=1)
     train.main(args(cfg, run_name="ref"))
     steps = [json.loads(line) for line in open(tmp_path / "ref.jsonl") if '"train"' in line]
     assert steps[0]["ref_kl"] < 1e-6                            # step 1 starts at the warm-up weights
