@@ -5,8 +5,9 @@ it on by the eviction rule of each policy, and recomputes the whole prefix at ev
 masks, by hand from the model's modules (attention probabilities, and the query and key vectors R-KV and
 keep_prompt SnapKV score with). The rules are the written ones (the README's table, and the eviction spec
 for: ties to the oldest position; SnapKV's pooling over every prompt position; keep_prompt for every policy;
-the rkv policy), written here as plain loops over positions, not from smd.py's policy classes. It shares no
-code with smd.py or with model.py's attention; it does not test the learner (test_smd.py does) nor speed.
+the rkv policy), written here as plain loops over positions, not from policies.py's classes. It shares no
+code with policies.py, smd.py or model.py's attention; it tests neither the learner (test_smd.py does) nor
+speed.
 """
 
 import functools

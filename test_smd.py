@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
+import policies
 import smd
 from model import GPT, GPTConfig, gather_at
 from conftest import DEVICE
@@ -73,9 +74,9 @@ def test_smd_logprobs_equal_sampler_for_every_policy(policy, keep_prompt, attent
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("policy, budget, kwargs", [("rkv", 28, dict(keep_prompt=True)), ("h2o", 26, {})])
 def test_smd_logprobs_equal_sampler_at_the_trained_models_scale(policy, budget, kwargs, dtype):
-    """train.py's model shape and sequence (20 + 33 tokens) with weights large enough for logits as large as the
-    trained model's (10.7; its float32 gap is 1.6e-5 there, `python bench.py --trained=True`). Float rounding
-    in a log-prob grows with the logits, so the tolerance is stated per unit of the largest logit."""
+    """train.py's model shape and sequence (20 + 33 tokens) with weights large enough for logits as large as
+    the trained model's (10.7; its float32 gap is 1.6e-5 there, `python bench.py --trained=True`). Float
+    rounding in a log-prob grows with the logits, so the tolerance is stated per unit of the largest logit."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=15, n_layer=2, n_head=4, n_embd=64))
     with torch.no_grad():
@@ -223,29 +224,29 @@ def test_eviction_policies_pick_the_documented_victim():
     pos = torch.tensor([[[0, 1, 2, 3, 9, 5, 8, 7]]])                     # (B, nh, S) = (1, 1, 8), newest 9
     mass = torch.tensor([[[5.0, 0.5, 3.0, 0.9, 0.0, 4.0, 0.1, 0.05]]])    # H2O: attention mass received
     cache = hand_made_cache(pos, mass)
-    assert smd.Streaming(n_sink=2).victim(cache, 0).item() == 2  # the oldest non-sink
-    assert smd.H2O(n_recent=3).victim(cache, 0).item() == 7      # 8, 9 and the incoming 10 are recent: 7 goes
-    assert smd.H2O(n_recent=4).victim(cache, 0).item() == 1      # 7 joins the window: 0.5 is the least left
+    assert policies.Streaming(n_sink=2).victim(cache, 0).item() == 2  # the oldest non-sink
+    assert policies.H2O(n_recent=3).victim(cache, 0).item() == 7  # 8, 9, the incoming 10 are recent: 7 goes
+    assert policies.H2O(n_recent=4).victim(cache, 0).item() == 1  # 7 joins the window: 0.5 is the least left
     # even split: 4 recent (7, 8, 9, 10) + 4 heavy
-    assert smd.H2O().victim(cache, 0).item() == 1
+    assert policies.H2O().victim(cache, 0).item() == 1
     newest_att = torch.tensor([[[0.3, 0.2, 0.1, 0.02, 0.1, 0.08, 0.1, 0.1]]])
     # least liked by the newest query
-    assert smd.TOVA().victim(hand_made_cache(pos, newest_att), 0).item() == 3
-    assert smd.TOVA().victim(hand_made_cache(pos, 1 - newest_att), 0).item() == 0
+    assert policies.TOVA().victim(hand_made_cache(pos, newest_att), 0).item() == 3
+    assert policies.TOVA().victim(hand_made_cache(pos, 1 - newest_att), 0).item() == 0
 
 
 def test_ties_go_to_the_oldest_position_whatever_slot_it_is_in():
     pos = torch.tensor([[[5, 2, 9, 1, 7]]])                               # (B, nh, S), newest 9
     att = torch.tensor([[[0.1, 0.3, 0.2, 0.1, 0.3]]])                    # a tie at 0.1: positions 5 and 1
     # position 1's slot, not the first slot
-    assert smd.TOVA().victim(hand_made_cache(pos, att), 0).item() == 3
-    assert smd.H2O(n_recent=1).victim(hand_made_cache(pos, att), 0).item() == 3
+    assert policies.TOVA().victim(hand_made_cache(pos, att), 0).item() == 3
+    assert policies.H2O(n_recent=1).victim(hand_made_cache(pos, att), 0).item() == 3
 
 
 def hand_made_rkv(keys, positions, query, **kwargs):
     """A one-head R-KV cache, full, whose next position is len(positions): keys (S, 2) in slot order."""
     config = GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=1, n_embd=2)
-    policy = smd.RKV(window=1, **kwargs)
+    policy = policies.RKV(window=1, **kwargs)
     cache = smd.KVCache(config, 1, len(positions), 16, policy, "cpu", torch.float32)
     cache.k[0, 0, 0] = torch.tensor(keys)
     cache.held[0, 0, 0] = torch.tensor(positions)
@@ -282,14 +283,14 @@ def test_tova_head_average_decides_for_all_heads_and_per_head_does_not():
     pos = torch.arange(4).expand(1, 2, 4)                               # (B, nh, S): 2 heads, same positions
     att = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.5, 0.0, 0.3, 0.2]]])  # head means: 0.3 0.1 0.3 0.3
     cache = hand_made_cache(pos, att)
-    assert smd.TOVA(head_average=True).victim(cache, 0).tolist() == [[1, 1]]
-    assert smd.TOVA(head_average=False).victim(cache, 0).tolist() == [[0, 1]]
+    assert policies.TOVA(head_average=True).victim(cache, 0).tolist() == [[1, 1]]
+    assert policies.TOVA(head_average=False).victim(cache, 0).tolist() == [[0, 1]]
 
 
 def test_snapkv_scores_prompt_keys_by_pooled_window_attention_then_slides():
     # prompt of 8 tokens, window 2: positions 0..5 are the body, 6 and 7 the observation window
     config = GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=1, n_embd=4)
-    policy = smd.SnapKV(window=2, kernel=3)
+    policy = policies.SnapKV(window=2, kernel=3)
     cache = smd.KVCache(config, 1, 8, 12, policy, "cpu", torch.float32, prompt_lengths=torch.tensor([8]))
     k = torch.zeros(1, 1, 8, 4)
     cache.update(0, k, k)
@@ -316,7 +317,7 @@ def test_snapkv_scores_prompt_keys_by_pooled_window_attention_then_slides():
 def test_snapkv_pools_the_score_an_evicted_prompt_key_received():
     # prompt of 6 tokens, budget 4, window 2: key 1 is seen by window query 4 and evicted before query 5
     config = GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=1, n_embd=4)
-    cache = smd.KVCache(config, 1, 4, 8, smd.SnapKV(window=2, kernel=3), "cpu", torch.float32,
+    cache = smd.KVCache(config, 1, 4, 8, policies.SnapKV(window=2, kernel=3), "cpu", torch.float32,
                         prompt_lengths=torch.tensor([6]))
     cache.held[0, 0, 0] = torch.tensor([4, 1, 2, 3])
     cache.next_pos = 4
@@ -331,7 +332,7 @@ def test_snapkv_pools_the_score_an_evicted_prompt_key_received():
 
 def test_snapkv_slides_while_a_long_prompt_is_still_being_read():
     config = GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=1, n_embd=4)
-    cache = smd.KVCache(config, 1, 8, 16, smd.SnapKV(window=2), "cpu", torch.float32,
+    cache = smd.KVCache(config, 1, 8, 16, policies.SnapKV(window=2), "cpu", torch.float32,
                         prompt_lengths=torch.tensor([12]))
     cache.held[0] = torch.tensor([[[8, 1, 2, 3, 4, 5, 6, 7]]])        # prompt of 12 tokens, 9 is next
     cache.next_pos = 9
@@ -365,7 +366,7 @@ def test_each_row_stops_after_its_own_max_new_tokens():
 
 def test_cache_scores_accumulate_attention_since_written():
     config = GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=1, n_embd=4)
-    cache = smd.KVCache(config, 1, 2, 4, smd.H2O(n_recent=1), "cpu", torch.float32)
+    cache = smd.KVCache(config, 1, 2, 4, policies.H2O(n_recent=1), "cpu", torch.float32)
     k = torch.zeros(1, 1, 1, 4)
     for t, att in enumerate([[1.0, 0.0], [0.25, 0.75], [0.5, 0.5]]):
         cache.update(0, k, k)

@@ -22,7 +22,8 @@ the last line printed starts with "summary:".
     python train.py --preset=gpu             # a larger model and batch for one GPU (used when visible)
     python compare.py                        # every mode and ablation, 2 warm-ups x 3 RL seeds, a sweep
 
-Not here: the model (model.py), the cache, shadow mask, rollout and learner passes (smd.py), the task (data/).
+Not here: the model (model.py), the eviction policies (policies.py), the cache, shadow mask, rollout and
+learner passes (smd.py), the task (data/).
 """
 
 import copy
@@ -30,12 +31,12 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 
 import torch
 
 import configurator
+import policies
 import smd
 from objectives import correction, group_advantages, grpo_loss, mismatch
 from data.arithmetic import EOS_ID, N_DIGITS, N_OPERANDS, VOCAB_SIZE, decode, encode, format_prompt, \
@@ -132,7 +133,7 @@ def problem_splits(cfg):
 
 
 def policy_kwargs(cfg):
-    """The settings of cfg's eviction policy, as smd.make_policy takes them."""
+    """The settings of cfg's eviction policy, as policies.make_policy takes them."""
     if cfg["policy"] == "full":
         return {}
     own = {"streaming": dict(n_sink=cfg["n_sink"]), "h2o": dict(n_recent=cfg["n_recent"] or None),
@@ -197,7 +198,7 @@ def validate_config(cfg):
     if cfg["budget"] > cfg["block_size"]:
         raise ValueError(f"budget {cfg['budget']} is larger than block_size {cfg['block_size']}")
     # unknown policy, or settings that cannot work with this budget (the policy's ValueError names them)
-    policy = smd.make_policy(cfg["policy"], **policy_kwargs(cfg))
+    policy = policies.make_policy(cfg["policy"], **policy_kwargs(cfg))
     policy.check(cfg["budget"], seq_len, P)
     if cfg["sft_masked"] and cfg["sft_mask"] == "policy":  # the warm-up records masks down to sft_min_budget
         if cfg["policy"] == "full" or not cfg["sft_min_budget"] < seq_len - 1:
