@@ -22,7 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import configurator
 from model import GPT, GPTConfig
-from smd import learner_logprobs, make_policy, rollout
+from policies import make_policy
+from smd import learner_logprobs, rollout
 
 # -----------------------------------------------------------------------------
 # config, overridable as --key=value; --device=cuda first switches to the one-GPU preset below
