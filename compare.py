@@ -45,7 +45,7 @@ CONFIG = configurator.knobs(globals())
 # -----------------------------------------------------------------------------
 
 ROWS = {  # row name -> the train.py flags that make it; every other setting (ref_kl_coef too) is shared
-    "full": ["--mode=full"],                                # full-cache rollouts: the on-policy ceiling
+    "full": ["--mode=full"],                                  # full-cache rollouts: the on-policy ceiling
     "naive": ["--mode=naive"],                                # compressed rollouts, unmasked learner
     "tis": ["--mode=tis"],                                    # naive + truncated importance weights
     "sparse_rl": ["--mode=sparse_rl"],                        # naive + Sparse-RL's rejection sampling
@@ -60,7 +60,7 @@ EPILOG = ("and any train.py --key=value, for every run (python train.py --help);
           f"--mode, --run_name and --resume itself.\nrows: {', '.join(ROWS)}")
 
 COLUMNS = [  # (header, summary key, format); start -> end columns show both
-    ("full-cache acc", ("acc_full_start", "acc_full"), "{:.3f}"),            # greedy exact match, full KV
+    ("full-cache acc", ("acc_full_start", "acc_full"), "{:.3f}"),              # greedy exact match, full KV
     ("compressed acc", ("acc_compressed_start", "acc_compressed"), "{:.3f}"),  # greedy, policy@budget
     ("reward", ("reward_start", "reward_end"), "{:.3f}"),                      # training, first/last 10 steps
     ("mismatch k3", "mismatch_k3_mean", "{:.1e}"),                             # KL(sampler || learner)/token

@@ -132,7 +132,7 @@ class CausalSelfAttention(nn.Module):
             if attn_mask is None:
                 attn_mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))         # (B, nh, T, T)
-            att = att.masked_fill(~attn_mask, float("-inf"))               # <- the shadow mask enters here
+            att = att.masked_fill(~attn_mask, float("-inf"))                # <- the shadow mask enters here
             att = F.softmax(att, dim=-1)
             y = self.attn_dropout(att) @ v                                 # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                   # re-assemble heads

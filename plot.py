@@ -21,7 +21,7 @@ import configurator
 # config, overridable as --key=value
 out_dir = "out"                             # where compare.py left its logs
 budget = 28                                 # the compare.py budget whose runs to draw
-rows = "full,naive,tis,sparse_rl,smd"      # compare.py rows to draw, in this order
+rows = "full,naive,tis,sparse_rl,smd"       # compare.py rows to draw, in this order
 file = "run.png"                            # the picture written
 smooth = 10                                 # moving average over this many steps for the per-step curves
 CONFIG = configurator.knobs(globals())

@@ -233,7 +233,7 @@ class SnapKV(Policy):
             return
         B, nh, T, S = att.shape
         P = cache.prompt_lengths[:, None]                                  # (B, 1)
-        query_pos = cache.next_pos + torch.arange(T, device=att.device)      # (T,)
+        query_pos = cache.next_pos + torch.arange(T, device=att.device)    # (T,)
         in_window = (query_pos >= P - self.window) & (query_pos < P)       # (B, T)
         received = (att * in_window[:, None, :, None]).sum(2)              # (B, nh, S)
         n_prompt = cache.prompt_scores.shape[-1]
@@ -255,7 +255,7 @@ class SnapKV(Policy):
             pooled = in_position_order(F.avg_pool1d, importance, pos, self.kernel)
             return lowest(pooled, pos, older & self.evictable(cache, layer))
         P = cache.prompt_lengths[:, None, None]                            # (B, 1, 1)
-        body = (pos < P - self.window) & (cache.next_pos >= P)               # prompt keys, once scored
+        body = (pos < P - self.window) & (cache.next_pos >= P)             # prompt keys, once scored
         score = cache.prompt_scores[layer].gather(-1, pos.clamp(0, cache.prompt_scores.shape[-1] - 1))
         return torch.where(body.any(-1), lowest(score, pos, body), oldest(pos, pos >= 0))
 
@@ -315,7 +315,7 @@ class Random(Policy):
         if not self.keep_prompt:
             return torch.randint(pos.shape[-1], pos.shape[:-1], generator=g, device=device).to(pos.device)
         allowed = self.evictable(cache, layer)                            # (B, nh, S)
-        n = allowed.sum(-1)                                                # (B, nh) candidates
+        n = allowed.sum(-1)                                               # (B, nh) candidates
         u = torch.rand(pos.shape[:-1], generator=g, device=device).to(pos.device)
         k = (u * n).long().clamp(max=n - 1)                                # the k-th candidate by position
         rank = (pos[..., None, :] < pos[..., :, None]) & allowed[..., None, :]  # (B, nh, S, S): older ones

@@ -120,7 +120,7 @@ class KVCache:
             self.v[layer].scatter_(2, hs_index, v)
             self.held[layer].scatter_(2, index[..., 0], t0)
             if self.slot_scores is not None:
-                self.slot_scores[layer].scatter_(2, index[..., 0], 0.0)  # a new token starts with no mass
+                self.slot_scores[layer].scatter_(2, index[..., 0], 0.0)    # a new token starts with no mass
             self.shadow_mask.slot_of[layer, :, :, t0] = slot               # decode's log
         pos = self.held[layer][:, :, None, :]                         # (B, nh, 1, S)
         query_pos = torch.arange(t0, t0 + T, device=k.device)[:, None]     # (T, 1)

@@ -63,7 +63,7 @@ def reference_forward(model, tokens, visible):
         hs = C // nh
         q, k, v = block.attn.c_attn(block.ln_1(x)).split(C, dim=2)
         q, k, v = (z.view(B, T, nh, hs).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)                  # (B, nh, T, T)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)                   # (B, nh, T, T)
         att = scores.masked_fill(~visible[layer], float("-inf")).softmax(-1)
         y = (att @ v).transpose(1, 2).reshape(B, T, C)
         x = x + block.attn.c_proj(y)
@@ -176,7 +176,7 @@ def victim(policy, options, budget, t, h, seen, att, q, k, prompt_len):
         # keeps what the window queries that saw it gave it, 0 if none did), and pooled over positions.
         W, kernel = options.get("window", 4), options.get("kernel", 3)
         n_body = max(prompt_len - W, 0)                                    # positions 0..n_body-1 are scored
-        raw = att[h, max(prompt_len - W, 0):prompt_len].sum(0)[:n_body]   # (n_body,)
+        raw = att[h, max(prompt_len - W, 0):prompt_len].sum(0)[:n_body]    # (n_body,)
         pooled = pool(raw, kernel, "avg")                                  # (n_body,) indexed by position
         left = [p for p in seen if p < n_body]
         return lowest(left, lambda p: pooled[p].item()) if left else min(seen)

@@ -265,7 +265,7 @@ def test_a_failed_run_is_reported_and_the_tables_keep_the_others(fake_compare, t
     assert f"budget 26 warm-up 0 seed 1 | failed: {failure}" in out
     table = {line.split("  ")[0]: line for line in out.split("over runs\n")[1].splitlines()[2:5]}
     assert table["smd (2 of 3 runs)"].split()[8:12] == ["->", "0.500", "±", "0.141"]  # seeds 0, 2: 0.4, 0.6
-    assert table["naive"].split()[4:8] == ["->", "0.300", "±", "0.100"]                # 0.2, 0.3, 0.4
+    assert table["naive"].split()[4:8] == ["->", "0.300", "±", "0.100"]               # 0.2, 0.3, 0.4
     sweep = sweep_rows(out)
     assert sweep[26][3] == "0.500 ± 0.141 / 0.250 ± 0.071 (2 of 3 runs)"
     assert sweep[13][1] == "-"                                           # no seed finished

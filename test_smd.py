@@ -222,7 +222,7 @@ def hand_made_cache(held, slot_scores, prompt_length=0):
 
 def test_eviction_policies_pick_the_documented_victim():
     pos = torch.tensor([[[0, 1, 2, 3, 9, 5, 8, 7]]])                     # (B, nh, S) = (1, 1, 8), newest 9
-    mass = torch.tensor([[[5.0, 0.5, 3.0, 0.9, 0.0, 4.0, 0.1, 0.05]]])    # H2O: attention mass received
+    mass = torch.tensor([[[5.0, 0.5, 3.0, 0.9, 0.0, 4.0, 0.1, 0.05]]])   # H2O: attention mass received
     cache = hand_made_cache(pos, mass)
     assert policies.Streaming(n_sink=2).victim(cache, 0).item() == 2  # the oldest non-sink
     assert policies.H2O(n_recent=3).victim(cache, 0).item() == 7  # 8, 9, the incoming 10 are recent: 7 goes
@@ -237,7 +237,7 @@ def test_eviction_policies_pick_the_documented_victim():
 
 def test_ties_go_to_the_oldest_position_whatever_slot_it_is_in():
     pos = torch.tensor([[[5, 2, 9, 1, 7]]])                               # (B, nh, S), newest 9
-    att = torch.tensor([[[0.1, 0.3, 0.2, 0.1, 0.3]]])                    # a tie at 0.1: positions 5 and 1
+    att = torch.tensor([[[0.1, 0.3, 0.2, 0.1, 0.3]]])                     # a tie at 0.1: positions 5 and 1
     # position 1's slot, not the first slot
     assert policies.TOVA().victim(hand_made_cache(pos, att), 0).item() == 3
     assert policies.H2O(n_recent=1).victim(hand_made_cache(pos, att), 0).item() == 3

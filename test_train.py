@@ -410,7 +410,7 @@ def test_kl_divergence_is_kl_of_first_from_second_and_follows_the_temperature():
         p, q = F.softmax(p_logits[0, 0] / t, -1), F.softmax(q_logits[0, 0] / t, -1)
         got = train.smd.kl_divergence(p_logits, q_logits, response, temperature=t).item()
         assert got == pytest.approx((p * (p.log() - q.log())).sum().item(), rel=1e-6)    # KL(p || q)
-        assert abs(got - (q * (q.log() - p.log())).sum().item()) > 1e-3                 # not KL(q || p)
+        assert abs(got - (q * (q.log() - p.log())).sum().item()) > 1e-3                  # not KL(q || p)
 
 
 def test_no_training_problem_is_ever_evaluated_and_eval_size_does_not_move_train():
