@@ -58,18 +58,21 @@ def make_config(argv):
     cfg = {**CONFIG, **preset, **overrides}
     if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={cfg['device']!r} but no GPU is visible")
-    for key in ("batch_size", "prompt_len", "n_layer", "n_head", "n_embd", "vocab_size", "repeats",
-                "threads"):
+    for key in ("batch_size", "prompt_len", "repeats", "threads"):
         if cfg[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
-    if cfg["n_embd"] % cfg["n_head"]:
-        raise ValueError(f"n_embd={cfg['n_embd']} must be divisible by n_head={cfg['n_head']}")
+    model_config(cfg)  # the model's sizes, checked by GPTConfig
     shortest = min(cfg["lengths"])
     if not all(0 < S < shortest for S in cfg["budgets"]) or cfg["prompt_len"] >= shortest:
         raise ValueError(f"every budget ({configurator.show(cfg['budgets'])}) and prompt_len "
                          f"({cfg['prompt_len']}) must be below the shortest length {shortest}")
     make_policy(cfg["policy"])  # an unknown name raises, listing the known ones
     return cfg
+
+
+def model_config(cfg):
+    return GPTConfig(block_size=max(cfg["lengths"]), vocab_size=cfg["vocab_size"], n_layer=cfg["n_layer"],
+                     n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0)
 
 
 def best_time(fn, repeats, sync):
@@ -138,7 +141,7 @@ def trained_gap():
     model.load_state_dict(torch.load(path, map_location=cfg["device"]))
     _, problems = train.problem_splits(cfg)
     prompts = [encode(format_prompt(p)) for p in problems[:64]]
-    P, R = train.max_lengths()
+    _, R = train.max_lengths()
     rows = []
     for dtype in (torch.float32, torch.float64):
         model.to(dtype)
@@ -167,8 +170,7 @@ def main(argv):
     cuda = cfg["device"].startswith("cuda")
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
-    model = GPT(GPTConfig(block_size=max(cfg["lengths"]), vocab_size=cfg["vocab_size"],
-                          n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0))
+    model = GPT(model_config(cfg))
     model.to(cfg["device"])
     with torch.no_grad():
         for p in model.parameters():

@@ -10,7 +10,7 @@ compare.py exits with status 1 at the end.
 
     python compare.py                        # the table and the sweep
     python compare.py --sweep=False --rows=full,smd --seeds=5 --sft_seeds=0
-    python compare.py --budget=21 --lr=3e-5  # any train.py --key=value reaches every run
+    python compare.py --budget=32 --lr=3e-5  # any train.py --key=value reaches every run
     python compare.py --rows= --sweep=False  # the warm-up tables alone
     python compare.py --help                 # these settings; train.py's: python train.py --help
 
@@ -29,7 +29,10 @@ import torch
 
 import configurator
 import objectives
+import policies
+import smd
 import train
+from data.arithmetic import EOS_ID, encode, format_prompt
 
 # -----------------------------------------------------------------------------
 # config: overridable as --key=value; every other --key=value goes to train.py, for every run
@@ -146,16 +149,15 @@ def prepare_warm_up(cfg):
 def sampled_k3(model, problems, policy, budget, **settings):
     """Per-token KL(compressed sampler || full-cache learner), the k3 estimate on one sampled (T=1) rollout of
     the problems: how far compression moves the policy, on the compressed policy's own samples."""
-    P, R = train.max_lengths()
-    ro = train.smd.rollout(model, [train.encode(train.format_prompt(p)) for p in problems], policy=policy,
-                           budget=budget, max_new_tokens=R, eos_id=train.EOS_ID,
-                           generator=torch.Generator(next(model.parameters()).device).manual_seed(0),
-                           **settings)
-    return objectives.mismatch(train.smd.learner_logprobs(model, ro.tokens), ro.logprobs, ro.response_mask)[1]
+    _, R = train.max_lengths()
+    ro = smd.rollout(model, [encode(format_prompt(p)) for p in problems], policy=policy, budget=budget,
+                     max_new_tokens=R, eos_id=EOS_ID,
+                     generator=torch.Generator(next(model.parameters()).device).manual_seed(0), **settings)
+    return objectives.mismatch(smd.learner_logprobs(model, ro.tokens), ro.logprobs, ro.response_mask)[1]
 
 
 @torch.no_grad()
-def warmup_table(model, cfg, policies, budgets, n_k3=128):
+def warmup_table(model, cfg, policy_names, budgets, n_k3=128):
     """How hard compression bites before any RL: the warm-up's greedy accuracy with a full cache and under
     each policy at each budget, the prompt evictable or kept, on the same held-out problems as the runs, and
     in brackets the k3 KL of the sampler from the full-cache learner (sampled_k3, on n_k3 of them); n/a where
@@ -163,7 +165,7 @@ def warmup_table(model, cfg, policies, budgets, n_k3=128):
     _, held_out = train.problem_splits(cfg)
     P, R = train.max_lengths()
     cells = [["policy"] + [f"{b} ({b / (P + R):.0%})" for b in budgets]]
-    for policy in policies:
+    for policy in policy_names:
         for keep_prompt in (False, True):
             row = [policy + (", prompt kept" if keep_prompt else "")]
             for budget in budgets:
@@ -185,7 +187,8 @@ def configure(argv):
     """-> (compare's settings, rows and sweep_rows as lists, sweep_rows [] without the sweep; the table's
     train.py config; the plan, (row, budget, sft_seed, seed) -> that run's train.py flags). Every run's
     config is checked here, before any work, so a typo costs a second, not a warm-up."""
-    overrides, passed = configurator.parse_known(argv, CONFIG)
+    reserved = ("seed", "sft_seed", "mode", "run_name", "resume")
+    overrides, passed = configurator.parse_known(argv, CONFIG, reserved)
     own = dict(CONFIG, **overrides)
     own["rows"] = [n for n in own["rows"].split(",") if n]  # --rows= (empty): the warm-up table alone
     own["sweep_rows"] = [n for n in own["sweep_rows"].split(",") if n] if own["sweep"] else []
@@ -194,14 +197,14 @@ def configure(argv):
         raise ValueError(f"need rows from {list(ROWS)}, seeds >= 1, jobs >= 1, distinct sft_seeds; got "
                          f"unknown rows {unknown}, seeds={own['seeds']}, jobs={own['jobs']}, "
                          f"sft_seeds={own['sft_seeds']}")
+    unknown = [p for p in own["warmup_policies"].split(",") if p and p not in policies.POLICIES]
+    if unknown:
+        raise ValueError(f"unknown warmup_policies {unknown}; choose from {sorted(policies.POLICIES)}")
     own["runs"] = [(w, s) for w in own["sft_seeds"] for s in range(own["seeds"])]  # (warm-up, RL seed)
-    for key in ("seed", "sft_seed", "mode", "run_name", "resume"):
-        if any(a.startswith(f"--{key}=") for a in passed):
-            raise ValueError(f"compare.py sets --{key} itself for every run")
     if not any(a.startswith("--eval_split=") for a in passed):
         passed.append("--eval_split=test")  # report on test; choosing settings on val is train.py's default
     if not any(a.startswith("--eval_interval=") for a in passed):
-        passed.append("--eval_interval=1000")  # the tables need start and end only: an hour, not more
+        passed.append("--eval_interval=1000")  # the tables need start and end only
     cfg = train.make_config(passed)
     runs = [(n, cfg["budget"]) for n in own["rows"]]
     runs += [(n, b) for b in own["sweep_budgets"] for n in own["sweep_rows"]]

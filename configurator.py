@@ -7,7 +7,7 @@ accepts beyond their type (each script checks its own and raises ValueError sayi
 
 How a script uses it:
 
-    budget = 26                              # KV slots per layer and head
+    budget = 28                              # KV slots per layer and head
     rows = "full,smd"                       # table rows, in order
     CONFIG = configurator.knobs(globals())   # right after the block: {"budget": 26, "rows": "full,smd"}
 
@@ -94,11 +94,15 @@ def parse(argv, defaults):
     return out
 
 
-def parse_known(argv, defaults):
+def parse_known(argv, defaults, reserved=()):
     """-> (the overrides of keys in defaults, parsed; the other arguments, as given): for a script that
-    passes what it does not own on to train.py."""
+    passes what it does not own on to train.py. reserved: train.py flags the script sets itself."""
     is_own = lambda arg: arg.startswith("--") and arg[2:].partition("=")[0] in defaults
-    return parse([a for a in argv if is_own(a)], defaults), [a for a in argv if not is_own(a)]
+    passed = [a for a in argv if not is_own(a)]
+    for key in reserved:
+        if any(a.startswith(f"--{key}=") for a in passed):
+            raise ValueError(f"the script sets --{key} itself")
+    return parse([a for a in argv if is_own(a)], defaults), passed
 
 
 def show(value):

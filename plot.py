@@ -32,7 +32,8 @@ def load(out_dir, row, budget):
     """Per-run records of one row: [(train records, eval records)]."""
     runs = []
     for path in sorted(glob.glob(os.path.join(out_dir, f"cmp_{row}_b{budget}_w*_s*.jsonl"))):
-        records = [json.loads(line) for line in open(path)]
+        with open(path) as f:
+            records = [json.loads(line) for line in f]
         runs.append(([r for r in records if r["kind"] == "train"],
                      [r for r in records if r["kind"] == "eval"]))
     return runs

@@ -50,7 +50,7 @@ def window_importance(cache, layer, window):
     """The attention the last `window` queries give each cached key older than them: a softmax over those
     keys alone, averaged over the window queries (R-KV's and decode-time SnapKV's importance).
     -> importance (B, nh, S), 0 for keys in the window; older (B, nh, S) bool, the keys scored."""
-    pos, k = cache.held[layer], cache.k[layer]                        # (B, nh, S), (B, nh, S, hs)
+    pos, k = cache.held[layer], cache.k[layer]                             # (B, nh, S), (B, nh, S, hs)
     older = (pos >= 0) & (pos < cache.next_pos - window)
     q = cache.recent_q[layer]                                              # (B, nh, W, hs): queries t-W..t-1
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])            # (B, nh, W, S)
@@ -123,7 +123,7 @@ class Streaming(Policy):
                              f"budget {budget}")
 
     def victim(self, cache, layer):
-        pos = cache.held[layer]                                       # (B, nh, S)
+        pos = cache.held[layer]                                            # (B, nh, S)
         return oldest(pos, self.evictable(cache, layer) & (pos >= self.n_sink))
 
 
@@ -231,7 +231,7 @@ class SnapKV(Policy):
     def observe(self, cache, layer, q, att):
         if self.keep_prompt:
             return
-        B, nh, T, S = att.shape
+        B, nh, T, _ = att.shape                                            # (B, nh, T, S)
         P = cache.prompt_lengths[:, None]                                  # (B, 1)
         query_pos = cache.next_pos + torch.arange(T, device=att.device)    # (T,)
         in_window = (query_pos >= P - self.window) & (query_pos < P)       # (B, T)
@@ -249,7 +249,7 @@ class SnapKV(Policy):
             cache.prompt_scores[layer] = torch.where(read[:, None, None], pooled, raw)
 
     def victim(self, cache, layer):
-        pos = cache.held[layer]                                       # (B, nh, S), full: no empty slot
+        pos = cache.held[layer]                                            # (B, nh, S), full: no empty slot
         if self.keep_prompt:
             importance, older = window_importance(cache, layer, self.window)
             pooled = in_position_order(F.avg_pool1d, importance, pos, self.kernel)
@@ -298,7 +298,7 @@ class RKV(Policy):
         return torch.where(spared, 0.0, sim).mean(2).softmax(-1)
 
     def victim(self, cache, layer):
-        pos = cache.held[layer]                                       # (B, nh, S), full
+        pos = cache.held[layer]                                            # (B, nh, S), full
         importance, older = window_importance(cache, layer, self.window)
         pooled = in_position_order(F.max_pool1d, importance, pos, self.kernel)
         score = self.mix_lambda * pooled - (1 - self.mix_lambda) * self.redundancy(cache.k[layer], pos)

@@ -122,7 +122,7 @@ class KVCache:
             if self.slot_scores is not None:
                 self.slot_scores[layer].scatter_(2, index[..., 0], 0.0)    # a new token starts with no mass
             self.shadow_mask.slot_of[layer, :, :, t0] = slot               # decode's log
-        pos = self.held[layer][:, :, None, :]                         # (B, nh, 1, S)
+        pos = self.held[layer][:, :, None, :]                              # (B, nh, 1, S)
         query_pos = torch.arange(t0, t0 + T, device=k.device)[:, None]     # (T, 1)
         visible = (pos >= 0) & (pos <= query_pos)                          # (B, nh, T, S)
         return self.k[layer], self.v[layer], visible
@@ -262,13 +262,17 @@ def decode(model, given, lengths, ends, T, policy, budget, temperature, eos_id, 
 # 4-5. The learner
 
 
+def check_attention(attention):
+    if attention not in ("mask", "gather"):
+        raise ValueError(f"learner attention must be 'mask' or 'gather', got {attention!r}")
+
+
 def learner_logits(model, tokens, shadow_mask=None, *, attention="mask"):
     """(B, T, vocab) teacher-forced logits. shadow_mask=None: plain causal attention (the unmasked pass, the
     full-cache policy). A ShadowMask: every query sees exactly what the sampler saw, via attention="mask" (a
     T x T boolean attn_mask per layer) or "gather" (each query gathers its S slots: O(T * S) scores, and after
     model.set_exact() bitwise equal to the sampler on CPU)."""
-    if attention not in ("mask", "gather"):
-        raise ValueError(f"attention must be 'mask' or 'gather', got {attention!r}")
+    check_attention(attention)
     if attention == "gather" and shadow_mask is None:
         raise ValueError("attention='gather' needs a ShadowMask")
     if shadow_mask is not None and shadow_mask.slot_of.shape[-1] != tokens.shape[1]:

@@ -4,12 +4,17 @@ table's rows and the sweep's overlap (its runs faked)."""
 import importlib
 import os
 import re
+import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import configurator
+import policies
+import smd
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = dict(budget=26, lr=1e-5, resume=False, mode="smd", rows="full,smd", sweep_budgets=(13, 21),
@@ -116,8 +121,6 @@ def test_cli_prints_help_or_one_error_line_and_leaves_errors_past_the_checks_alo
 
 # ----------------------------------------------------------------------------- every script, as a subprocess
 
-# train.py switches from its own parser to configurator.cli in a separate change; until then its --help and
-# bad flags end in a traceback
 SCRIPTS = ["train", "compare", "variance", "bench", "plot"]
 COMMENT = {"train": "KV slots per layer and head", "compare": "RL seeds 0 .. seeds-1",
            "variance": "independent batches per mode", "bench": "total sequence lengths T",
@@ -139,8 +142,8 @@ def test_help_prints_every_knob_with_its_comment(name):
 # an unknown key, then a bad value: of the wrong type, or one the script's own checks reject; compare.py and
 # variance.py hand --seedz, --lr and --k to train.py's parser, which rejects them
 BAD = {"train": ["--bugdet=8", "--budget=8.5"],
-       "compare": ["--seedz=3", "--seeds=x", "--lr=abc"],
-       "variance": ["--k=32", "--K=1"],
+       "compare": ["--seedz=3", "--seeds=x", "--lr=abc", "--warmup_policies=h2o,lru"],
+       "variance": ["--k=32", "--K=1", "--n_steps=1"],
        "bench": ["--lenghts=64", "--budgets=8,x"],
        "plot": ["--smoth=3", "--smooth=0"]}
 
@@ -148,13 +151,50 @@ BAD = {"train": ["--bugdet=8", "--budget=8.5"],
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_a_bad_flag_or_value_is_one_line_on_stderr_and_exit_2(name):
     procs = {arg: subprocess.Popen([sys.executable, f"{name}.py", arg], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                                   stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
              for arg in BAD[name]}  # side by side: each is mostly the import of torch
-    for arg, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 2, (arg, stderr)
-        assert stderr.startswith("error: ") and stderr.count("\n") == 1, (arg, stderr)
-        assert "Traceback" not in stderr and not stdout, arg
+    try:
+        for arg, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=120)
+            assert proc.returncode == 2, (arg, stderr)
+            assert stderr.startswith("error: ") and stderr.count("\n") == 1, (arg, stderr)
+            assert "Traceback" not in stderr and not stdout, arg
+    finally:  # a script that got past its checks is working, maybe with train.py children: stop them all
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_command_in_a_docstring_passes_its_scripts_checks(name):
+    """The usage lines a reader copies (`python <name>.py --key=value ...  # comment`) run as printed: each
+    passes the checks its script makes before any work."""
+    module = importlib.import_module(name)
+    source = open(os.path.join(ROOT, f"{name}.py")).read()
+    check = getattr(module, re.search(r"configurator\.cli\(main, CONFIG, __file__, check=(\w+)", source)[1])
+    commands = re.findall(rf"^ *python {name}\.py([^#\n]*)", module.__doc__, flags=re.M)
+    assert commands
+    for argv in (line.split() for line in commands):
+        if "--help" in argv or ("--device=cuda" in argv and not torch.cuda.is_available()):
+            continue
+        check(argv)
+
+
+def test_the_readmes_code_runs_as_printed(capsys):
+    """Both python blocks of README.md: the API in a dozen lines, then a new policy, used in a rollout."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    api, new_policy = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    exec(api, {})
+    assert "record == rollout: True" in capsys.readouterr().out
+    exec(new_policy, {})
+    try:
+        model = GPT(GPTConfig(block_size=32, vocab_size=16, n_layer=1, n_head=2, n_embd=16))
+        r = smd.rollout(model, [[1, 2, 3]], policy="keep_first_tova", budget=4, max_new_tokens=20,
+                        generator=torch.Generator().manual_seed(0))
+        visible = r.shadow_mask.visible()                                # (L, B, nh, T, T)
+        assert visible[..., 0].all() and visible.sum(-1).max() == 4      # position 0 kept, 4 slots used
+    finally:
+        del policies.POLICIES["keep_first_tova"]
 
 
 def test_bench_on_a_gpu_takes_its_preset_first_then_the_other_flags(monkeypatch):

@@ -243,6 +243,9 @@ def test_a_non_finite_loss_stops_before_the_weights_change(monkeypatch):
     (dict(policy_gradient=False, distill_coef=0.0), "policy_gradient"),
     (dict(preset="tpu"), "preset"),
     (dict(reward="shaped"), "reward"),
+    (dict(learner_attention="dense"), "learner attention"),
+    (dict(sft_mask="random", sft_min_budget=52), "sft_min_budget"),  # the masks' budget is drawn below T-1
+    (dict(sft_mask="random", sft_min_budget=15), "prompt"),          # keep_prompt: 20 prompt tokens + 1
 ])
 def test_bad_config_is_rejected_with_a_message(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -317,6 +320,12 @@ def test_resume_after_a_crash_logs_each_step_once(tmp_path, monkeypatch):
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 1, 2, 3, 4]
     assert [r["kind"] for r in records].count("summary") == 1
+    summary = records[-1]
+    train.main(args(cfg, resume=True))                                     # a finished run: nothing runs
+    records = [json.loads(line) for line in open(tmp_path / "crash.jsonl")]
+    assert [r["kind"] for r in records][-2:] == ["eval", "summary"]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 1, 2, 3, 4]
+    assert records[-1]["acc_full"] == summary["acc_full"]
 
 
 def test_rl_seeds_share_one_warm_up_and_one_held_out_set(tmp_path):

@@ -19,7 +19,7 @@ the last line printed starts with "summary:".
     python train.py                          # smd under rkv@28; ~3 min on 2 CPU cores, warm-up included
     python train.py --mode=naive             # same base, shows the off-policy mismatch
     python train.py --mode=tis --policy=snapkv
-    python train.py --preset=gpu             # a larger model and batch for one GPU (used when visible)
+    python train.py --preset=gpu             # a larger model and batch, for one GPU (never on by itself)
     python compare.py                        # every mode and ablation, 2 warm-ups x 3 RL seeds, a sweep
 
 Not here: the model (model.py), the eviction policies (policies.py), the cache, shadow mask, rollout and
@@ -189,8 +189,7 @@ def validate_config(cfg):
         raise ValueError(f"n_recent must be >= 0 (0 = half the budget), got {cfg['n_recent']}")
     if cfg["reward"] not in REWARDS:
         raise ValueError(f"reward must be one of {sorted(REWARDS)}, got {cfg['reward']!r}")
-    if cfg["learner_attention"] not in ("mask", "gather"):
-        raise ValueError(f"learner_attention must be 'mask' or 'gather', got {cfg['learner_attention']!r}")
+    smd.check_attention(cfg["learner_attention"])
     P, R = max_lengths()
     seq_len = P + R
     if cfg["block_size"] < seq_len:
@@ -200,11 +199,14 @@ def validate_config(cfg):
     # unknown policy, or settings that cannot work with this budget (the policy's ValueError names them)
     policy = policies.make_policy(cfg["policy"], **policy_kwargs(cfg))
     policy.check(cfg["budget"], seq_len, P)
-    if cfg["sft_masked"] and cfg["sft_mask"] == "policy":  # the warm-up records masks down to sft_min_budget
-        if cfg["policy"] == "full" or not cfg["sft_min_budget"] < seq_len - 1:
-            raise ValueError(f"sft_mask='policy' needs an evicting policy and sft_min_budget < {seq_len - 1},"
-                             f" got {cfg['policy']!r}, {cfg['sft_min_budget']}")
-        policy.check(cfg["sft_min_budget"], seq_len - 1, P)
+    if cfg["sft_masked"] and cfg["sft_mask"] != "streaming":  # masks recorded down to sft_min_budget
+        no_policy = cfg["sft_mask"] == "policy" and cfg["policy"] == "full"
+        if no_policy or not cfg["sft_min_budget"] < seq_len - 1:
+            raise ValueError(f"sft_mask={cfg['sft_mask']!r} needs an evicting policy and sft_min_budget < "
+                             f"{seq_len - 1}, got {cfg['policy']!r}, {cfg['sft_min_budget']}")
+        recorder = (policy if cfg["sft_mask"] == "policy"
+                    else policies.make_policy("random", keep_prompt=cfg["keep_prompt"]))
+        recorder.check(cfg["sft_min_budget"], seq_len - 1, P)
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no GPU is visible")
 
@@ -590,8 +592,8 @@ def main(argv):
             save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                              generator=generator.get_state(), torch_rng=torch.get_rng_state(),
                              history=history, config=cfg), run_path(cfg, ".pt"))
-    if start >= cfg["n_steps"]:  # resumed a finished run: nothing trained, evaluate for the summary
-        run_eval(start)
+    if start >= cfg["n_steps"] and (not history["evals"] or history["evals"][-1][0] != start):
+        run_eval(start)  # resumed past n_steps (a finished run's checkpoint holds its last eval already)
     summary = summarize(cfg, history, time.time() - t_rl, time.time() - t_start)
     log(dict(kind="summary", **summary))
     log_file.close()

@@ -14,7 +14,7 @@ K. (v is measured against ||g_bar||^2, which noise inflates, so it understates t
 not small.)
 
     python variance.py                        # ~5 min on one CPU core
-    python variance.py --K=32 --budget=21     # any train.py --key=value sets the weights' and batches' config
+    python variance.py --K=32 --budget=32     # any train.py --key=value sets the weights' and batches' config
     python variance.py --help                 # these settings; train.py's: python train.py --help
 
 Not here: training (train.py), the table of final accuracies (compare.py).
@@ -27,6 +27,7 @@ import torch
 
 import configurator
 import objectives
+import smd
 import train
 
 # -----------------------------------------------------------------------------
@@ -45,7 +46,7 @@ def flat_gradient(model, cfg, generator, problems):
     pass and correction (tis, sparse_rl) as train.grpo_step, with lp_old = lp so the ratio is exactly 1."""
     ro, _, adv = train.sample_batch(model, problems, cfg, generator)
     logits = train.policy_pass(model, ro, cfg)
-    lp = train.smd.token_logprobs(logits, ro.tokens, cfg["temperature"])   # (B, T)
+    lp = smd.token_logprobs(logits, ro.tokens, cfg["temperature"])         # (B, T)
     weights, loss_mask, _ = objectives.correction(cfg, lp.detach(), ro.logprobs, ro.response_mask)
     loss, _ = objectives.grpo_loss(lp, lp.detach(), adv, loss_mask, cfg["clip_eps"], weights)
     model.zero_grad(set_to_none=True)
@@ -101,15 +102,16 @@ def measure(model, cfg, own, train_problems, label):
 
 def configure(argv):
     """-> (variance's settings, the flags it passes to train.py, their config), checked before any work."""
-    overrides, passed = configurator.parse_known(argv, CONFIG)
+    overrides, passed = configurator.parse_known(argv, CONFIG, reserved=("mode", "run_name", "resume"))
     own = dict(CONFIG, **overrides)
     if own["K"] < 2 or own["n_ref"] < 1 or any(m not in train.MODES for m in own["modes"].split(",")):
         raise ValueError(f"need K >= 2, n_ref >= 1 and modes from {train.MODES}, got K={own['K']}, "
                          f"n_ref={own['n_ref']}, modes={own['modes']!r}")
-    for key in ("mode", "run_name", "resume"):
-        if any(a.startswith(f"--{key}=") for a in passed):
-            raise ValueError(f"variance.py sets --{key} itself")
-    return own, passed, train.make_config(passed + ["--mode=smd"])
+    cfg = train.make_config(passed + ["--mode=smd"])
+    if cfg["n_steps"] < 2:
+        raise ValueError(f"variance.py also measures at step n_steps // 2: need n_steps >= 2, "
+                         f"got {cfg['n_steps']}")
+    return own, passed, cfg
 
 
 def main(argv):

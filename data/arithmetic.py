@@ -132,7 +132,7 @@ def _check_problem(problem: Problem) -> None:
 
 
 def format_prompt(problem: Problem) -> str:
-    """'31+07+58+24+05+90+12=': the operands, zero-padded to n_digits."""
+    """'3+0+5+2+0+9+1+4+7+2=': the operands, zero-padded to n_digits."""
     _check_problem(problem)
     return "+".join(f"{x:0{problem.n_digits}d}" for x in problem.operands) + "="
 
@@ -143,7 +143,7 @@ def _answer_text(problem: Problem) -> str:
 
 
 def format_response(problem: Problem) -> str:
-    """'031>038>096>120>125>215>227;227': each running sum (the first is operand 1 itself), then ';' and
+    """'03>03>08>10>10>19>20>24>31>33;33': each running sum (the first is operand 1 itself), then ';' and
     the total, all zero-padded to the width of the largest possible total. No EOS: the trainer adds EOS_ID."""
     _check_problem(problem)
     width = _sum_width(len(problem.operands), problem.n_digits)
