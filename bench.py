@@ -130,7 +130,8 @@ def learner_memory(model, loss_fn, cuda):
 
 def trained_gap():
     """The sampler/learner log-prob gap on the model train.py's defaults make, rolled out as train.py does
-    (its policy and budget, T=1) on 64 test problems: rows (dtype, path, max, mean over response tokens)."""
+    (its policy and budget, temperature 1) on 64 test problems: rows (dtype, path, max, mean over response
+    tokens)."""
     import train
     from data.arithmetic import EOS_ID, encode, format_prompt
     cfg = train.make_config(["--eval_split=test"])

@@ -147,8 +147,8 @@ def prepare_warm_up(cfg):
 
 @torch.no_grad()
 def sampled_k3(model, problems, policy, budget, **settings):
-    """Per-token KL(compressed sampler || full-cache learner), the k3 estimate on one sampled (T=1) rollout of
-    the problems: how far compression moves the policy, on the compressed policy's own samples."""
+    """Per-token KL(compressed sampler || full-cache learner), the k3 estimate on one rollout of the problems
+    sampled at temperature 1: how far compression moves the policy, on the compressed policy's own samples."""
     _, R = train.max_lengths()
     ro = smd.rollout(model, [encode(format_prompt(p)) for p in problems], policy=policy, budget=budget,
                      max_new_tokens=R, eos_id=EOS_ID,

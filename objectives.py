@@ -87,7 +87,7 @@ def grpo_loss(lp, lp_old, advantages, response_mask, clip_eps, weights=None):
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     if weights is not None:
         per_token = per_token * weights
-    weight = response_mask.to(lp.dtype)                                   # (B, T): 1 on response tokens
+    token_mask = response_mask.to(lp.dtype)                               # (B, T): 1 on response tokens
     clipped = ((ratio - 1).abs() > clip_eps).to(lp.dtype)
-    n = weight.sum().clamp(min=1)                                          # sparse_rl may drop every token
-    return (per_token * weight).sum() / n, ((clipped * weight).sum() / n).item()
+    n = token_mask.sum().clamp(min=1)                                      # sparse_rl may drop every token
+    return (per_token * token_mask).sum() / n, ((clipped * token_mask).sum() / n).item()

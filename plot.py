@@ -29,18 +29,17 @@ CONFIG = configurator.knobs(globals())
 
 
 def load(out_dir, row, budget):
-    """Per-run records of one row: [(train records, eval records)]."""
+    """Per-run records of one row: [{"train": train records, "eval": eval records}]."""
     runs = []
     for path in sorted(glob.glob(os.path.join(out_dir, f"cmp_{row}_b{budget}_w*_s*.jsonl"))):
         with open(path) as f:
             records = [json.loads(line) for line in f]
-        runs.append(([r for r in records if r["kind"] == "train"],
-                     [r for r in records if r["kind"] == "eval"]))
+        runs.append({kind: [r for r in records if r["kind"] == kind] for kind in ("train", "eval")})
     return runs
 
 
 def mean_curve(runs, kind, key):
-    """Steps and the mean over runs of `key` (kind 0: train records, 1: eval records)."""
+    """Steps and the mean over runs of `key` in their `kind` ("train" or "eval") records."""
     by_step = defaultdict(list)
     for run in runs:
         for r in run[kind]:
@@ -71,9 +70,10 @@ def main(argv):
     except ImportError:
         sys.exit("plot.py needs matplotlib, which nothing else here does: pip install matplotlib")
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    panels = [(0, "reward", "training reward (moving avg)"), (1, "acc_full", "full-cache greedy accuracy"),
-              (1, "acc_compressed", f"compressed greedy accuracy (budget {cfg['budget']})"),
-              (0, "mismatch_k3", "mismatch KL(sampler || learner), k3")]
+    panels = [("train", "reward", "training reward (moving avg)"),
+              ("eval", "acc_full", "full-cache greedy accuracy"),
+              ("eval", "acc_compressed", f"compressed greedy accuracy (budget {cfg['budget']})"),
+              ("train", "mismatch_k3", "mismatch KL(sampler || learner), k3")]
     drawn = 0
     for row in cfg["rows"].split(","):
         runs = load(cfg["out_dir"], row, cfg["budget"])
@@ -83,9 +83,9 @@ def main(argv):
         drawn += 1
         for ax, (kind, key, title) in zip(axes, panels):
             steps, values = mean_curve(runs, kind, key)
-            if kind == 0:
+            if kind == "train":
                 values = moving_average(values, cfg["smooth"])
-            ax.plot(steps, values, label=f"{row} ({len(runs)} runs)", marker="o" if kind == 1 else None,
+            ax.plot(steps, values, label=f"{row} ({len(runs)} runs)", marker="o" if kind == "eval" else None,
                     ms=3)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("GRPO step", fontsize=8)

@@ -51,7 +51,7 @@ class ShadowMask:
         visible.scatter_(-1, torch.where(seen < 0, T, seen), True)         # empty slots go to a spare column
         return visible[..., :T]                                            # (B, nh, T, T)
 
-    def visible(self):
+    def attn_masks(self):
         """(L, B, nh, T, T) bool: every layer's attn_mask at once."""
         return torch.stack([self[layer] for layer in range(len(self))])
 
@@ -176,7 +176,7 @@ def rollout(model, prompts, *, policy, budget, max_new_tokens, temperature=1.0, 
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device
     prompts, lengths = pad_prompts(prompts, 0 if eos_id is None else eos_id, device)  # (B, P), (B,)
-    return decode(model, prompts, lengths, lengths + max_new_tokens, prompts.shape[1] + max_new_tokens,
+    return generate(model, prompts, lengths, lengths + max_new_tokens, prompts.shape[1] + max_new_tokens,
                   policy, budget, temperature, eos_id, generator, policy_kwargs, forced=False)
 
 
@@ -186,7 +186,7 @@ def record(model, tokens, prompt_lengths, *, policy, budget, temperature=1.0, eo
     would have fed them, had it sampled these tokens, and return the Rollout it would have returned: the
     shadow mask, and the compressed policy's log-probs of the tokens after each row's prompt (up to and
     including its first eos_id). Recording a rollout's own tokens, with the same generator seed, gives back
-    its shadow mask and log-probs: one code path (decode) serves both. Uses: the compressed policy's
+    its shadow mask and log-probs: one code path (generate) serves both. Uses: the compressed policy's
     likelihood of reference answers, an eviction-aware warm-up, tests."""
     device = next(model.parameters()).device
     if not torch.is_tensor(tokens) or tokens.dim() != 2 or tokens.shape[1] < 2:
@@ -196,12 +196,12 @@ def record(model, tokens, prompt_lengths, *, policy, budget, temperature=1.0, eo
     B, T = tokens.shape
     if lengths.shape != (B,) or lengths.min() < 1 or lengths.max() >= T:
         raise ValueError(f"prompt_lengths must be ({B},) with 1 <= P_b < T = {T}, got {prompt_lengths}")
-    return decode(model, tokens, lengths, torch.full_like(lengths, T), T, policy, budget, temperature, eos_id,
-                  generator, policy_kwargs, forced=True)
+    return generate(model, tokens, lengths, torch.full_like(lengths, T), T, policy, budget, temperature,
+                    eos_id, generator, policy_kwargs, forced=True)
 
 
 @torch.no_grad()
-def decode(model, given, lengths, ends, T, policy, budget, temperature, eos_id, generator, policy_kwargs,
+def generate(model, given, lengths, ends, T, policy, budget, temperature, eos_id, generator, policy_kwargs,
            forced):
     """The one loop under the compressed cache, for rollout() and record(). given (B, >= P): prompts (then
     sampled) or whole sequences (forced); row b generates positions lengths[b] .. ends[b]-1 until its EOS."""

@@ -191,7 +191,7 @@ def test_the_readmes_code_runs_as_printed(capsys):
         model = GPT(GPTConfig(block_size=32, vocab_size=16, n_layer=1, n_head=2, n_embd=16))
         r = smd.rollout(model, [[1, 2, 3]], policy="keep_first_tova", budget=4, max_new_tokens=20,
                         generator=torch.Generator().manual_seed(0))
-        visible = r.shadow_mask.visible()                                # (L, B, nh, T, T)
+        visible = r.shadow_mask.attn_masks()                                # (L, B, nh, T, T)
         assert visible[..., 0].all() and visible.sum(-1).max() == 4      # position 0 kept, 4 slots used
     finally:
         del policies.POLICIES["keep_first_tova"]

@@ -98,7 +98,7 @@ def test_smd_logprobs_equal_sampler_at_the_trained_models_scale(policy, budget, 
 @pytest.mark.parametrize("policy", COMPRESSED)
 def test_keep_prompt_every_response_query_sees_its_whole_prompt(policy):
     prompts, r = variable_length_rollout(make_model(), policy, seed=3, budget=KEEP_BUDGET, keep_prompt=True)
-    seen = r.shadow_mask.visible()                                       # (L, B, nh, T, T)
+    seen = r.shadow_mask.attn_masks()                                       # (L, B, nh, T, T)
     T = seen.shape[-1]
     for b, prompt in enumerate(prompts):
         n = len(prompt)
@@ -128,8 +128,8 @@ def test_budget_covering_the_sequence_gives_the_causal_mask(policy):
     model = make_model()
     r = sample(model, policy, budget=40)
     T = r.tokens.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool).tril().expand_as(r.shadow_mask.visible())
-    assert torch.equal(r.shadow_mask.visible(), causal)
+    causal = torch.ones(T, T, dtype=torch.bool).tril().expand_as(r.shadow_mask.attn_masks())
+    assert torch.equal(r.shadow_mask.attn_masks(), causal)
     assert max_diff(learner_logprobs(model, r.tokens), r.logprobs, r.response_mask) <= TOL[torch.float32]
 
 
@@ -155,7 +155,7 @@ def test_cache_and_mask_rows_never_exceed_budget(policy, monkeypatch):
     model = make_model()
     r = sample(model, policy)
     assert max(held) == BUDGET  # the cache filled up, and never beyond
-    visible = r.shadow_mask.visible()                                              # (L, B, nh, T, T)
+    visible = r.shadow_mask.attn_masks()                                              # (L, B, nh, T, T)
     T = visible.shape[-1]
     assert visible.sum(-1).max() == BUDGET
     assert not (visible & ~torch.ones(T, T, dtype=torch.bool).tril()).any(), "a query sees its future"
@@ -193,7 +193,7 @@ def test_streaming_keeps_sinks_and_recent_window():
     model = make_model()
     n_sink = 2
     r = sample(model, "streaming", n_sink=n_sink)
-    visible = r.shadow_mask.visible()
+    visible = r.shadow_mask.attn_masks()
     T = visible.shape[-1]
     for t in range(BUDGET, T):
         expected = torch.zeros(T, dtype=torch.bool)
@@ -205,7 +205,7 @@ def test_streaming_keeps_sinks_and_recent_window():
 def test_h2o_always_sees_its_recent_window():
     model = make_model()
     n_recent = 3
-    visible = sample(model, "h2o", n_recent=n_recent).shadow_mask.visible()
+    visible = sample(model, "h2o", n_recent=n_recent).shadow_mask.attn_masks()
     T = visible.shape[-1]
     for t in range(n_recent, T):
         assert visible[..., t, t - n_recent + 1:t + 1].all(), f"query {t}"
@@ -419,7 +419,7 @@ def test_variable_length_prompts_and_eos_keep_equality(policy):
         assert (r.tokens[b, ends[-1]:] == EOS).all() and (r.logprobs[b, ends[-1]:] == 0).all()
     assert sum(r.tokens[b, e - 1] == EOS for b, e in enumerate(ends)) >= 2, "want rows stopped by EOS"
     assert len(set(ends)) == 3, "want rows ending at different steps"
-    visible = r.shadow_mask.visible()                                              # (L, B, nh, T, T)
+    visible = r.shadow_mask.attn_masks()                                              # (L, B, nh, T, T)
     for b, end in enumerate(ends):  # a real token only ever sees real tokens of its own row
         assert not visible[:, b, :, :end, end:].any()
     for attention in ("mask", "gather"):
@@ -446,7 +446,7 @@ def test_record_of_a_rollout_gives_back_its_shadow_mask_and_logprobs(policy, kee
     assert torch.equal(rec.shadow_mask.slot_of, r.shadow_mask.slot_of)
     assert torch.equal(rec.logprobs[r.response_mask], r.logprobs[r.response_mask])  # one code path: bitwise
     assert not (r.response_mask & ~rec.response_mask).any()
-    assert r.response_mask.sum() > 30 and (r.shadow_mask.visible().sum(-1) == budget).any()  # not vacuous
+    assert r.response_mask.sum() > 30 and (r.shadow_mask.attn_masks().sum(-1) == budget).any()  # not vacuous
 
 
 def test_record_scores_the_given_tokens_under_the_compressed_cache():

@@ -19,7 +19,7 @@ from model import GPT, GPTConfig
 from data.arithmetic import VOCAB_SIZE
 
 TINY = dict(train.CONFIG, n_layer=1, n_head=2, n_embd=16, prompts_per_step=2, group_size=4, budget=16,
-            policy="h2o", keep_prompt=False, sft_masked=0.0, sft_steps=3, sft_batch_size=8, n_steps=2,
+            policy="h2o", keep_prompt=False, sft_mask_frac=0.0, sft_steps=3, sft_batch_size=8, n_steps=2,
             n_train=50, eval_problems=4,
             eval_interval=1, ckpt_interval=1, lr=1e-3, ref_kl_coef=0.0, cpu_threads=1, device=DEVICE)
 
@@ -244,8 +244,8 @@ def test_a_non_finite_loss_stops_before_the_weights_change(monkeypatch):
     (dict(preset="tpu"), "preset"),
     (dict(reward="shaped"), "reward"),
     (dict(learner_attention="dense"), "learner attention"),
-    (dict(sft_mask="random", sft_min_budget=52), "sft_min_budget"),  # the masks' budget is drawn below T-1
-    (dict(sft_mask="random", sft_min_budget=15), "prompt"),          # keep_prompt: 20 prompt tokens + 1
+    (dict(sft_mask_recipe="random", sft_min_budget=52), "sft_min_budget"),  # budgets are drawn below T-1
+    (dict(sft_mask_recipe="random", sft_min_budget=15), "prompt"),          # keep_prompt: 20 prompt + 1
 ])
 def test_bad_config_is_rejected_with_a_message(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -452,25 +452,26 @@ def test_warm_up_key_ignores_rl_settings_and_names_what_shapes_the_weights(tmp_p
 
 
 def test_warm_up_key_changes_with_the_robust_recipe_and_only_with_what_shapes_it():
-    plain = dict(TINY, sft_masked=0.0)
-    robust = dict(TINY, sft_masked=0.5, sft_mask="policy", policy="rkv", keep_prompt=True)
+    plain = dict(TINY, sft_mask_frac=0.0)
+    robust = dict(TINY, sft_mask_frac=0.5, sft_mask_recipe="policy", policy="rkv", keep_prompt=True)
     path = train.warmup_path
     # no masks: the policy is RL-only
-    assert path(plain) == path(dict(plain, policy="tova", sft_mask="policy"))
-    assert len({path(plain), path(dict(plain, sft_masked=0.5)), path(robust)}) == 3
-    for change in (dict(sft_masked=0.25), dict(sft_mask="streaming"), dict(policy="h2o"),
+    assert path(plain) == path(dict(plain, policy="tova", sft_mask_recipe="policy"))
+    assert len({path(plain), path(dict(plain, sft_mask_frac=0.5)), path(robust)}) == 3
+    for change in (dict(sft_mask_frac=0.25), dict(sft_mask_recipe="streaming"), dict(policy="h2o"),
                    dict(keep_prompt=False), dict(rkv_window=3), dict(sft_min_budget=30)):
         assert path(dict(robust, **change)) != path(robust), change
-    streaming = dict(TINY, sft_masked=0.5, sft_mask="streaming")
+    streaming = dict(TINY, sft_mask_frac=0.5, sft_mask_recipe="streaming")
     # content-blind masks: RL-only again
     assert path(streaming) == path(dict(streaming, policy="rkv", budget=30))
 
 
-@pytest.mark.parametrize("recipe", [dict(sft_mask="streaming"), dict(sft_mask="random", keep_prompt=True),
-                                    dict(sft_mask="policy", policy="h2o"),
-                                    dict(sft_mask="policy", policy="rkv", keep_prompt=True)])
+@pytest.mark.parametrize("recipe", [dict(sft_mask_recipe="streaming"),
+                                    dict(sft_mask_recipe="random", keep_prompt=True),
+                                    dict(sft_mask_recipe="policy", policy="h2o"),
+                                    dict(sft_mask_recipe="policy", policy="rkv", keep_prompt=True)])
 def test_warm_up_masks_are_causal_see_themselves_and_keep_the_prompt_where_the_recipe_says(recipe):
-    cfg = dict(TINY, sft_masked=0.5, **recipe)
+    cfg = dict(TINY, sft_mask_frac=0.5, **recipe)
     problems, _, _ = train.make_splits(0, 32, 0, 0)
     x, _ = train.sft_batch(problems, DEVICE)                               # (B, T) = (32, 52)
     masks = train.eviction_masks(tiny_model(0), x, cfg, torch.Generator(DEVICE).manual_seed(0))
@@ -480,20 +481,20 @@ def test_warm_up_masks_are_causal_see_themselves_and_keep_the_prompt_where_the_r
     assert not (masks & ~causal).any() and masks.diagonal(dim1=-2, dim2=-1).all()
     evicts = (masks != causal).flatten(2).any(-1).any(0)                   # (B,) rows that lose some key
     # wide windows keep all
-    assert evicts.all() if recipe["sft_mask"] != "streaming" else evicts.float().mean() > 0.5
+    assert evicts.all() if recipe["sft_mask_recipe"] != "streaming" else evicts.float().mean() > 0.5
     P, _ = train.max_lengths()
     # response queries see the whole prompt
     assert masks[..., P:, :P].all() == recipe.get("keep_prompt", False)
     # recorded at one budget per batch, drawn from sft_min_budget .. T-1
-    if recipe["sft_mask"] != "streaming":
+    if recipe["sft_mask_recipe"] != "streaming":
         budgets = masks.sum(-1).amax(dim=(0, 2, 3))                        # (B,) most keys any query saw
         assert (budgets == budgets[0]).all() and cfg["sft_min_budget"] <= budgets[0] < T
 
 
-def test_warm_up_trains_about_sft_masked_of_its_rows_under_eviction_masks():
+def test_warm_up_trains_about_sft_mask_frac_of_its_rows_under_eviction_masks():
     problems, _, _ = train.make_splits(0, 64, 0, 0)
     x, _ = train.sft_batch(problems, DEVICE)                               # (64, 52)
-    cfg = dict(TINY, sft_masked=0.25, sft_mask="policy", policy="rkv", keep_prompt=True)
+    cfg = dict(TINY, sft_mask_frac=0.25, sft_mask_recipe="policy", policy="rkv", keep_prompt=True)
     masks = train.warmup_masks(tiny_model(0), x, cfg, torch.Generator(DEVICE).manual_seed(0))
     causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=DEVICE).tril()
     masked = (masks != causal).flatten(2).any(-1).any(0)                   # (B,) rows under an eviction mask

@@ -84,9 +84,9 @@ sft_batch_size = 64         # worked examples per step
 sft_lr = 3e-3               # peak learning rate
 sft_warmup = 50             # linear warm-up steps, then cosine decay to 10% of sft_lr
 sft_grad_clip = 1.0         # gradient-norm clip of the warm-up (RL has its own, grad_clip)
-sft_masked = 0.25           # fraction of warm-up rows trained under eviction masks (an eviction-robust base)
-sft_mask = "policy"         # those masks: streaming | random (content-blind) | policy (recorded, --policy)
-sft_min_budget = 26         # sft_mask=random or policy: the masks' budget is drawn from sft_min_budget .. T-1
+sft_mask_frac = 0.25        # fraction of warm-up rows trained under eviction masks (an eviction-robust base)
+sft_mask_recipe = "policy"  # those masks: streaming | random (content-blind) | policy (recorded, --policy)
+sft_min_budget = 26         # random or policy recipe: the masks' budget is drawn from sft_min_budget .. T-1
 # phase 2: GRPO, shared by every mode
 reward = "partial"          # training reward: "exact" | "partial" (fraction of right fields); eval: exact
 n_steps = 120               # GRPO steps (one batch of rollouts each)
@@ -166,9 +166,9 @@ def validate_config(cfg):
     if not 0 <= cfg["clip_eps"] < 1 or cfg["distill_coef"] < 0:
         raise ValueError(f"need 0 <= clip_eps < 1 and distill_coef >= 0, got {cfg['clip_eps']}, "
                          f"{cfg['distill_coef']}")
-    if not 0 <= cfg["sft_masked"] <= 1 or cfg["sft_mask"] not in ("streaming", "random", "policy"):
-        raise ValueError(f"need 0 <= sft_masked <= 1 and sft_mask 'streaming', 'random' or 'policy', got "
-                         f"{cfg['sft_masked']}, {cfg['sft_mask']!r}")
+    if not 0 <= cfg["sft_mask_frac"] <= 1 or cfg["sft_mask_recipe"] not in ("streaming", "random", "policy"):
+        raise ValueError(f"need 0 <= sft_mask_frac <= 1 and sft_mask_recipe 'streaming', 'random' or "
+                         f"'policy', got {cfg['sft_mask_frac']}, {cfg['sft_mask_recipe']!r}")
     if not 0 < cfg["sparse_rl_low"] < 1 < cfg["sparse_rl_high"]:
         raise ValueError(f"need 0 < sparse_rl_low < 1 < sparse_rl_high, got {cfg['sparse_rl_low']}, "
                          f"{cfg['sparse_rl_high']}")
@@ -199,12 +199,13 @@ def validate_config(cfg):
     # unknown policy, or settings that cannot work with this budget (the policy's ValueError names them)
     policy = policies.make_policy(cfg["policy"], **policy_kwargs(cfg))
     policy.check(cfg["budget"], seq_len, P)
-    if cfg["sft_masked"] and cfg["sft_mask"] != "streaming":  # masks recorded down to sft_min_budget
-        no_policy = cfg["sft_mask"] == "policy" and cfg["policy"] == "full"
+    if cfg["sft_mask_frac"] and cfg["sft_mask_recipe"] != "streaming":  # recorded down to sft_min_budget
+        no_policy = cfg["sft_mask_recipe"] == "policy" and cfg["policy"] == "full"
         if no_policy or not cfg["sft_min_budget"] < seq_len - 1:
-            raise ValueError(f"sft_mask={cfg['sft_mask']!r} needs an evicting policy and sft_min_budget < "
-                             f"{seq_len - 1}, got {cfg['policy']!r}, {cfg['sft_min_budget']}")
-        recorder = (policy if cfg["sft_mask"] == "policy"
+            raise ValueError(f"sft_mask_recipe={cfg['sft_mask_recipe']!r} needs an evicting policy and "
+                             f"sft_min_budget < {seq_len - 1}, got {cfg['policy']!r}, "
+                             f"{cfg['sft_min_budget']}")
+        recorder = (policy if cfg["sft_mask_recipe"] == "policy"
                     else policies.make_policy("random", keep_prompt=cfg["keep_prompt"]))
         recorder.check(cfg["sft_min_budget"], seq_len - 1, P)
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
@@ -244,13 +245,13 @@ def sft_batch(problems, device):
 
 def warmup_masks(model, x, cfg, generator):
     """Which keys each query of the warm-up inputs x (B, T) may see: (L, B, nh, T, T) bool. A fraction
-    sft_masked of the rows see what an evicting cache would keep, the others every earlier position: a base
+    sft_mask_frac of the rows see what an evicting cache would keep, the others every earlier position: a base
     trained only with full attention spreads its attention everywhere and breaks under any eviction, which
     large pretrained models do not."""
     B, T = x.shape
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     masks = causal.expand(cfg["n_layer"], B, cfg["n_head"], T, T).clone()
-    rows = torch.rand(B, generator=generator, device=generator.device) < cfg["sft_masked"]
+    rows = torch.rand(B, generator=generator, device=generator.device) < cfg["sft_mask_frac"]
     if rows.any():
         rows = rows.nonzero().squeeze(-1).to(x.device)                     # (R,)
         masks[:, rows] = eviction_masks(model, x[rows], cfg, generator)
@@ -258,19 +259,20 @@ def warmup_masks(model, x, cfg, generator):
 
 
 def eviction_masks(model, x, cfg, generator):
-    """What an evicting cache lets each query of x (R, T) see, by recipe sft_mask: (L, R, nh, T, T) bool."""
+    """What an evicting cache lets each query of x (R, T) see, by sft_mask_recipe: (L, R, nh, T, T) bool."""
     B, T = x.shape
     P, _ = max_lengths()
     draw = lambda high, n, low=0: torch.randint(low, high, (n,), generator=generator, device=generator.device)
-    if cfg["sft_mask"] == "streaming":  # content-blind: 0, 4 or all prompt tokens as sinks, a window 2..T-1
+    if cfg["sft_mask_recipe"] == "streaming":  # content-blind: 0, 4 or all prompt tokens as sinks, window 2+
         n_sink = torch.tensor([0, 4, P], device=x.device)[draw(3, B).to(x.device)][:, None, None]
         window = draw(T, B, low=2).to(x.device)[:, None, None]
         t = torch.arange(T, device=x.device)
-        seen = (t[:, None] >= t) & ((t < n_sink) | (t[:, None] - t < window))  # (B, T, T)
-        return seen[None, :, None].expand(cfg["n_layer"], -1, cfg["n_head"], -1, -1)
+        visible = (t[:, None] >= t) & ((t < n_sink) | (t[:, None] - t < window))  # (B, T, T)
+        return visible[None, :, None].expand(cfg["n_layer"], -1, cfg["n_head"], -1, -1)
     budget = int(draw(T, 1, low=cfg["sft_min_budget"]))
-    if cfg["sft_mask"] == "random":  # content-blind: what random eviction keeps depends on positions only, so
-        # a one-unit stand-in model records it (the prompt kept if --keep_prompt), for every layer and head
+    if cfg["sft_mask_recipe"] == "random":
+        # content-blind: what random eviction keeps depends on positions only, so a one-unit stand-in model
+        # records it (the prompt kept if --keep_prompt), for every layer and head
         stand_in = GPT(GPTConfig(block_size=T, vocab_size=VOCAB_SIZE, n_layer=1, n_head=1, n_embd=1))
         stand_in = stand_in.to(x.device)
         recorded = smd.record(stand_in, x, [P] * B, policy="random", budget=budget, temperature=0,
@@ -279,7 +281,7 @@ def eviction_masks(model, x, cfg, generator):
     # the policy's own masks, recorded with the current weights
     recorded = smd.record(model, x, [P] * B, policy=cfg["policy"], budget=budget, temperature=0,
                           generator=generator, **policy_kwargs(cfg))
-    return recorded.shadow_mask.visible()
+    return recorded.shadow_mask.attn_masks()
 
 
 def sft(model, train_problems, cfg, generator):
@@ -292,7 +294,8 @@ def sft(model, train_problems, cfg, generator):
         idx = torch.randint(len(train_problems), (cfg["sft_batch_size"],), generator=generator,
                             device=generator.device)
         x, y = sft_batch([train_problems[i] for i in idx.tolist()], cfg["device"])
-        _, loss = model(x, y, attn_mask=warmup_masks(model, x, cfg, generator) if cfg["sft_masked"] else None)
+        attn_mask = warmup_masks(model, x, cfg, generator) if cfg["sft_mask_frac"] else None
+        _, loss = model(x, y, attn_mask=attn_mask)  # attn_mask (L, B, nh, T, T), or None: causal
         check_finite(loss, f"sft step {step} loss")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -450,13 +453,13 @@ def build_model(cfg):
 def warmup_path(cfg, dtype=torch.float32):
     """out/sft_<hash>.pt, the hash of everything that shapes the warm-up's weights and nothing RL-only."""
     names = ("sft_seed", "data_seed", "n_train", "n_layer", "n_head", "n_embd", "block_size", "sft_steps",
-             "sft_batch_size", "sft_lr", "sft_warmup", "sft_grad_clip", "device", "sft_masked")
+             "sft_batch_size", "sft_lr", "sft_warmup", "sft_grad_clip", "device", "sft_mask_frac")
     key = {k: cfg[k] for k in names}
-    if cfg["sft_masked"]:  # what the masks are, and for recorded ones which policy made them
-        key.update(sft_mask=cfg["sft_mask"])
-        if cfg["sft_mask"] == "random":
+    if cfg["sft_mask_frac"]:  # what the masks are, and for recorded ones which policy made them
+        key.update(sft_mask_recipe=cfg["sft_mask_recipe"])
+        if cfg["sft_mask_recipe"] == "random":
             key.update(keep_prompt=cfg["keep_prompt"], sft_min_budget=cfg["sft_min_budget"])
-        if cfg["sft_mask"] == "policy":
+        if cfg["sft_mask_recipe"] == "policy":
             key.update(policy=cfg["policy"], policy_kwargs=policy_kwargs(cfg),
                        sft_min_budget=cfg["sft_min_budget"])
     key.update(n_operands=N_OPERANDS, n_digits=N_DIGITS, eval_pool=EVAL_POOL, dtype=str(dtype))
