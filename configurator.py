@@ -9,7 +9,7 @@ How a script uses it:
 
     budget = 28                              # KV slots per layer and head
     rows = "full,smd"                       # table rows, in order
-    CONFIG = configurator.knobs(globals())   # right after the block: {"budget": 26, "rows": "full,smd"}
+    CONFIG = configurator.knobs(globals())   # right after the block: {"budget": 28, "rows": "full,smd"}
 
     def make_config(argv):                   # the defaults and the overrides, checked; ValueError if not
         cfg = dict(CONFIG, **configurator.parse(argv, CONFIG))

@@ -7,7 +7,8 @@ Attention runs in one of three ways (see CausalSelfAttention.forward):
   gather  each query gathers only the keys/values it saw, their positions in slot order (seen, (B, nh, T, S));
   cached  new tokens attend over a KV cache of S slots (prefill: a few tokens at once; decode: one).
 Gather and cached share one function, `attend_slots`, so their arithmetic is identical. This file knows
-nothing about eviction: the cache object (smd.KVCache) decides what is kept and records the shadow mask.
+nothing about eviction: the cache (smd.KVCache, asking a policies.py policy) decides what is kept and
+records the shadow mask.
 The bitwise mode lives in one place: GPT.set_exact() makes every Linear batch-invariant (see Linear).
 """
 

@@ -177,7 +177,7 @@ def rollout(model, prompts, *, policy, budget, max_new_tokens, temperature=1.0, 
     device = next(model.parameters()).device
     prompts, lengths = pad_prompts(prompts, 0 if eos_id is None else eos_id, device)  # (B, P), (B,)
     return generate(model, prompts, lengths, lengths + max_new_tokens, prompts.shape[1] + max_new_tokens,
-                  policy, budget, temperature, eos_id, generator, policy_kwargs, forced=False)
+                    policy, budget, temperature, eos_id, generator, policy_kwargs, forced=False)
 
 
 def record(model, tokens, prompt_lengths, *, policy, budget, temperature=1.0, eos_id=None, generator=None,
@@ -202,7 +202,7 @@ def record(model, tokens, prompt_lengths, *, policy, budget, temperature=1.0, eo
 
 @torch.no_grad()
 def generate(model, given, lengths, ends, T, policy, budget, temperature, eos_id, generator, policy_kwargs,
-           forced):
+             forced):
     """The one loop under the compressed cache, for rollout() and record(). given (B, >= P): prompts (then
     sampled) or whole sequences (forced); row b generates positions lengths[b] .. ends[b]-1 until its EOS."""
     if isinstance(policy, str):

@@ -362,7 +362,7 @@ def assert_same(r, ref, dtype):
     assert r.tokens.shape == ref["tokens"].shape, "different sequence length"
     differ = (r.tokens != ref["tokens"]).nonzero()
     assert len(differ) == 0, f"first differing token (row, position): {differ[0].tolist()}"
-    visible = r.shadow_mask.attn_masks()                                            # (L, B, nh, T, T)
+    visible = r.shadow_mask.attn_masks()                                   # (L, B, nh, T, T)
     differ = (visible != ref["mask"]).nonzero()
     assert len(differ) == 0, ("first differing mask entry (layer, row, head, query, key): "
                               f"{differ[0].tolist()}")

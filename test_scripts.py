@@ -1,6 +1,7 @@
 """The command line of every script: configurator.py's one parser (types, --help, one-line errors), and
-each script run as a subprocess, failing before any work. Then compare.py's tables when runs fail or the
-table's rows and the sweep's overlap (its runs faked)."""
+each script run as a subprocess, failing before any work; every usage line of the scripts' docstrings and
+the README's code blocks, run as printed. Then compare.py's tables when runs fail or the table's rows and
+the sweep's overlap (its runs faked)."""
 import importlib
 import os
 import re

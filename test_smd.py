@@ -98,12 +98,12 @@ def test_smd_logprobs_equal_sampler_at_the_trained_models_scale(policy, budget, 
 @pytest.mark.parametrize("policy", COMPRESSED)
 def test_keep_prompt_every_response_query_sees_its_whole_prompt(policy):
     prompts, r = variable_length_rollout(make_model(), policy, seed=3, budget=KEEP_BUDGET, keep_prompt=True)
-    seen = r.shadow_mask.attn_masks()                                       # (L, B, nh, T, T)
-    T = seen.shape[-1]
+    visible = r.shadow_mask.attn_masks()                                   # (L, B, nh, T, T)
+    T = visible.shape[-1]
     for b, prompt in enumerate(prompts):
         n = len(prompt)
-        assert seen[:, b, :, n:, :n].all(), f"row {b} lost a prompt key"
-    keys = seen.sum(-1)                                                    # (L, B, nh, T) keys per query
+        assert visible[:, b, :, n:, :n].all(), f"row {b} lost a prompt key"
+    keys = visible.sum(-1)                                                 # (L, B, nh, T) keys per query
     assert keys.max() == KEEP_BUDGET and (keys < torch.arange(1, T + 1)).any(), "nothing was evicted"
     # the rule still chooses: not a window over the response, except streaming's, which is one by design (its
     # 4 sinks reach past the 3-token prompt of row 0)
@@ -111,7 +111,7 @@ def test_keep_prompt_every_response_query_sees_its_whole_prompt(policy):
     sinks = [max(4, len(p)) for p in prompts]
     sliding = torch.stack([causal.triu(-(KEEP_BUDGET - n - 1)) | (torch.arange(T) < n) & causal
                            for n in sinks])[None, :, None]                 # (1, B, 1, T, T)
-    assert torch.equal(seen, sliding.expand_as(seen)) == (policy == "streaming")
+    assert torch.equal(visible, sliding.expand_as(visible)) == (policy == "streaming")
 
 
 @pytest.mark.device
@@ -155,7 +155,7 @@ def test_cache_and_mask_rows_never_exceed_budget(policy, monkeypatch):
     model = make_model()
     r = sample(model, policy)
     assert max(held) == BUDGET  # the cache filled up, and never beyond
-    visible = r.shadow_mask.attn_masks()                                              # (L, B, nh, T, T)
+    visible = r.shadow_mask.attn_masks()                                   # (L, B, nh, T, T)
     T = visible.shape[-1]
     assert visible.sum(-1).max() == BUDGET
     assert not (visible & ~torch.ones(T, T, dtype=torch.bool).tril()).any(), "a query sees its future"
@@ -419,7 +419,7 @@ def test_variable_length_prompts_and_eos_keep_equality(policy):
         assert (r.tokens[b, ends[-1]:] == EOS).all() and (r.logprobs[b, ends[-1]:] == 0).all()
     assert sum(r.tokens[b, e - 1] == EOS for b, e in enumerate(ends)) >= 2, "want rows stopped by EOS"
     assert len(set(ends)) == 3, "want rows ending at different steps"
-    visible = r.shadow_mask.attn_masks()                                              # (L, B, nh, T, T)
+    visible = r.shadow_mask.attn_masks()                                   # (L, B, nh, T, T)
     for b, end in enumerate(ends):  # a real token only ever sees real tokens of its own row
         assert not visible[:, b, :, :end, end:].any()
     for attention in ("mask", "gather"):
