@@ -253,8 +253,7 @@ def main(argv):
           f"{','.join(map(str, own['sft_seeds']))}, pooled), policy={cfg['policy']} budget={cfg['budget']} "
           f"keep_prompt={cfg['keep_prompt']} (full: full-cache rollouts), {cfg['n_steps']} GRPO steps; "
           f"accuracy: greedy exact match on {cfg['eval_problems']} {cfg['eval_split']} problems, "
-          f"start -> end; "
-          f"mean ± sample std over runs")
+          f"start -> end; mean ± sample std over runs")
     print(table(results))
     if own["sweep"]:
         print(sweep_table(cfg, own, summaries))

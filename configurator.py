@@ -8,7 +8,7 @@ accepts beyond their type (each script checks its own and raises ValueError sayi
 How a script uses it:
 
     budget = 28                              # KV slots per layer and head
-    rows = "full,smd"                       # table rows, in order
+    rows = "full,smd"                        # table rows, in order
     CONFIG = configurator.knobs(globals())   # right after the block: {"budget": 28, "rows": "full,smd"}
 
     def make_config(argv):                   # the defaults and the overrides, checked; ValueError if not

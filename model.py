@@ -93,8 +93,7 @@ def attend_gathered(q, k, v, seen):
 def gather_at(x, seen):
     """x (B, nh, T, hs), seen (B, nh, Tq, S) the positions each query's slots held (-1 = empty) ->
     (B, nh, Tq, S, hs): query row i gets the keys (or values) at those positions, in slot order. Empty slots
-    read position 0;
-    the caller masks them out. Backward scatters the gradient to every gathered position."""
+    read position 0; the caller masks them out. Backward scatters the gradient to every gathered position."""
     B, nh, Tq, S = seen.shape
     hs = x.shape[-1]
     index = seen.clamp(min=0).long().reshape(B, nh, Tq * S, 1).expand(-1, -1, -1, hs)

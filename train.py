@@ -147,8 +147,7 @@ def validate_config(cfg):
     """Raise ValueError, saying what is allowed, for any value that would fail later (or silently)."""
     if cfg["mode"] not in MODES:
         raise ValueError(f"unknown mode {cfg['mode']!r}; choose one of {MODES}")
-    GPTConfig(block_size=cfg["block_size"], vocab_size=VOCAB_SIZE, n_layer=cfg["n_layer"],
-              n_head=cfg["n_head"], n_embd=cfg["n_embd"])  # the model's own checks: sizes, n_embd % n_head
+    model_config(cfg)  # the model's own checks: sizes, n_embd % n_head
     for key in ("n_train", "eval_problems", "sft_batch_size", "n_steps", "prompts_per_step",
                 "updates_per_batch", "log_interval", "eval_interval", "ckpt_interval", "budget",
                 "cpu_threads"):
@@ -444,10 +443,14 @@ def make_config(argv):
     return cfg
 
 
+def model_config(cfg):
+    return GPTConfig(block_size=cfg["block_size"], vocab_size=VOCAB_SIZE, n_layer=cfg["n_layer"],
+                     n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0)
+
+
 def build_model(cfg):
     torch.manual_seed(cfg["sft_seed"])  # the initial weights belong to the shared base
-    return GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=VOCAB_SIZE, n_layer=cfg["n_layer"],
-                         n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0)).to(cfg["device"])
+    return GPT(model_config(cfg)).to(cfg["device"])
 
 
 def warmup_path(cfg, dtype=torch.float32):
