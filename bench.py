@@ -100,11 +100,12 @@ def fwd_bwd(model, loss_fn):
 
 def learner_memory(model, loss_fn, cuda):
     """Peak bytes one forward+backward allocates beyond what was allocated before it. On CUDA: the allocator's
-    peak. On CPU there is no allocator peak to read, so we replay the profiler's memory record: every op's own
-    allocations and every free, in time order; the running total's maximum is the peak. Counting only the
-    tensors saved for backward would miss the temporaries, and on the gather path those dominate: each
-    checkpointed chunk rebuilds (B, nh, GATHER_CHUNK, S, hs) keys and values, in forward and again in
-    backward."""
+    peak. On CPU there is no allocator peak to read, so we replay the profiler's memory record: every single
+    allocation and free, in time order; the running total's maximum is the peak. Per-op totals would not do:
+    an op's net allocation, booked at its start, lets memory it frees at its end cancel what the ops it calls
+    allocated while it was still alive. Counting only the tensors saved for backward would miss the
+    temporaries, and on the gather path those dominate: each checkpointed chunk rebuilds
+    (B, nh, GATHER_CHUNK, S, hs) keys and values, in forward and again in backward."""
     model.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.synchronize()
@@ -121,9 +122,10 @@ def learner_memory(model, loss_fn, cuda):
     finally:
         os.dup2(stderr, 2)
         os.close(stderr)
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]  # +bytes, -bytes
     total = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        total += event.self_cpu_memory_usage  # self: an op's allocations not counted in the ops it calls
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        total += record.nbytes()
         peak = max(peak, total)
     return peak
 

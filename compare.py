@@ -164,7 +164,7 @@ def warmup_table(model, cfg, policy_names, budgets, n_k3=128):
     the setting cannot run (a budget below the prompt + 1 when it is kept, say)."""
     _, held_out = train.problem_splits(cfg)
     P, R = train.max_lengths()
-    cells = [["policy"] + [f"{b} ({b / (P + R):.0%})" for b in budgets]]
+    cells = [["policy"] + [f"{b} ({b / (P + R):.0%})" for b in budgets]]  # slots, of P + R positions
     for policy in policy_names:
         for keep_prompt in (False, True):
             row = [policy + (", prompt kept" if keep_prompt else "")]
@@ -180,7 +180,7 @@ def warmup_table(model, cfg, policy_names, budgets, n_k3=128):
             cells.append(row)
     full = train.evaluate(model, held_out, "full", P + R)
     return (f"\nwarm-up greedy accuracy: full cache {full:.3f}; compressed (k3 KL from the full cache), by "
-            f"budget (KV frac):\n" + aligned(cells))
+            f"budget (its share of the {P + R} positions):\n" + aligned(cells))
 
 
 def configure(argv):
@@ -205,6 +205,10 @@ def configure(argv):
         passed.append("--eval_split=test")  # report on test; choosing settings on val is train.py's default
     if not any(a.startswith("--eval_interval=") for a in passed):
         passed.append("--eval_interval=1000")  # the tables need start and end only
+    # the runs start in the repo (train.py's folder), the caller may be elsewhere: one absolute out_dir, so
+    # both read and write the same warm-up and logs
+    out_dir = os.path.abspath(train.make_config(passed)["out_dir"])
+    passed = [a for a in passed if not a.startswith("--out_dir=")] + [f"--out_dir={out_dir}"]
     cfg = train.make_config(passed)
     runs = [(n, cfg["budget"]) for n in own["rows"]]
     runs += [(n, b) for b in own["sweep_budgets"] for n in own["sweep_rows"]]
@@ -281,7 +285,7 @@ def sweep_table(cfg, own, summaries):
     for a row that did not run there); full's weights do not depend on the budget, so its finished
     checkpoints are evaluated at each one."""
     full = [(w, s) for w, s in own["runs"] if ("full", cfg["budget"], w, s) in summaries]
-    cells = [["budget (KV frac)", "full (ceiling)"] + own["sweep_rows"]]
+    cells = [["budget (share of positions)", "full (ceiling)"] + own["sweep_rows"]]
     seq_len = sum(train.max_lengths())
     for budget in sorted(set(own["sweep_budgets"]) | {cfg["budget"]}):
         row = [f"{budget} ({budget / seq_len:.0%})"]

@@ -212,9 +212,10 @@ class SnapKV(Policy):
     victim is the remaining prompt key SnapKV ranked lowest, and once only the window is left of the prompt,
     the oldest token (a sliding window, as in StreamingLLM). A prompt longer than the budget slides (oldest
     out) until it has been read.
-    With keep_prompt nothing SnapKV scored may go, so it runs the decode-time form the R-KV paper compares
-    with: the victim is the generated key, outside the last `window` positions, to which the last `window`
-    queries attend least (see window_importance), average-pooled over neighbouring positions.
+    With keep_prompt nothing SnapKV scored may go, so it runs a decode-time form, the kind the R-KV paper
+    compares with: the victim is the generated key, outside the last `window` positions, to which the last
+    `window` queries attend least (see window_importance), average-pooled over neighbouring positions as
+    SnapKV's paper pools. R-KV's repository max-pools its decode-time SnapKV; we keep SnapKV's own pool.
     Scaled to our 20-token prompts: window 4 (the published 32-64 are for prompts of thousands of tokens),
     kernel 3 (a token and its two neighbours; published 5-7)."""
 
@@ -268,8 +269,10 @@ class RKV(Policy):
     max-pooled over `kernel` neighbouring positions. Redundancy: how similar its key is to the head's other
     keys, a softmax over keys of the mean cosine similarity, where each key's most recent near-duplicate
     (cosine > threshold) is spared that key's similarity, so older repeats go first.
-    Where we differ: R-KV decodes into a buffer and compresses every 128 tokens, keeping the top keys at
-    once; our cache drops one key per step. The reference code pools and picks "most recent" in cache order,
+    Where we differ: R-KV's code reads the whole prompt uncompressed and compresses once the sequence
+    outgrows the budget, then decodes into a buffer and compresses every 128 tokens, keeping the top keys at
+    once; our cache caps every query at the budget, prompt queries included (with keep_prompt the budget
+    holds the prompt, so only there do the two agree on the prompt), and drops one key per step. The reference code pools and picks "most recent" in cache order,
     which after its first compression is score order; we use position order. When a key has no near-duplicate
     nothing is spared (the code's argmax over zeros spares key 0's entry). mix_lambda 0.1 as in the paper (its
     code defaults to 0.07); window 2 and kernel 3 scaled to our sequences (published 8 and 7, for budgets of

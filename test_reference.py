@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from model import GPT, GPTConfig
 from smd import rollout
 
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}  # max |log-prob difference| accepted per dtype
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}  # max |log-prob difference| accepted per dtype; measured
+#     on these tests with ATEN_CPU_CAPABILITY avx2 and default: <= 9.6e-7 and <= 1.8e-15, 10x and more inside
 PROMPT_LENGTHS = (3, 12, 7)  # mixed lengths: prefill is min(3, budget), longer prompts finish in decode
 MAX_NEW_TOKENS = 20
 VOCAB = 16

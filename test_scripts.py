@@ -350,3 +350,19 @@ def test_the_default_budget_lies_inside_the_sweep_from_harsh_to_near_lossless():
     import train
     assert min(compare.sweep_budgets) < train.budget < max(compare.sweep_budgets)
     assert set(compare.sweep_rows.split(",")) == {"naive", "tis", "sparse_rl", "smd"}
+
+
+def test_bench_cpu_memory_peak_counts_every_allocation_alive_at_once():
+    # a = 2x, b = exp(a), loss = sum(b * a) on 1M floats (4 MB each), a and b local to the loss: by hand, the
+    # peak is in backward's first multiply node, where a, b and its two outputs (grad wrt b, grad wrt a) are
+    # alive together, 16 MB. Booking each op's net allocation at its start read 12 MB (the node frees a and b
+    # at its end, which cancelled the outputs its sub-ops allocated)
+    import bench
+    x = torch.randn(1_000_000, requires_grad=True)
+
+    def loss():
+        a = x * 2
+        b = a.exp()
+        return (b * a).sum()
+    peak = bench.learner_memory(torch.nn.Linear(1, 1), loss, cuda=False)
+    assert abs(peak - 16_000_000) <= 1024  # + a few scalars (the loss, its gradient)

@@ -18,7 +18,8 @@ from conftest import DEVICE
 from smd import learner_logprobs, rollout
 
 COMPRESSED = ["streaming", "h2o", "tova", "snapkv", "rkv", "random"]
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}  # max |log-prob difference| accepted per dtype
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}  # max |log-prob difference| accepted per dtype; measured
+#     on these tests with ATEN_CPU_CAPABILITY avx2 and default: <= 9.6e-7 and <= 1.8e-15, 10x and more inside
 EOS = 15
 BUDGET = 8  # with 40-42 positions per sequence, under 1/3 of the sequence
 KEEP_BUDGET = 16  # keep_prompt needs the longest prompt (11) + 1; 16 leaves 5 slots for the response
@@ -566,9 +567,13 @@ def test_gather_path_equals_mask_path_values_and_gradients(policy):
         (lp * r.response_mask).sum().backward()
         results[attention] = lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
     (lp_mask, grad_mask), (lp_gather, grad_gather) = results["mask"], results["gather"]
-    assert (lp_mask - lp_gather).abs().max() <= 1e-5
+    assert (lp_mask - lp_gather).abs().max() <= TOL[torch.float32]  # measured <= 9.5e-7, either kernel setting
+    # a gradient sums many products, so its rounding grows with its size: float32's tolerance per unit of the
+    # largest gradient entry (13.8 here; measured differences <= 4.3e-6, 32x inside; a wrong mask moves them
+    # by the size of the gradient itself)
+    scale = max(g.abs().max().item() for g in grad_mask.values())
     for name in grad_mask:
-        assert (grad_mask[name] - grad_gather[name]).abs().max() <= 1e-5, name
+        assert (grad_mask[name] - grad_gather[name]).abs().max() <= TOL[torch.float32] * scale, name
 
 
 def test_bench_runs_and_reports_budget_sized_kv_memory():

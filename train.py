@@ -284,7 +284,10 @@ def eviction_masks(model, x, cfg, generator):
 
 
 def sft(model, train_problems, cfg, generator):
+    """The warm-up's optimizer steps -> seconds spent recording eviction masks (the rest is forward, backward
+    and update)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["sft_lr"], weight_decay=0.0)
+    masks_s = 0.0
     for step in range(cfg["sft_steps"]):
         decay = 0.5 * (1 + math.cos(math.pi * step / cfg["sft_steps"]))
         lr_now = cfg["sft_lr"] * min(1.0, (step + 1) / (cfg["sft_warmup"] + 1)) * (0.1 + 0.9 * decay)
@@ -293,7 +296,9 @@ def sft(model, train_problems, cfg, generator):
         idx = torch.randint(len(train_problems), (cfg["sft_batch_size"],), generator=generator,
                             device=generator.device)
         x, y = sft_batch([train_problems[i] for i in idx.tolist()], cfg["device"])
+        t0 = time.time()
         attn_mask = warmup_masks(model, x, cfg, generator) if cfg["sft_mask_frac"] else None
+        masks_s += time.time() - t0
         _, loss = model(x, y, attn_mask=attn_mask)  # attn_mask (L, B, nh, T, T), or None: causal
         check_finite(loss, f"sft step {step} loss")
         optimizer.zero_grad(set_to_none=True)
@@ -302,6 +307,7 @@ def sft(model, train_problems, cfg, generator):
         optimizer.step()
         if step % 100 == 0 or step == cfg["sft_steps"] - 1:
             print(f"sft {step:4d} | loss {loss.item():.4f} | lr {lr_now:.2e}")
+    return masks_s
 
 # -----------------------------------------------------------------------------
 # phase 2: GRPO
@@ -386,6 +392,7 @@ def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
     Returns the numbers a practitioner diagnoses with."""
     t0 = time.time()
     ro, rewards, adv = sample_batch(model, problems, cfg, generator)
+    rollout_s = time.time() - t0
     tokens, response_mask, lp_sampler = ro.tokens, ro.response_mask, ro.logprobs  # (B, T) each
     with torch.no_grad():  # the learner's view of the batch before any update: what the mismatch measures
         lp_learner = smd.token_logprobs(policy_pass(model, ro, cfg), tokens, cfg["temperature"])  # (B, T)
@@ -417,18 +424,39 @@ def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
     return dict(reward=rewards.mean().item(), mismatch_max=mm_max, mismatch_k3=mm_k3, old_gap=old_gap,
                 loss=loss.item(), pg_loss=pg_loss.item(), distill_kl=distill_kl.item(), ref_kl=ref_kl.item(),
                 clip_frac=clip_frac, grad_norm=grad_norm, **diagnostics,
-                kv_bytes=ro.kv_bytes, full_kv_bytes=ro.full_kv_bytes,
+                kv_bytes=ro.kv_bytes, full_kv_bytes=ro.full_kv_bytes, rollout_s=rollout_s,
+                learner_s=time.time() - t0 - rollout_s,
                 tok_per_s=response_mask.sum().item() / (time.time() - t0))
 
 
 @torch.no_grad()
+def solved(model, problems, policy, budget, **policy_kwargs):
+    """Which of `problems` greedy decoding gets exactly right with a cache of `budget` slots evicted by
+    `policy`: a list of bools, so two runs judged on the same problems can be paired problem by problem. The
+    random policy draws from a generator of its own, seeded: the same weights always get the same answer."""
+    P, R = max_lengths()
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(0)
+    ro = smd.rollout(model, [encode(format_prompt(p)) for p in problems], policy=policy, budget=budget,
+                     max_new_tokens=R, temperature=0, eos_id=EOS_ID, generator=generator, **policy_kwargs)
+    return [exact_reward(p, decode(ro.tokens[i, P:].tolist())) == 1.0 for i, p in enumerate(problems)]
+
+
 def evaluate(model, problems, policy, budget, **policy_kwargs):
     """Greedy exact-match accuracy on `problems` with a cache of `budget` slots evicted by `policy`."""
-    P, R = max_lengths()
-    ro = smd.rollout(model, [encode(format_prompt(p)) for p in problems], policy=policy, budget=budget,
-                     max_new_tokens=R, temperature=0, eos_id=EOS_ID, **policy_kwargs)
-    right = sum(exact_reward(p, decode(ro.tokens[i, P:].tolist())) for i, p in enumerate(problems))
-    return right / len(problems)
+    right = solved(model, problems, policy, budget, **policy_kwargs)
+    return sum(right) / len(right)
+
+
+def pack(bools):
+    """[True, False, ...] -> a hex string, 4 problems a digit (the JSONL's per-problem record); unpack reverses
+    it given the count."""
+    bits = "".join("1" if b else "0" for b in bools)
+    bits += "0" * (-len(bits) % 4)
+    return "".join(f"{int(bits[i:i + 4], 2):x}" for i in range(0, len(bits), 4))
+
+
+def unpack(digits, n):
+    return [c == "1" for c in "".join(f"{int(d, 16):04b}" for d in digits)[:n]]
 
 # -----------------------------------------------------------------------------
 
@@ -472,26 +500,26 @@ def warmup_path(cfg, dtype=torch.float32):
 
 def warm_up(model, cfg):
     """Phase 1, shared by every mode and RL seed: load the warm-up checkpoint (warmup_path), or train and save
-    it. Returns its path."""
+    it. Returns where its time went: {} when it was reused, else warmup_s and warmup_masks_s (the part spent
+    recording eviction masks)."""
     path = warmup_path(cfg, next(model.parameters()).dtype)
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location=cfg["device"]))
         print(f"sft: reusing {path}")
-        return path
+        return {}
     t0 = time.time()
     os.makedirs(cfg["out_dir"], exist_ok=True)
     train_problems, _ = problem_splits(cfg)
-    sft(model, train_problems, cfg, torch.Generator(device=cfg["device"]).manual_seed(cfg["sft_seed"]))
+    masks_s = sft(model, train_problems, cfg,
+                  torch.Generator(device=cfg["device"]).manual_seed(cfg["sft_seed"]))
     save_atomic(model.state_dict(), path)
     print(f"sft: {cfg['sft_steps']} steps in {time.time() - t0:.1f}s, saved {path}")
-    return path
+    return dict(warmup_s=time.time() - t0, warmup_masks_s=masks_s)
 
 
-def start_run(cfg):
-    """The model (warm-up, or the checkpoint when resuming), its frozen warm-up copy, the optimizer, the RL
-    generator, the step to start from and the history so far; a resumed run's log keeps each step once."""
-    model = build_model(cfg)
-    warm_up(model, cfg)
+def start_run(cfg, model):
+    """From the warmed-up model: its frozen copy, the optimizer, the RL generator, the step to start from and
+    the history so far (the checkpoint's when resuming; a resumed run's log keeps each step once)."""
     # a copy taken before any RL step: the reference KL's anchor and the warm-up teacher (also when resuming)
     reference = copy.deepcopy(model).requires_grad_(False)
     torch.manual_seed(cfg["seed"])
@@ -500,15 +528,22 @@ def start_run(cfg):
     start, history = 0, dict(reward=[], mismatch_max=[], mismatch_k3=[], old_gap=[], kv_frac=[], tis_ess=[],
                              sparse_rl_outside=[], sparse_rl_rejected=[], evals=[])
     if cfg["resume"]:
-        ckpt = torch.load(run_path(cfg, ".pt"), map_location=cfg["device"], weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        generator.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        start, history = ckpt["step"], ckpt["history"]
+        start, history = load_checkpoint(cfg, model, optimizer, generator)
         print(f"resuming {run_path(cfg, '.pt')} at step {start}")
         keep_log_until(run_path(cfg, ".jsonl"), start)  # the steps after the checkpoint run again
-    return model, reference, optimizer, generator, start, history
+    return reference, optimizer, generator, start, history
+
+
+def load_checkpoint(cfg, model, optimizer, generator):
+    """Restore model, optimizer and RNG states from out/<run_name>.pt -> (step, history). Loaded onto the CPU:
+    the RNG states must stay CPU byte tensors (set_state takes no other, a CUDA generator's included);
+    load_state_dict copies the weights and the optimizer's moments to wherever the model lives."""
+    ckpt = torch.load(run_path(cfg, ".pt"), map_location="cpu", weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    generator.set_state(ckpt["generator"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    return ckpt["step"], ckpt["history"]
 
 
 def run_path(cfg, suffix):
@@ -527,6 +562,19 @@ def step_line(step, s, cfg, elapsed):
             f"ref {s['ref_kl']:.4f} clip {s['clip_frac']:.2f} | grad {s['grad_norm']:.3f} | "
             f"kv {s['kv_bytes'] / 1024:.0f}/{s['full_kv_bytes'] / 1024:.0f} KiB | {s['tok_per_s']:.0f} tok/s "
             f"| {elapsed:.1f}s")
+
+
+def time_line(times, summary):
+    """Where the run's time went, so a reader on a slower machine knows which part to expect to grow."""
+    if "warmup_s" in times:
+        warm = (f"warm-up {times['warmup_s']:.1f}s (recording masks {times['warmup_masks_s']:.1f}s, "
+                f"forward/backward/update {times['warmup_s'] - times['warmup_masks_s']:.0f}s)")
+    else:
+        warm = "warm-up reused"
+    other = summary["rl_s"] - times["rollout_s"] - times["learner_s"] - times["eval_s"]
+    return (f"time: {warm} | RL {summary['rl_s']:.0f}s (rollouts {times['rollout_s']:.1f}s, learner passes "
+            f"{times['learner_s']:.1f}s, evaluation {times['eval_s']:.1f}s, other {other:.0f}s) | "
+            f"total {summary['wall_s']:.0f}s")
 
 
 def summarize(cfg, history, rl_s, wall_s):
@@ -558,8 +606,11 @@ def main(argv):
     torch.set_num_threads(cfg["cpu_threads"])
     P, R = max_lengths()
     train_problems, held_out = problem_splits(cfg)
-    model, reference, optimizer, generator, start, history = start_run(cfg)
+    model = build_model(cfg)
+    times = warm_up(model, cfg)  # {} when reused
+    reference, optimizer, generator, start, history = start_run(cfg, model)
     t_rl = time.time()
+    times.update(rollout_s=0.0, learner_s=0.0, eval_s=0.0)
     log_file = open(run_path(cfg, ".jsonl"), "a" if cfg["resume"] else "w")
 
     def log(record):
@@ -567,12 +618,16 @@ def main(argv):
         log_file.flush()
 
     def run_eval(step):
-        acc_full = evaluate(model, held_out, "full", P + R)
-        acc_comp = evaluate(model, held_out, cfg["policy"], cfg["budget"], **policy_kwargs(cfg))
+        t0 = time.time()
+        solved_full = solved(model, held_out, "full", P + R)
+        solved_comp = solved(model, held_out, cfg["policy"], cfg["budget"], **policy_kwargs(cfg))
+        acc_full, acc_comp = sum(solved_full) / len(held_out), sum(solved_comp) / len(held_out)
         print(f"eval  {step:4d} | greedy acc ({cfg['eval_split']}) full cache {acc_full:.3f} | "
               f"{cfg['policy']}@{cfg['budget']} {acc_comp:.3f}")
-        log(dict(kind="eval", step=step, acc_full=acc_full, acc_compressed=acc_comp))
+        log(dict(kind="eval", step=step, acc_full=acc_full, acc_compressed=acc_comp,
+                 solved_full=pack(solved_full), solved_compressed=pack(solved_comp)))
         history["evals"].append((step, acc_full, acc_comp))
+        times["eval_s"] += time.time() - t0
 
     if start == 0:
         run_eval(0)
@@ -589,6 +644,8 @@ def main(argv):
                     "sparse_rl_rejected"):
             history[key].append(s[key])
         history["kv_frac"].append(s["kv_bytes"] / s["full_kv_bytes"])
+        times["rollout_s"] += s["rollout_s"]
+        times["learner_s"] += s["learner_s"]
         log(dict(kind="train", step=step, lr=lr_now, elapsed_s=time.time() - t_start, **s))
         if step % cfg["log_interval"] == 0:
             print(step_line(step, s, cfg, time.time() - t_start))
@@ -601,8 +658,9 @@ def main(argv):
     if start >= cfg["n_steps"] and (not history["evals"] or history["evals"][-1][0] != start):
         run_eval(start)  # resumed past n_steps (a finished run's checkpoint holds its last eval already)
     summary = summarize(cfg, history, time.time() - t_rl, time.time() - t_start)
-    log(dict(kind="summary", **summary))
+    log(dict(kind="summary", **summary, **times))
     log_file.close()
+    print(time_line(times, summary))
     print("summary: " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                  for k, v in summary.items()))
     return summary
