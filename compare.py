@@ -1,15 +1,20 @@
 """
-The experiment: every mode, and each SMD ablation, trained from several warm-ups with several RL seeds each,
-reported on the test split as mean ± sample std over all those runs pooled (the warm-up moves a row more than
-the RL seed does); then a budget sweep. First it prints how each warm-up fares under each eviction policy
-and budget, before any RL. Then it only launches train.py (`jobs` runs at a time, one thread each) and reads
-their summaries; what each column measures is computed in train.py. Each run's log is
-out/cmp_<row>_b<budget>_w<sft_seed>_s<seed>.log, its JSONL next to it. A run that fails is reported with its
-log, the tables keep the others (a row or cell says how many runs it averages when some are missing), and
-compare.py exits with status 1 at the end.
+The experiment: every mode, and any SMD ablation or setting, trained from several warm-ups with several RL
+seeds each, on the test split. Runs that share a warm-up and an RL seed are paired: the verdicts are the
+paired table's (each row minus full, and minus smd, with a 95% t interval over the pairs); the first table
+gives each row's mean ± sample std over all its runs pooled, which the warm-up dominates. First it prints
+how each warm-up fares under each eviction policy and budget, before any RL; last, how each row's weights
+fare under policies and budgets they did not train under (transfer, train.py --eval_also), and optionally
+a budget sweep. It only launches train.py (`jobs` runs at a time, one thread each) and reads their logs;
+what each column measures is computed in train.py. Each run's log is out/cmp_<row>_b<budget>_w<sft_seed>_
+s<seed>.log, its JSONL next to it, and out/compare.json lists this comparison's runs (plot.py draws those).
+A run that fails is reported with its log, the tables keep the others (a row or cell says how many runs it
+averages when some are missing), and compare.py exits with status 1 at the end.
+A row may carry train.py settings: smd@distill_coef=0.3@ref_kl_coef=0 is the smd row with those two.
 
-    python compare.py                        # the table and the sweep
-    python compare.py --sweep=False --rows=full,smd --seeds=5 --sft_seeds=0
+    python compare.py                        # the core rows, 4 warm-ups x 3 RL seeds, transfer
+    python compare.py --sweep=True --rows=full --sft_seeds=0,1  # and the budget sweep
+    python compare.py --rows=full,smd,smd@distill_coef=0.3 --sft_seeds=0,1
     python compare.py --budget=32 --lr=3e-5  # any train.py --key=value reaches every run
     python compare.py --rows= --sweep=False  # the warm-up tables alone
     python compare.py --help                 # these settings; train.py's: python train.py --help
@@ -37,13 +42,14 @@ from data.arithmetic import EOS_ID, encode, format_prompt
 # -----------------------------------------------------------------------------
 # config: overridable as --key=value; every other --key=value goes to train.py, for every run
 seeds = 3                          # RL seeds 0 .. seeds-1 from each warm-up
-sft_seeds = (0, 1)                 # warm-ups (train.py's sft_seed); a row pools every warm-up x RL seed
-rows = "full,naive,tis,sparse_rl,smd,smd_no_ref_kl,mask_only,distill_only"  # table rows, in order
-sweep = True                       # also run the budget sweep
-sweep_budgets = (23, 32, 42)       # KV budgets of the sweep besides the table's (43%, 60%, 79% of 53 tokens)
+sft_seeds = (0, 1, 2, 3)           # warm-ups (train.py's sft_seed); (warm-up, RL seed) pairs the rows' runs
+rows = "full,naive,tis,sparse_rl,smd,mask_only"  # table rows, in order; row@key=value adds train.py settings
+sweep = False                      # also run the budget sweep
+sweep_budgets = (26, 32, 42)       # KV budgets of the sweep besides the table's (49%, 60%, 79% of 53 tokens)
 sweep_rows = "naive,tis,sparse_rl,smd"  # trained at each sweep budget; full's checkpoints are evaluated there
 jobs = 2                           # train.py processes at a time
 warmup_policies = "h2o,streaming,tova,snapkv,rkv,random"  # the warm-up's accuracy under each, every budget
+transfer = "streaming@26,snapkv@26,h2o@26,streaming@42,snapkv@42,h2o@42"  # train.py --eval_also of every run
 CONFIG = configurator.knobs(globals())
 # -----------------------------------------------------------------------------
 
@@ -60,7 +66,8 @@ ROWS = {  # row name -> the train.py flags that make it; every other setting (re
     "warmup_teacher": ["--mode=smd", "--distill=masked_from_warmup_unmasked", "--distill_coef=1.0"],
 }
 EPILOG = ("and any train.py --key=value, for every run (python train.py --help); compare.py sets --seed,\n"
-          f"--mode, --run_name and --resume itself.\nrows: {', '.join(ROWS)}")
+          f"--mode, --run_name, --resume and --eval_also itself.\nrows: {', '.join(ROWS)}, each with any "
+          f"@key=value")
 
 COLUMNS = [  # (header, summary key, format); start -> end columns show both
     ("full-cache acc", ("acc_full_start", "acc_full"), "{:.3f}"),              # greedy exact match, full KV
@@ -72,6 +79,32 @@ COLUMNS = [  # (header, summary key, format); start -> end columns show both
     ("KV frac", "kv_frac", "{:.2f}"),                                          # rollout KV bytes / full's
     ("RL s", "rl_s", "{:.0f}"),                                                # phase 2 wall time per run
 ]
+
+
+def t975(df):
+    """The 97.5% quantile of Student's t with df degrees of freedom: the table to 30, then the
+    Cornish-Fisher expansion z + (z^3 + z) / (4 df), within 0.005 of it there."""
+    table = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+             2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+             2.052, 2.048, 2.045, 2.042)
+    z = 1.959964
+    return table[df - 1] if df <= len(table) else z + (z ** 3 + z) / (4 * df)
+
+
+def paired_difference(a, b):
+    """a, b: one number per pair for two rows (the same warm-up and RL seed at each index) -> the mean paired
+    difference a - b and the half-width of its 95% t interval (nan below two pairs)."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if len(d) < 2:
+        return d.mean(), float("nan")
+    return d.mean(), t975(len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+
+
+def verdict(mean, half, n):
+    """'higher' or 'lower' where the interval excludes 0, else the words a reader must see."""
+    if not abs(mean) > half:  # nan (one pair) included
+        return f"not resolved at n = {n}"
+    return "higher" if mean > 0 else "lower"
 
 
 def mean_std(values, fmt):
@@ -113,8 +146,9 @@ def table(results):
 
 
 def run(argv, out_dir, name):
-    """One `python train.py` in its own process (one thread), its output in out_dir/name.log -> its summary;
-    a RuntimeError naming the log if it fails."""
+    """One `python train.py` in its own process (one thread), its output in out_dir/name.log -> its summary,
+    with "transfer_start" and "transfer" (its eval_also accuracies at the first and last eval); a RuntimeError
+    naming the log if it fails."""
     path = os.path.join(out_dir, name + ".log")
     with open(path, "w") as log:
         done = subprocess.run([sys.executable, "train.py", *argv, f"--run_name={name}"], stdout=log,
@@ -122,7 +156,9 @@ def run(argv, out_dir, name):
     if done.returncode != 0:
         raise RuntimeError(f"train.py exited with status {done.returncode}; its log: {path}")
     with open(os.path.join(out_dir, name + ".jsonl")) as f:
-        return json.loads(f.readlines()[-1])
+        records = [json.loads(line) for line in f]
+    also = [r["acc"] for r in records if r["kind"] == "eval_also"]
+    return dict(records[-1], transfer_start=also[0] if also else {}, transfer=also[-1] if also else {})
 
 
 @torch.no_grad()
@@ -187,12 +223,12 @@ def configure(argv):
     """-> (compare's settings, rows and sweep_rows as lists, sweep_rows [] without the sweep; the table's
     train.py config; the plan, (row, budget, sft_seed, seed) -> that run's train.py flags). Every run's
     config is checked here, before any work, so a typo costs a second, not a warm-up."""
-    reserved = ("seed", "sft_seed", "mode", "run_name", "resume")
+    reserved = ("seed", "sft_seed", "mode", "run_name", "resume", "eval_also")
     overrides, passed = configurator.parse_known(argv, CONFIG, reserved)
     own = dict(CONFIG, **overrides)
     own["rows"] = [n for n in own["rows"].split(",") if n]  # --rows= (empty): the warm-up table alone
     own["sweep_rows"] = [n for n in own["sweep_rows"].split(",") if n] if own["sweep"] else []
-    unknown = [n for n in own["rows"] + own["sweep_rows"] if n not in ROWS]
+    unknown = [n for n in own["rows"] + own["sweep_rows"] if n.split("@")[0] not in ROWS]
     if unknown or own["seeds"] < 1 or own["jobs"] < 1 or len(set(own["sft_seeds"])) != len(own["sft_seeds"]):
         raise ValueError(f"need rows from {list(ROWS)}, seeds >= 1, jobs >= 1, distinct sft_seeds; got "
                          f"unknown rows {unknown}, seeds={own['seeds']}, jobs={own['jobs']}, "
@@ -205,6 +241,7 @@ def configure(argv):
         passed.append("--eval_split=test")  # report on test; choosing settings on val is train.py's default
     if not any(a.startswith("--eval_interval=") for a in passed):
         passed.append("--eval_interval=1000")  # the tables need start and end only
+    passed.append(f"--eval_also={own['transfer']}")
     # the runs start in the repo (train.py's folder), the caller may be elsewhere: one absolute out_dir, so
     # both read and write the same warm-up and logs
     out_dir = os.path.abspath(train.make_config(passed)["out_dir"])
@@ -215,16 +252,27 @@ def configure(argv):
     plan = {}  # a sweep run the table already has (same row and budget) is not run twice
     for name, budget in runs:
         for w, s in own["runs"]:
-            plan.setdefault((name, budget, w, s),
-                            passed + ROWS[name] + [f"--budget={budget}", f"--sft_seed={w}", f"--seed={s}"])
+            plan.setdefault((name, budget, w, s), passed + row_flags(name)
+                            + [f"--budget={budget}", f"--sft_seed={w}", f"--seed={s}"])
     for argv_run in plan.values():
         train.make_config(argv_run)
     return own, cfg, plan
 
 
+def row_flags(row):
+    """'smd' -> ROWS['smd']; 'smd@distill_coef=0.3@ref_kl_coef=0' -> ROWS['smd'] + those settings."""
+    name, *settings = row.split("@")
+    if any("=" not in s for s in settings):
+        raise ValueError(f"row {row!r}: each setting after @ is key=value")
+    return ROWS[name] + [f"--{s}" for s in settings]
+
+
 def main(argv):
     own, cfg, plan = configure(argv)
     os.makedirs(cfg["out_dir"], exist_ok=True)
+    with open(os.path.join(cfg["out_dir"], "compare.json"), "w") as f:  # which logs are this comparison's
+        json.dump(dict(budget=cfg["budget"], runs=[[n, b, w, s, run_name(n, b, w, s)]
+                                                   for n, b, w, s in plan]), f)
     t0 = time.time()
     for w in own["sft_seeds"]:
         model = prepare_warm_up(dict(cfg, sft_seed=w))
@@ -259,6 +307,9 @@ def main(argv):
           f"accuracy: greedy exact match on {cfg['eval_problems']} {cfg['eval_split']} problems, "
           f"start -> end; mean ± sample std over runs")
     print(table(results))
+    print(paired_table(results, own["runs"]))
+    if own["transfer"]:
+        print(transfer_table(results, own["transfer"].split(",")))
     if own["sweep"]:
         print(sweep_table(cfg, own, summaries))
     print(f"total {time.time() - t0:.0f}s")
@@ -266,6 +317,57 @@ def main(argv):
         sys.exit(f"{len(failed)} of {len(plan)} runs failed, the tables above are without them:\n"
                  + "\n".join(failed))
     return results
+
+
+def paired_table(results, pairs):
+    """Each row minus full and minus smd on the pairs where both finished: the final full-cache and compressed
+    accuracy (row / reference, then the mean paired difference [95% t interval], with the verdict only
+    where that interval excludes 0), and the gap closed: (compressed end - start) / (full-cache start -
+    compressed start), the share of the warm-up's compression gap RL closed, of the row and the reference."""
+    by_row = dict(results)
+    cells = [["row - reference", "pairs", "full-cache acc", "difference [95% CI]", "verdict",
+              "compressed acc", "difference [95% CI]", "verdict", "gap closed"]]
+    gap = lambda s: (s["acc_compressed"] - s["acc_compressed_start"]) / max(
+        s["acc_full_start"] - s["acc_compressed_start"], 1e-9)
+    for reference in ("full", "smd"):
+        for name, summaries in results:
+            if name == reference or reference not in by_row:
+                continue
+            both = [(s, r) for s, r in zip(summaries, by_row[reference]) if s is not None and r is not None]
+            if not both:
+                continue
+            row = [f"{name} - {reference}", str(len(both))]
+            for key in ("acc_full", "acc_compressed"):
+                a, b = [s[key] for s, _ in both], [r[key] for _, r in both]
+                mean, half = paired_difference(a, b)
+                interval = f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
+                row += [f"{np.mean(a):.3f} / {np.mean(b):.3f}", interval, verdict(mean, half, len(both))]
+            row.append(f"{np.mean([gap(s) for s, _ in both]):.2f} / {np.mean([gap(r) for _, r in both]):.2f}")
+            cells.append(row)
+    return (f"\npaired over (warm-up, RL seed), {len(pairs)} pairs a row; a verdict only where the 95% t "
+            f"interval excludes 0\n" + aligned(cells))
+
+
+def transfer_table(results, settings):
+    """Each row's final accuracy under policies and budgets it did not train under, and its gain over its own
+    warm-up there (end - start of the same run, paired, with a 95% t interval): does the compressed gain
+    transfer?"""
+    cells = [["row"] + settings]
+    for name, summaries in results:
+        done = [s for s in summaries if s is not None and s.get("transfer")]
+        if not done:
+            continue
+        row = [name]
+        for setting in settings:
+            end, start = [s["transfer"][setting] for s in done], [s["transfer_start"][setting] for s in done]
+            gain, half = paired_difference(end, start)
+            row.append(f"{np.mean(end):.3f} ({gain:+.3f} ± {half:.3f})")
+        cells.append(row)
+    if len(cells) == 1:
+        return ""
+    return ("\ntransfer: final greedy accuracy under each policy@budget (prompt kept as the runs'), and in "
+            "brackets the gain over the warm-up there, ± its 95% t half-width over the runs\n"
+            + aligned(cells))
 
 
 def run_name(row, budget, sft_seed, seed):

@@ -4,12 +4,11 @@ full-cache and the compressed greedy accuracy, and the sampler/learner mismatch 
 read from the JSONL logs compare.py leaves in out/. Needs matplotlib, which nothing else does:
 `pip install matplotlib`.
 
-    python plot.py                                  # out/cmp_*.jsonl at the default budget -> run.png
+    python plot.py                                  # compare.py's runs at the default budget -> run.png
     python plot.py --out_dir=out --budget=28 --rows=full,naive,tis,smd --file=run.png
     python plot.py --help                           # the settings
 """
 
-import glob
 import json
 import os
 import sys
@@ -29,9 +28,17 @@ CONFIG = configurator.knobs(globals())
 
 
 def load(out_dir, row, budget):
-    """Per-run records of one row: [{"train": train records, "eval": eval records}]."""
+    """Per-run records of one row at one budget, of the runs out_dir/compare.json lists (the last
+    comparison's; logs an earlier one left there are not its runs): [{"train": [...], "eval": [...]}]."""
+    manifest = os.path.join(out_dir, "compare.json")
+    if not os.path.exists(manifest):
+        raise FileNotFoundError(f"no {manifest}: run compare.py first (it lists the runs it made there)")
+    with open(manifest) as f:
+        names = [name for r, b, _, _, name in json.load(f)["runs"] if r == row and b == budget]
     runs = []
-    for path in sorted(glob.glob(os.path.join(out_dir, f"cmp_{row}_b{budget}_w*_s*.jsonl"))):
+    for path in [os.path.join(out_dir, name + ".jsonl") for name in names]:
+        if not os.path.exists(path):  # a run that failed or has not finished
+            continue
         with open(path) as f:
             records = [json.loads(line) for line in f]
         runs.append({kind: [r for r in records if r["kind"] == kind] for kind in ("train", "eval")})
@@ -74,6 +81,8 @@ def main(argv):
               ("eval", "acc_full", "full-cache greedy accuracy"),
               ("eval", "acc_compressed", f"compressed greedy accuracy (budget {cfg['budget']})"),
               ("train", "mismatch_k3", "mismatch KL(sampler || learner), k3")]
+    if not os.path.exists(os.path.join(cfg["out_dir"], "compare.json")):
+        sys.exit(f"nothing to draw: no {cfg['out_dir']}/compare.json, run compare.py first")
     drawn = 0
     for row in cfg["rows"].split(","):
         runs = load(cfg["out_dir"], row, cfg["budget"])
@@ -90,8 +99,8 @@ def main(argv):
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("GRPO step", fontsize=8)
     if not drawn:
-        sys.exit(f"nothing to draw: run compare.py first "
-                 f"(no {cfg['out_dir']}/cmp_<row>_b{cfg['budget']}_w*_s*.jsonl)")
+        sys.exit(f"nothing to draw: {cfg['out_dir']}/compare.json lists no finished run of these rows at "
+                 f"budget {cfg['budget']}")
     axes[3].set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()

@@ -269,14 +269,14 @@ class RKV(Policy):
     max-pooled over `kernel` neighbouring positions. Redundancy: how similar its key is to the head's other
     keys, a softmax over keys of the mean cosine similarity, where each key's most recent near-duplicate
     (cosine > threshold) is spared that key's similarity, so older repeats go first.
-    Where we differ: R-KV's code reads the whole prompt uncompressed and compresses once the sequence
-    outgrows the budget, then decodes into a buffer and compresses every 128 tokens, keeping the top keys at
-    once; our cache caps every query at the budget, prompt queries included (with keep_prompt the budget
-    holds the prompt, so only there do the two agree on the prompt), and drops one key per step. The reference code pools and picks "most recent" in cache order,
-    which after its first compression is score order; we use position order. When a key has no near-duplicate
-    nothing is spared (the code's argmax over zeros spares key 0's entry). mix_lambda 0.1 as in the paper (its
-    code defaults to 0.07); window 2 and kernel 3 scaled to our sequences (published 8 and 7, for budgets of
-    128 and more)."""
+    Where we differ: R-KV's code reads the whole prompt uncompressed and compresses once the sequence outgrows
+    the budget, then decodes into a buffer and compresses every 128 tokens, keeping the top keys at once; our
+    cache caps every query at the budget, prompt queries included (with keep_prompt the budget holds the
+    prompt, so only there do the two agree on the prompt), and drops one key per step. The reference code
+    pools and picks "most recent" in cache order, which after its first compression is score order; we use
+    position order. When a key has no near-duplicate nothing is spared (the code's argmax over zeros spares
+    key 0's entry). mix_lambda 0.1 as in the paper (its code defaults to 0.07); window 2 and kernel 3 scaled
+    to our sequences (published 8 and 7, for budgets of 128 and more)."""
 
     def __init__(self, window=2, kernel=3, mix_lambda=0.1, threshold=0.5, keep_prompt=False):
         super().__init__(keep_prompt)

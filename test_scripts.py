@@ -3,6 +3,7 @@ each script run as a subprocess, failing before any work; every usage line of th
 the README's code blocks, run as printed. Then compare.py's tables when runs fail or the table's rows and
 the sweep's overlap (its runs faked)."""
 import importlib
+import json
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import torch
 import configurator
 import policies
 import smd
+import train
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -210,7 +212,8 @@ def test_bench_on_a_gpu_takes_its_preset_first_then_the_other_flags(monkeypatch)
 # ----------------------------------------------------------------------------- compare.py's tables
 
 
-OLD_LAYOUT = ["--keep_prompt=False", "--budget=26", "--sweep_rows=naive,tis,smd"]  # these tests' setting
+# these tests' setting
+OLD_LAYOUT = ["--keep_prompt=False", "--budget=26", "--sweep=True", "--sweep_rows=naive,tis,smd"]
 
 
 @pytest.fixture
@@ -242,8 +245,7 @@ def fake_compare(monkeypatch):
 def test_compare_runs_every_row_seed_and_budget_and_reports_mean_and_sample_std(fake_compare, tmp_path):
     compare, runs, _ = fake_compare
     results = compare.main([f"--out_dir={tmp_path}", "--keep_prompt=False", "--budget=24", "--seeds=3",
-                            "--sft_seeds=0,1",
-                            "--sweep_budgets=16,24"])
+                            "--sft_seeds=0,1", "--sweep=True", "--sweep_budgets=16,24"])
     calls = list(runs.values())
     assert [name for name, _ in results] == compare.rows.split(",")
     n_sweep = len(compare.sweep_rows.split(","))               # budget 24 is the table's: only 16 is new
@@ -366,3 +368,59 @@ def test_bench_cpu_memory_peak_counts_every_allocation_alive_at_once():
         return (b * a).sum()
     peak = bench.learner_memory(torch.nn.Linear(1, 1), loss, cuda=False)
     assert abs(peak - 16_000_000) <= 1024  # + a few scalars (the loss, its gradient)
+
+
+def test_paired_statistics_on_a_hand_computed_case():
+    import compare
+    # differences 0.1, 0.2, 0.1: mean 2/15, sample std 0.057735, t(2) = 4.303 -> half-width 0.143434
+    mean, half = compare.paired_difference([0.5, 0.6, 0.7], [0.4, 0.4, 0.6])
+    assert mean == pytest.approx(2 / 15, abs=1e-12) and half == pytest.approx(0.143434, abs=1e-6)
+    assert compare.verdict(mean, half, 3) == "not resolved at n = 3"       # [-0.010, +0.277] covers 0
+    mean, half = compare.paired_difference([0.5, 0.6, 0.7, 0.8], [0.4, 0.4, 0.6, 0.7])
+    assert half == pytest.approx(3.182 * 0.05 / 2, abs=1e-9)               # d = .1 .2 .1 .1: std 0.05, t(3)
+    assert compare.verdict(mean, half, 4) == "higher" and compare.verdict(-mean, half, 4) == "lower"
+    assert compare.verdict(0.0, 0.0, 4) == "not resolved at n = 4"          # no difference is no verdict
+    assert compare.t975(12) == 2.179 and abs(compare.t975(40) - 2.021) < 0.005
+
+
+def test_the_paired_table_pairs_runs_by_warm_up_and_seed(fake_compare, tmp_path, capsys):
+    compare, _, _ = fake_compare  # fake accuracies: smd 0.4 + 0.1 seed, naive 0.2 + 0.1 seed, on each warm-up
+    compare.main([f"--out_dir={tmp_path}", "--rows=naive,smd", "--seeds=3", "--sft_seeds=0,1"])
+    out = capsys.readouterr().out.split("excludes 0\n")[1]
+    naive = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines()
+             if line.startswith("naive - smd")][0]
+    # paired: every difference is -0.2 exactly, so the interval is a point; pooled, the seeds' spread (std
+    # 0.089 each) would have hidden nothing here but cannot resolve a 0.2 gap at n = 6 with real noise
+    assert naive[1:5] == ["6", "0.300 / 0.500", "-0.200 [-0.200, -0.200]", "lower"]
+
+
+def test_compare_started_elsewhere_gives_every_run_the_same_absolute_out_dir(tmp_path, monkeypatch):
+    import compare
+    monkeypatch.chdir(tmp_path)  # train.py runs in the repo; its logs and warm-up must be where compare looks
+    own, cfg, plan = compare.configure(["--out_dir=results", "--rows=full,smd", "--seeds=1", "--sft_seeds=0"])
+    want = str(tmp_path / "results")
+    assert cfg["out_dir"] == want
+    assert all(train.make_config(argv)["out_dir"] == want for argv in plan.values())
+
+
+def test_a_row_may_carry_train_settings_and_a_bad_one_is_rejected():
+    import compare
+    assert compare.row_flags("smd@distill_coef=0.3@ref_kl_coef=0") == ["--mode=smd", "--distill_coef=0.3",
+                                                                      "--ref_kl_coef=0"]
+    _, _, plan = compare.configure(["--rows=smd@distill_coef=0.3", "--seeds=1", "--sft_seeds=0"])
+    assert all(train.make_config(argv)["distill_coef"] == 0.3 for argv in plan.values())
+    for bad in ("smd@distill_coef", "smd@distill_coef=-1", "ppo@lr=1"):
+        with pytest.raises(ValueError):
+            compare.configure([f"--rows={bad}", "--seeds=1", "--sft_seeds=0"])
+
+
+def test_plot_draws_only_the_runs_of_the_last_comparison(tmp_path):
+    import plot
+    for name in ("cmp_smd_b28_w0_s0", "cmp_smd_b28_w9_s9"):  # w9_s9: a log an earlier comparison left
+        (tmp_path / f"{name}.jsonl").write_text('{"kind": "eval", "step": 0, "acc_full": 0.5}\n')
+    (tmp_path / "compare.json").write_text(json.dumps({"budget": 28, "runs": [
+        ["smd", 28, 0, 0, "cmp_smd_b28_w0_s0"]]}))
+    assert len(plot.load(str(tmp_path), "smd", 28)) == 1
+    (tmp_path / "compare.json").unlink()
+    with pytest.raises(FileNotFoundError, match="compare.json"):
+        plot.load(str(tmp_path), "smd", 28)

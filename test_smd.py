@@ -567,7 +567,7 @@ def test_gather_path_equals_mask_path_values_and_gradients(policy):
         (lp * r.response_mask).sum().backward()
         results[attention] = lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
     (lp_mask, grad_mask), (lp_gather, grad_gather) = results["mask"], results["gather"]
-    assert (lp_mask - lp_gather).abs().max() <= TOL[torch.float32]  # measured <= 9.5e-7, either kernel setting
+    assert (lp_mask - lp_gather).abs().max() <= TOL[torch.float32]  # measured <= 9.5e-7, either kernel
     # a gradient sums many products, so its rounding grows with its size: float32's tolerance per unit of the
     # largest gradient entry (13.8 here; measured differences <= 4.3e-6, 32x inside; a wrong mask moves them
     # by the size of the gradient itself)

@@ -73,6 +73,7 @@ preset = ""                 # "gpu": a larger model and batch (PRESETS below), a
 n_train = 20000             # training problems (warm-up and RL prompts)
 eval_problems = 400         # held-out problems for greedy accuracy, <= EVAL_POOL
 eval_split = "val"          # "val" to choose settings, "test" to report them
+eval_also = ""              # more compressed evals at the first and last eval: "policy@budget,..." (transfer)
 # model (dropout stays 0: with it the learner could never reproduce the sampler's log-probs)
 n_layer = 2                 # transformer blocks
 n_head = 4                  # attention heads per block
@@ -143,6 +144,19 @@ def policy_kwargs(cfg):
     return dict(own.get(cfg["policy"], {}), keep_prompt=cfg["keep_prompt"])
 
 
+def eval_settings(cfg):
+    """eval_also as [(policy, budget)]: "streaming@32,h2o@42" -> [("streaming", 32), ("h2o", 42)]. Each is
+    run with this run's keep_prompt and that policy's settings: policies the weights did not train under."""
+    settings = []
+    for item in filter(None, cfg["eval_also"].split(",")):
+        name, _, budget = item.partition("@")
+        if name not in policies.POLICIES or not budget.isdigit():
+            raise ValueError(f"eval_also takes policy@budget items, policies from "
+                             f"{sorted(policies.POLICIES)}; got {item!r}")
+        settings.append((name, int(budget)))
+    return settings
+
+
 def validate_config(cfg):
     """Raise ValueError, saying what is allowed, for any value that would fail later (or silently)."""
     if cfg["mode"] not in MODES:
@@ -190,6 +204,8 @@ def validate_config(cfg):
         raise ValueError(f"reward must be one of {sorted(REWARDS)}, got {cfg['reward']!r}")
     smd.check_attention(cfg["learner_attention"])
     P, R = max_lengths()
+    for name, budget in eval_settings(cfg):  # a policy and budget that cannot work fail here, not at the end
+        policies.make_policy(name, **policy_kwargs(dict(cfg, policy=name))).check(budget, P + R, P)
     seq_len = P + R
     if cfg["block_size"] < seq_len:
         raise ValueError(f"block_size {cfg['block_size']} must hold prompt + response = {seq_len} tokens")
@@ -448,8 +464,8 @@ def evaluate(model, problems, policy, budget, **policy_kwargs):
 
 
 def pack(bools):
-    """[True, False, ...] -> a hex string, 4 problems a digit (the JSONL's per-problem record); unpack reverses
-    it given the count."""
+    """[True, False, ...] -> a hex string, 4 problems a digit (the JSONL's per-problem record); unpack
+    reverses it, given the count."""
     bits = "".join("1" if b else "0" for b in bools)
     bits += "0" * (-len(bits) % 4)
     return "".join(f"{int(bits[i:i + 4], 2):x}" for i in range(0, len(bits), 4))
@@ -627,6 +643,14 @@ def main(argv):
         log(dict(kind="eval", step=step, acc_full=acc_full, acc_compressed=acc_comp,
                  solved_full=pack(solved_full), solved_compressed=pack(solved_comp)))
         history["evals"].append((step, acc_full, acc_comp))
+        if step in (0, cfg["n_steps"]) and cfg["eval_also"]:  # transfer: the first and the last eval
+            also = {f"{name}@{budget}": solved(model, held_out, name, budget,
+                                               **policy_kwargs(dict(cfg, policy=name, budget=budget)))
+                    for name, budget in eval_settings(cfg)}
+            print(f"eval  {step:4d} | also "
+                  + " ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in also.items()))
+            log(dict(kind="eval_also", step=step, acc={k: sum(v) / len(v) for k, v in also.items()},
+                     solved={k: pack(v) for k, v in also.items()}))
         times["eval_s"] += time.time() - t0
 
     if start == 0:
