@@ -7,6 +7,8 @@ for bit, and a hidden token cannot reach a query; under GQA a KV head's policy s
 mean. Skipped, with the install line, where transformers is not installed.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -250,3 +252,25 @@ def test_bad_input_is_a_clear_error():
     sliding = transformers.MistralConfig(**CONFIGS["llama"]().to_dict() | dict(sliding_window=4))
     with pytest.raises(ValueError, match="does not support attention with sliding_window"):
         hf.rollout(hf.from_config(sliding), prompts, policy="h2o", budget=8, max_new_tokens=4)
+
+# ----------------------------------------------------------------------------- hf_train.py
+
+
+def test_hf_train_runs_smd_steps_whose_learner_is_the_sampler_and_the_naive_one_is_not(capsys):
+    import hf_train
+    logs = hf_train.main(["--n_steps=2", "--warmup_steps=20", "--prompts_per_step=2", "--n_embd=32"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert len(logs) == len(lines) == 2 and len({line.index("mismatch") for line in lines}) == 1  # aligned
+    for log in logs:
+        assert log["smd_max"] <= TOL[torch.float32] and log["naive_max"] > 1e-2
+        assert log["grad_norm"] > 0 and log["distill_kl"] > 0
+
+
+def test_every_command_in_hf_trains_docstring_passes_its_checks():
+    import hf_train
+    commands = re.findall(r"^ *python hf_train\.py([^#\n]*)", hf_train.__doc__, flags=re.M)
+    assert len(commands) == 4
+    for argv in commands:
+        hf_train.make_config(argv.split())
+    with pytest.raises(ValueError, match="keep_prompt needs a budget"):
+        hf_train.make_config(["--budget=16"])
