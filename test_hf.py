@@ -177,7 +177,8 @@ def test_gqa_tova_evicts_the_key_its_query_heads_attend_to_least_on_average():
     out = model(input_ids=r.tokens, use_cache=False, smd_mask=r.shadow_mask, output_attentions=True)
     n_checked = 0
     for layer, att in enumerate(out.attentions):                           # (B, nh, T, T)
-        mean_att = hf.group_mean(att, 2)                                   # (B, n_kv, T, T)
+        B, nh, T, _ = att.shape
+        mean_att = att.view(B, 2, nh // 2, T, T).mean(2)                   # (B, n_kv, T, T): heads 2j, 2j+1
         seen = r.shadow_mask.seen(layer).long()                            # (B, n_kv, T, S)
         slot_of = r.shadow_mask.slot_of[layer].long()                      # (B, n_kv, T)
         for t in range(BUDGET, r.tokens.shape[1]):                         # every write into a full cache
