@@ -52,14 +52,16 @@ def sample_over_slots(module, query, key, value, scaling, cache):
     let the policy observe. query (B, nh, T, hs), key/value (B, n_kv, T, hs) -> (B, T, nh, hs)."""
     B, nh, T, hs = query.shape
     n_kv = key.shape[1]
-    k_slots, v_slots, visible = cache.update(module.layer_idx, key, value)  # (B, n_kv, S, hs) x2, (B, n_kv, T, S)
+    # the cache after writing the new tokens (B, n_kv, S, hs) x2, and what each query sees (B, n_kv, T, S)
+    k_slots, v_slots, visible = cache.update(module.layer_idx, key, value)
     if scaling != 1 / math.sqrt(hs):  # attend_slots scales by 1/sqrt(hs); a model may have its own scale
         query = query * (scaling * math.sqrt(hs))
-    y, att = attend_slots(query, per_query_head(k_slots, nh).unsqueeze(2), per_query_head(v_slots, nh).unsqueeze(2),
-                          per_query_head(visible, nh))                # (B, nh, T, hs), (B, nh, T, S)
+    k, v = (per_query_head(x, nh).unsqueeze(2) for x in (k_slots, v_slots))  # (B, nh, 1, S, hs) each
+    y, att = attend_slots(query, k, v, per_query_head(visible, nh))   # (B, nh, T, hs), (B, nh, T, S)
     # the policy sees each KV head's group: its mean attention, and every query of the group (time-major, so
     # the cache's window of query_window = g * window rows is the last `window` steps of all g heads)
-    group_q = query.view(B, n_kv, nh // n_kv, T, hs).transpose(2, 3).reshape(B, n_kv, -1, hs)  # (B, n_kv, T*g, hs)
+    group_q = query.view(B, n_kv, nh // n_kv, T, hs).transpose(2, 3)          # (B, n_kv, T, g, hs)
+    group_q = group_q.reshape(B, n_kv, -1, hs)                                # (B, n_kv, T * g, hs)
     cache.observe(module.layer_idx, group_q, group_mean(att, n_kv))
     return y.transpose(1, 2), None                                     # HF's layout: (B, T, nh, hs)
 
@@ -77,8 +79,10 @@ def smd_attention(base, module, query, key, value, attention_mask, scaling=None,
             raise ValueError(f"hf.py does not support attention with {name} (layer {module.layer_idx})")
     if smd_cache is not None:
         if dropout:  # a config's attention_dropout, applied in training mode
-            raise ValueError("sampling with dropout on: call model.eval() (the learner could not reproduce it)")
+            raise ValueError("sampling with dropout on: call model.eval() (the learner could not follow it)")
         return sample_over_slots(module, query, key, value, scaling, smd_cache)
+    # the shadow mask replaces HF's causal mask: it is a subset of it (no query sees a later position), and
+    # our layout has no left padding (each row's prompt starts at position 0)
     visible = per_query_head(smd_mask[module.layer_idx], query.shape[1])  # (B, nh, T, T) bool
     bias = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
     bias = bias.masked_fill(~visible, float("-inf"))                   # <- the shadow mask enters here
@@ -93,7 +97,8 @@ def eager(module, *args, **kwargs):
     # transformers writes eager attention once per modeling file (GPT-2's, Llama's with repeat_kv, ...)
     base = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if base is None:
-        raise ValueError(f"{type(module).__name__} has no eager_attention_forward in its modeling file; use sdpa")
+        raise ValueError(f"{type(module).__name__} has no eager_attention_forward in its modeling file: "
+                         f"use attention='sdpa'")
     return smd_attention(base, module, *args, **kwargs)
 
 
@@ -113,8 +118,8 @@ def from_config(config, attention="sdpa", dtype=torch.float32):
     if attention not in ("sdpa", "eager"):
         raise ValueError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
     config = copy.deepcopy(config)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=SDPA if attention == "sdpa" else EAGER)
-    return model.to(dtype)
+    name = SDPA if attention == "sdpa" else EAGER
+    return AutoModelForCausalLM.from_config(config, attn_implementation=name).to(dtype)
 
 
 def check_model(model):
@@ -133,7 +138,7 @@ class Sampler(nn.Module):
         super().__init__()
         check_model(model)
         if model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
-            raise ValueError("sampling with dropout on: call model.eval() (the learner could not reproduce it)")
+            raise ValueError("sampling with dropout on: call model.eval() (the learner could not follow it)")
         self.model = model
         c = model.config
         n_head = c.num_attention_heads
@@ -163,8 +168,8 @@ def grouped_policy(policy, group, policy_kwargs):
 
 def rollout(model, prompts, *, policy, budget, max_new_tokens, temperature=1.0, eos_id=None, generator=None,
             **policy_kwargs):
-    """smd.rollout on a Hugging Face model (same arguments, same smd.Rollout): sample under a cache of `budget`
-    slots per layer and KV head, recording the write log, shadow_mask.slot_of (L, B, n_kv, T)."""
+    """smd.rollout on a Hugging Face model (same arguments, same smd.Rollout): sample under a cache of
+    `budget` slots per layer and KV head, recording the write log, shadow_mask.slot_of (L, B, n_kv, T)."""
     sampler = Sampler(model)
     return smd.rollout(sampler, prompts, policy=grouped_policy(policy, sampler.group, policy_kwargs),
                        budget=budget, max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id,
@@ -175,8 +180,9 @@ def record(model, tokens, prompt_lengths, *, policy, budget, temperature=1.0, eo
            **policy_kwargs):
     """smd.record on a Hugging Face model: the given sequences (B, T) fed through the compressed cache."""
     sampler = Sampler(model)
-    return smd.record(sampler, tokens, prompt_lengths, policy=grouped_policy(policy, sampler.group, policy_kwargs),
-                      budget=budget, temperature=temperature, eos_id=eos_id, generator=generator)
+    policy = grouped_policy(policy, sampler.group, policy_kwargs)
+    return smd.record(sampler, tokens, prompt_lengths, policy=policy, budget=budget, temperature=temperature,
+                      eos_id=eos_id, generator=generator)
 
 
 def learner_logits(model, tokens, shadow_mask=None):

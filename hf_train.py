@@ -73,8 +73,8 @@ def make_config(argv):
         raise ValueError(f"need warmup_steps >= 0 and warmup_lr > 0, got {cfg['warmup_steps']}, "
                          f"{cfg['warmup_lr']}")
     if cfg["n_head"] % cfg["n_kv_head"] or cfg["n_embd"] % cfg["n_head"]:
-        raise ValueError(f"need n_head % n_kv_head == 0 and n_embd % n_head == 0, got n_embd={cfg['n_embd']}, "
-                         f"n_head={cfg['n_head']}, n_kv_head={cfg['n_kv_head']}")
+        raise ValueError(f"need n_head % n_kv_head == 0 and n_embd % n_head == 0, got "
+                         f"n_embd={cfg['n_embd']}, n_head={cfg['n_head']}, n_kv_head={cfg['n_kv_head']}")
     if cfg["group_size"] < 2 or not cfg["lr"] > 0 or not cfg["temperature"] > 0 or cfg["distill_coef"] < 0:
         raise ValueError("need group_size >= 2, lr > 0, temperature > 0 and distill_coef >= 0")
     P, R = max_lengths()
@@ -85,11 +85,13 @@ def make_config(argv):
 
 def build_model(cfg):
     torch.manual_seed(cfg["seed"])
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=cfg["n_embd"], intermediate_size=4 * cfg["n_embd"],
-                         num_hidden_layers=cfg["n_layer"], num_attention_heads=cfg["n_head"],
-                         num_key_value_heads=cfg["n_kv_head"], max_position_embeddings=64, bos_token_id=None,
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=cfg["n_embd"],
+                         intermediate_size=4 * cfg["n_embd"], num_hidden_layers=cfg["n_layer"],
+                         num_attention_heads=cfg["n_head"], num_key_value_heads=cfg["n_kv_head"],
+                         max_position_embeddings=64, bos_token_id=None,
                          eos_token_id=EOS_ID, pad_token_id=EOS_ID)
-    return hf.from_config(config, cfg["attention"], getattr(torch, cfg["dtype"])).eval()  # no dropout anywhere
+    model = hf.from_config(config, cfg["attention"], getattr(torch, cfg["dtype"]))
+    return model.eval()  # Llama has no dropout; eval() says the sampler and learner run the same function
 
 
 def warm_up(model, problems, cfg, generator):
@@ -110,15 +112,16 @@ def grpo_step(model, optimizer, problems, cfg, generator):
     """Sample under the evicting cache, score, one gradient step on GRPO(masked) + lambda * KL. -> the log."""
     P, R = max_lengths()
     group = [p for p in problems for _ in range(cfg["group_size"])]
-    ro = hf.rollout(model, [encode(format_prompt(p)) for p in group], policy=cfg["policy"], budget=cfg["budget"],
-                    max_new_tokens=R, temperature=cfg["temperature"], eos_id=EOS_ID, generator=generator,
-                    keep_prompt=cfg["keep_prompt"])
-    rewards = torch.tensor([partial_reward(p, decode(ro.tokens[i, P:].tolist())) for i, p in enumerate(group)])
+    ro = hf.rollout(model, [encode(format_prompt(p)) for p in group], policy=cfg["policy"],
+                    budget=cfg["budget"], max_new_tokens=R, temperature=cfg["temperature"], eos_id=EOS_ID,
+                    generator=generator, keep_prompt=cfg["keep_prompt"])
+    rewards = [partial_reward(p, decode(ro.tokens[i, P:].tolist())) for i, p in enumerate(group)]
+    rewards = torch.tensor(rewards)                                        # (B,)
     adv = group_advantages(rewards, cfg["group_size"])                     # (B,)
     tokens, response_mask = ro.tokens, ro.response_mask                    # (B, T) each
 
     masked_logits = hf.learner_logits(model, tokens, ro.shadow_mask)       # (B, T, vocab): pi_masked
-    unmasked_logits = hf.learner_logits(model, tokens)                     # pi_unmasked, the full-cache policy
+    unmasked_logits = hf.learner_logits(model, tokens)                     # pi_unmasked: the full cache's
     lp = smd.token_logprobs(masked_logits, tokens, cfg["temperature"])     # (B, T)
     lp_unmasked = smd.token_logprobs(unmasked_logits.detach(), tokens, cfg["temperature"])
     smd_max, _ = mismatch(lp.detach(), ro.logprobs, response_mask)         # float rounding: the same policy
@@ -141,8 +144,9 @@ def main(argv):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
     train_problems, _, _ = make_splits(cfg["seed"], 1000, 0, 0)
     generator = torch.Generator().manual_seed(cfg["seed"])
-    print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters())} weights, {cfg['n_head']} query / "
-          f"{cfg['n_kv_head']} KV heads, {cfg['attention']} {cfg['dtype']}; {cfg['policy']}@{cfg['budget']}"
+    n_weights = sum(p.numel() for p in model.parameters())
+    print(f"{type(model).__name__}: {n_weights} weights, {cfg['n_head']} query / {cfg['n_kv_head']} KV "
+          f"heads, {cfg['attention']} {cfg['dtype']}; {cfg['policy']}@{cfg['budget']}"
           f"{', prompt kept' if cfg['keep_prompt'] else ''}")
     t0 = time.time()
     loss = warm_up(model, train_problems, cfg, generator)
