@@ -1,0 +1,204 @@
+"""
+Shadow Mask Distillation on Hugging Face causal LMs (transformers 5.x): the two hooks SMD needs, both
+through transformers' AttentionInterface, so any model whose attention calls that interface (GPT-2, Llama,
+Qwen3, Mistral, ...) gets them without a change to its modeling file:
+  1. the sampler: rollout() / record() run smd.py's own loop (prefill, one-token decode, EOS, the write
+     log) with the cache of smd.KVCache, `budget` slots per layer and KV head, evicted by a policies.py
+     policy; the attention over the slots, and the statistics the policy keeps, come from the same
+     attention function, with the model's true position ids (learned or RoPE);
+  2. the learner: learner_logits(model, tokens, shadow_mask) injects the recorded mask per layer (its
+     module.layer_idx) as a -inf bias before the library's own sdpa or eager attention; without a mask the
+     call is exactly the model's own causal forward.
+Grouped-query attention: the cache, the eviction and the write log are per KV head (which is what a GQA
+cache stores); a policy's statistic for a KV head is the mean over the query heads that share it (see
+group_mean). Not here: the policies (policies.py), the loop and the Rollout (smd.py), training (hf_train.py),
+HF's own Cache classes and generate() (an evicting cache's visibility differs per KV head, which HF's
+one-mask-per-row Cache API cannot say), flash/flex/paged kernels (HF.md says what blocks them).
+"""
+
+import copy
+import math
+import sys
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+import smd
+from model import attend_slots
+from policies import make_policy
+
+SDPA, EAGER = "smd_sdpa", "smd_eager"  # the attn_implementation names this module registers
+
+
+def group_mean(x, n_kv):
+    """(B, nh, ...) per query head -> (B, n_kv, ...): the mean over the nh / n_kv query heads that share each
+    KV head (HF's layout: query head h reads KV head h // (nh / n_kv)). A GQA policy statistic, per KV head,
+    is that of the group's average query; with nh = n_kv it is the statistic itself, bit for bit."""
+    B, nh = x.shape[:2]
+    return x.view(B, n_kv, nh // n_kv, *x.shape[2:]).mean(2)
+
+
+def per_query_head(x, nh):
+    """(B, n_kv, ...) -> (B, nh, ...): each KV head's tensor repeated for its query heads (HF's repeat_kv)."""
+    return x.repeat_interleave(nh // x.shape[1], dim=1)
+
+
+def sample_over_slots(module, query, key, value, scaling, cache):
+    """The sampler's attention: store the new keys/values in the cache (evicting), attend over its S slots,
+    let the policy observe. query (B, nh, T, hs), key/value (B, n_kv, T, hs) -> (B, T, nh, hs)."""
+    B, nh, T, hs = query.shape
+    n_kv = key.shape[1]
+    # the cache after writing the new tokens (B, n_kv, S, hs) x2, and what each query sees (B, n_kv, T, S)
+    k_slots, v_slots, visible = cache.update(module.layer_idx, key, value)
+    if scaling != 1 / math.sqrt(hs):  # attend_slots scales by 1/sqrt(hs); a model may have its own scale
+        query = query * (scaling * math.sqrt(hs))
+    k, v = (per_query_head(x, nh).unsqueeze(2) for x in (k_slots, v_slots))  # (B, nh, 1, S, hs) each
+    y, att = attend_slots(query, k, v, per_query_head(visible, nh))   # (B, nh, T, hs), (B, nh, T, S)
+    # the policy sees each KV head's group: its mean attention, and every query of the group (time-major, so
+    # the cache's window of query_window = g * window rows is the last `window` steps of all g heads)
+    group_q = query.view(B, n_kv, nh // n_kv, T, hs).transpose(2, 3)          # (B, n_kv, T, g, hs)
+    group_q = group_q.reshape(B, n_kv, -1, hs)                                # (B, n_kv, T * g, hs)
+    cache.observe(module.layer_idx, group_q, group_mean(att, n_kv))
+    return y.transpose(1, 2), None                                     # HF's layout: (B, T, nh, hs)
+
+
+def smd_attention(base, module, query, key, value, attention_mask, scaling=None, dropout=0.0, smd_cache=None,
+                  smd_mask=None, **kwargs):
+    """The one attention function behind SDPA and EAGER. smd_cache (an smd.KVCache): the sampler.
+    smd_mask (a ShadowMask, or (L, B, n_kv, T, T) bool): the learner under the mask. Neither: `base`, the
+    library's own attention, called with exactly what the model passed."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if smd_cache is None and smd_mask is None:
+        return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    for name in ("sliding_window", "softcap", "s_aux", "position_bias"):
+        if kwargs.get(name) is not None:  # each changes what a query sees or how: the slots would not say it
+            raise ValueError(f"hf.py does not support attention with {name} (layer {module.layer_idx})")
+    if smd_cache is not None:
+        if dropout:  # a config's attention_dropout, applied in training mode
+            raise ValueError("sampling with dropout on: call model.eval() (the learner could not follow it)")
+        return sample_over_slots(module, query, key, value, scaling, smd_cache)
+    # the shadow mask replaces HF's causal mask: it is a subset of it (no query sees a later position), and
+    # our layout has no left padding (each row's prompt starts at position 0)
+    visible = per_query_head(smd_mask[module.layer_idx], query.shape[1])  # (B, nh, T, T) bool
+    bias = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
+    bias = bias.masked_fill(~visible, float("-inf"))                   # <- the shadow mask enters here
+    return base(module, query, key, value, bias, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def sdpa(module, *args, **kwargs):
+    return smd_attention(sdpa_attention_forward, module, *args, **kwargs)
+
+
+def eager(module, *args, **kwargs):
+    # transformers writes eager attention once per modeling file (GPT-2's, Llama's with repeat_kv, ...)
+    base = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if base is None:
+        raise ValueError(f"{type(module).__name__} has no eager_attention_forward in its modeling file: "
+                         f"use attention='sdpa'")
+    return smd_attention(base, module, *args, **kwargs)
+
+
+AttentionInterface.register(SDPA, sdpa)
+AttentionInterface.register(EAGER, eager)
+# without these, transformers builds no causal mask for an unknown name (eager would then see the future)
+AttentionMaskInterface.register(SDPA, sdpa_mask)
+AttentionMaskInterface.register(EAGER, eager_mask)
+
+# -----------------------------------------------------------------------------
+# models
+
+
+def from_config(config, attention="sdpa", dtype=torch.float32):
+    """A random-init causal LM from a transformers config, with SMD's attention ("sdpa" or "eager"). The
+    config is copied first: from_config(attn_implementation=...) writes into the object it is given."""
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
+    config = copy.deepcopy(config)
+    name = SDPA if attention == "sdpa" else EAGER
+    return AutoModelForCausalLM.from_config(config, attn_implementation=name).to(dtype)
+
+
+def check_model(model):
+    impl = model.config._attn_implementation
+    if impl not in (SDPA, EAGER):
+        raise ValueError(f"the model's attn_implementation is {impl!r}; load it with attn_implementation="
+                         f"hf.SDPA or hf.EAGER (or use hf.from_config) so the sampler and learner hooks run")
+
+
+class Sampler(nn.Module):
+    """A Hugging Face causal LM seen as smd.generate() sees our GPT: `config` with the cache's sizes (per KV
+    head), and forward(idx, cache) -> (logits, None) for the next tokens at positions cache.next_pos, ...
+    Every row is at the same position (smd.py's layout), so one row of position ids serves the batch."""
+
+    def __init__(self, model):
+        super().__init__()
+        check_model(model)
+        if model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+            raise ValueError("sampling with dropout on: call model.eval() (the learner could not follow it)")
+        self.model = model
+        c = model.config
+        n_head = c.num_attention_heads
+        n_kv = getattr(c, "num_key_value_heads", None) or n_head
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_head
+        self.group = n_head // n_kv
+        self.config = SimpleNamespace(n_layer=c.num_hidden_layers, n_head=n_kv, n_embd=n_kv * head_dim,
+                                      vocab_size=c.vocab_size, block_size=c.max_position_embeddings)
+
+    def forward(self, idx, cache):
+        T = idx.shape[1]
+        position_ids = torch.arange(cache.next_pos, cache.next_pos + T, device=idx.device)[None]  # (1, T)
+        logits = self.model(input_ids=idx, position_ids=position_ids, use_cache=False, smd_cache=cache).logits
+        cache.advance(T)
+        return logits, None
+
+
+def grouped_policy(policy, group, policy_kwargs):
+    """The policy, with room in the cache for the last `window` queries of every query head of a group."""
+    policy = make_policy(policy, **policy_kwargs) if isinstance(policy, str) else copy.copy(policy)
+    policy.query_window *= group
+    return policy
+
+# -----------------------------------------------------------------------------
+# the two hooks: sampler and learner
+
+
+def rollout(model, prompts, *, policy, budget, max_new_tokens, temperature=1.0, eos_id=None, generator=None,
+            **policy_kwargs):
+    """smd.rollout on a Hugging Face model (same arguments, same smd.Rollout): sample under a cache of
+    `budget` slots per layer and KV head, recording the write log, shadow_mask.slot_of (L, B, n_kv, T)."""
+    sampler = Sampler(model)
+    return smd.rollout(sampler, prompts, policy=grouped_policy(policy, sampler.group, policy_kwargs),
+                       budget=budget, max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id,
+                       generator=generator)
+
+
+def record(model, tokens, prompt_lengths, *, policy, budget, temperature=1.0, eos_id=None, generator=None,
+           **policy_kwargs):
+    """smd.record on a Hugging Face model: the given sequences (B, T) fed through the compressed cache."""
+    sampler = Sampler(model)
+    policy = grouped_policy(policy, sampler.group, policy_kwargs)
+    return smd.record(sampler, tokens, prompt_lengths, policy=policy, budget=budget, temperature=temperature,
+                      eos_id=eos_id, generator=generator)
+
+
+def learner_logits(model, tokens, shadow_mask=None):
+    """(B, T, vocab) teacher-forced logits. shadow_mask=None: the model's own causal forward (the unmasked
+    pass). A ShadowMask from rollout() (or any (L, B, n_kv, T, T) bool tensor): every query of layer l sees,
+    per KV head, exactly the positions shadow_mask[l] lets it see."""
+    check_model(model)
+    if shadow_mask is None:
+        return model(input_ids=tokens, use_cache=False).logits
+    T = shadow_mask.slot_of.shape[-1] if isinstance(shadow_mask, smd.ShadowMask) else shadow_mask.shape[-1]
+    if T != tokens.shape[1]:
+        raise ValueError(f"shadow_mask covers {T} positions, tokens have {tokens.shape[1]}")
+    return model(input_ids=tokens, use_cache=False, smd_mask=shadow_mask).logits
+
+
+def learner_logprobs(model, tokens, shadow_mask=None, temperature=1.0):
+    """(B, T) differentiable log-probs of tokens (see learner_logits); with a rollout's shadow_mask they
+    reproduce its logprobs on response tokens."""
+    return smd.token_logprobs(learner_logits(model, tokens, shadow_mask), tokens, temperature)
