@@ -1,7 +1,9 @@
 """
 One picture of a comparison: per row of compare.py (mean over its runs), the training reward, the
-full-cache and the compressed greedy accuracy, and the sampler/learner mismatch (log scale) over GRPO steps,
-read from the JSONL logs compare.py leaves in out/. Needs matplotlib, which nothing else does:
+full-cache and the compressed greedy accuracy, and the sampler/learner mismatch (log scale) over GRPO steps;
+then the frontier a reader decides from: every row and setting of the comparison at its final step,
+full-cache against compressed accuracy, each with its 95% t interval over the runs. Read from the JSONL logs
+of the runs out/compare.json lists. Needs matplotlib, which nothing else does:
 `pip install matplotlib`.
 
     python plot.py                                  # compare.py's runs at the default budget -> run.png
@@ -15,6 +17,7 @@ import sys
 from collections import defaultdict
 
 import configurator
+from compare import t975
 
 # -----------------------------------------------------------------------------
 # config, overridable as --key=value
@@ -25,6 +28,12 @@ file = "run.png"                            # the picture written
 smooth = 10                                 # moving average over this many steps for the per-step curves
 CONFIG = configurator.knobs(globals())
 # -----------------------------------------------------------------------------
+
+
+def manifest_rows(out_dir, budget):
+    """Every row (and setting) of the last comparison at this budget, in its order."""
+    with open(os.path.join(out_dir, "compare.json")) as f:
+        return list(dict.fromkeys(r for r, b, _, _, _ in json.load(f)["runs"] if b == budget))
 
 
 def load(out_dir, row, budget):
@@ -43,6 +52,22 @@ def load(out_dir, row, budget):
             records = [json.loads(line) for line in f]
         runs.append({kind: [r for r in records if r["kind"] == kind] for kind in ("train", "eval")})
     return runs
+
+
+def final_accuracies(runs):
+    """(compressed, full-cache) final greedy accuracy of each run, as two lists."""
+    last = [run["eval"][-1] for run in runs if run["eval"]]
+    return [r["acc_compressed"] for r in last], [r["acc_full"] for r in last]
+
+
+def half_width(values):
+    """95% t half-width of the mean (0 for a single run)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    return t975(n - 1) * std / n ** 0.5
 
 
 def mean_curve(runs, kind, key):
@@ -76,7 +101,7 @@ def main(argv):
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit("plot.py needs matplotlib, which nothing else here does: pip install matplotlib")
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
     panels = [("train", "reward", "training reward (moving avg)"),
               ("eval", "acc_full", "full-cache greedy accuracy"),
               ("eval", "acc_compressed", f"compressed greedy accuracy (budget {cfg['budget']})"),
@@ -103,6 +128,15 @@ def main(argv):
                  f"budget {cfg['budget']}")
     axes[3].set_yscale("log")
     axes[0].legend(fontsize=7)
+    for row in manifest_rows(cfg["out_dir"], cfg["budget"]):  # the frontier: every row and setting
+        compressed, full = final_accuracies(load(cfg["out_dir"], row, cfg["budget"]))
+        if compressed:
+            axes[4].errorbar(sum(compressed) / len(compressed), sum(full) / len(full), fmt="o", ms=4,
+                             xerr=half_width(compressed), yerr=half_width(full), capsize=2, label=row)
+    axes[4].set_title("final accuracy, mean and 95% t interval over runs", fontsize=9)
+    axes[4].set_xlabel(f"compressed (budget {cfg['budget']})", fontsize=8)
+    axes[4].set_ylabel("full cache", fontsize=8)
+    axes[4].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(cfg["file"], dpi=80)
     print(f"wrote {cfg['file']}")

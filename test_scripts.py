@@ -3,6 +3,7 @@ each script run as a subprocess, failing before any work; every usage line of th
 the README's code blocks, run as printed. Then compare.py's tables when runs fail or the table's rows and
 the sweep's overlap (its runs faked)."""
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -124,10 +125,11 @@ def test_cli_prints_help_or_one_error_line_and_leaves_errors_past_the_checks_alo
 
 # ----------------------------------------------------------------------------- every script, as a subprocess
 
-SCRIPTS = ["train", "compare", "variance", "bench", "plot"]
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None  # hf_train.py's optional dependency
+SCRIPTS = ["train", "compare", "variance", "bench", "plot"] + (["hf_train"] if HAS_TRANSFORMERS else [])
 COMMENT = {"train": "KV slots per layer and head", "compare": "RL seeds 0 .. seeds-1",
-           "variance": "independent batches per mode", "bench": "total sequence lengths T",
-           "plot": "the compare.py budget whose runs to draw"}
+           "variance": "batches judged per mode", "bench": "total sequence lengths T",
+           "plot": "the compare.py budget whose runs to draw", "hf_train": "KV slots per layer and KV head"}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -148,7 +150,8 @@ BAD = {"train": ["--bugdet=8", "--budget=8.5"],
        "compare": ["--seedz=3", "--seeds=x", "--lr=abc", "--warmup_policies=h2o,lru"],
        "variance": ["--k=32", "--K=1", "--n_steps=1"],
        "bench": ["--lenghts=64", "--budgets=8,x"],
-       "plot": ["--smoth=3", "--smooth=0"]}
+       "plot": ["--smoth=3", "--smooth=0"],
+       "hf_train": ["--budgt=8", "--budget=3"]}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -626,3 +626,24 @@ def test_evaluation_is_reproducible_under_the_random_policy_whatever_the_global_
     assert train.unpack(train.pack(first), len(first)) == first
     bits = [True, False, False, True, True]
     assert train.pack(bits) == "98" and train.unpack("98", 5) == bits  # 1001, 1000
+
+
+def test_plot_draws_the_curves_and_the_frontier_of_a_comparison(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib", reason="the picture needs matplotlib: pip install matplotlib")
+    import plot
+    runs = []
+    for row, acc in (("full", 0.9), ("smd", 0.8), ("smd@distill_coef=0.3", 0.7)):
+        for seed in range(3):
+            name = f"cmp_{row}_b28_w0_s{seed}"
+            runs.append([row, 28, 0, seed, name])
+            records = [dict(kind="train", step=s, reward=acc, mismatch_k3=1e-3) for s in (1, 2)]
+            records += [dict(kind="eval", step=s, acc_full=acc + 0.01 * seed, acc_compressed=acc / 2)
+                        for s in (0, 2)]
+            (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "compare.json").write_text(json.dumps(dict(budget=28, runs=runs)))
+    assert plot.manifest_rows(str(tmp_path), 28) == ["full", "smd", "smd@distill_coef=0.3"]
+    compressed, full = plot.final_accuracies(plot.load(str(tmp_path), "smd", 28))
+    assert compressed == [0.4] * 3 and full == pytest.approx([0.8, 0.81, 0.82])      # the step-2 evals
+    assert plot.half_width([0.8, 0.81, 0.82]) == pytest.approx(4.303 * 0.01 / 3 ** 0.5)
+    plot.main([f"--out_dir={tmp_path}", f"--file={tmp_path / 'run.png'}", "--rows=full,smd"])
+    assert (tmp_path / "run.png").stat().st_size > 10_000
