@@ -50,6 +50,7 @@ sweep_rows = "naive,tis,sparse_rl,smd"  # trained at each sweep budget; full's c
 jobs = 2                           # train.py processes at a time
 warmup_policies = "h2o,streaming,tova,snapkv,rkv,random"  # the warm-up's accuracy under each, every budget
 transfer = "streaming@26,snapkv@26,h2o@26,streaming@42,snapkv@42,h2o@42"  # train.py --eval_also of every run
+reuse = True                       # read a finished run whose checkpoint holds exactly its config, not rerun it
 CONFIG = configurator.knobs(globals())
 # -----------------------------------------------------------------------------
 
@@ -155,10 +156,32 @@ def run(argv, out_dir, name):
                               stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)))
     if done.returncode != 0:
         raise RuntimeError(f"train.py exited with status {done.returncode}; its log: {path}")
+    return read_summary(out_dir, name)
+
+
+def read_summary(out_dir, name):
+    """A finished run's summary from its JSONL, with its eval_also accuracies at the first and last eval."""
     with open(os.path.join(out_dir, name + ".jsonl")) as f:
         records = [json.loads(line) for line in f]
     also = [r["acc"] for r in records if r["kind"] == "eval_also"]
     return dict(records[-1], transfer_start=also[0] if also else {}, transfer=also[-1] if also else {})
+
+
+def finished(argv, out_dir, name):
+    """The summary of a run already made with exactly this config (its final checkpoint says so, and its log
+    ends with the summary), else None: a comparison that shares runs with an earlier one (a λ grid next to
+    the core rows, say) pairs with them instead of training them again. Same config, not same code: after
+    changing train.py, run with --reuse=False."""
+    ckpt, log = os.path.join(out_dir, name + ".pt"), os.path.join(out_dir, name + ".jsonl")
+    if not (os.path.exists(ckpt) and os.path.exists(log)):
+        return None
+    cfg = train.make_config(argv + [f"--run_name={name}"])
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    with open(log) as f:
+        last = json.loads(f.readlines()[-1])
+    if saved["config"] != cfg or saved["step"] != cfg["n_steps"] or last["kind"] != "summary":
+        return None
+    return read_summary(out_dir, name)
 
 
 @torch.no_grad()
@@ -282,9 +305,11 @@ def main(argv):
                                                           own["warmup_policies"].split(","), table_budgets),
                   flush=True)
     summaries, failed = {}, []
+    def run_or_reuse(argv, name):
+        return (own["reuse"] and finished(argv, cfg["out_dir"], name)) or run(argv, cfg["out_dir"], name)
+
     with concurrent.futures.ThreadPoolExecutor(own["jobs"]) as pool:
-        futures = {pool.submit(run, a, cfg["out_dir"], run_name(n, b, w, s)): (n, b, w, s)
-                   for (n, b, w, s), a in plan.items()}
+        futures = {pool.submit(run_or_reuse, a, run_name(*key)): key for key, a in plan.items()}
         for future in concurrent.futures.as_completed(futures):
             n, b, w, s = futures[future]
             try:
@@ -320,17 +345,19 @@ def main(argv):
 
 
 def paired_table(results, pairs):
-    """Each row minus full and minus smd on the pairs where both finished: the final full-cache and compressed
-    accuracy (row / reference, then the mean paired difference [95% t interval], with the verdict only
-    where that interval excludes 0), and the gap closed: (compressed end - start) / (full-cache start -
-    compressed start), the share of the warm-up's compression gap RL closed, of the row and the reference."""
+    """Each row minus full, minus smd and (a row with @settings) minus its own row, on the pairs where both
+    finished: the final full-cache and compressed accuracy (row / reference, then the mean paired difference
+    [95% t interval], with the verdict only where that interval excludes 0), and the gap closed:
+    (compressed end - start) / (full-cache start - compressed start), the share of the warm-up's compression
+    gap RL closed, of the row and of the reference."""
     by_row = dict(results)
     cells = [["row - reference", "pairs", "full-cache acc", "difference [95% CI]", "verdict",
               "compressed acc", "difference [95% CI]", "verdict", "gap closed"]]
     gap = lambda s: (s["acc_compressed"] - s["acc_compressed_start"]) / max(
         s["acc_full_start"] - s["acc_compressed_start"], 1e-9)
-    for reference in ("full", "smd"):
-        for name, summaries in results:
+    for name, summaries in results:
+        base = name.split("@")[0]  # a row with settings is paired with its own row too, its neighbour
+        for reference in dict.fromkeys(["full", "smd"] + ([base] if base != name else [])):
             if name == reference or reference not in by_row:
                 continue
             both = [(s, r) for s, r in zip(summaries, by_row[reference]) if s is not None and r is not None]

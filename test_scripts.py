@@ -427,3 +427,15 @@ def test_plot_draws_only_the_runs_of_the_last_comparison(tmp_path):
     (tmp_path / "compare.json").unlink()
     with pytest.raises(FileNotFoundError, match="compare.json"):
         plot.load(str(tmp_path), "smd", 28)
+
+
+def test_compare_reuses_a_finished_run_only_when_its_config_is_exactly_the_same(tmp_path):
+    import compare
+    argv = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--sft_steps=2", "--n_steps=2", "--eval_problems=4",
+            "--prompts_per_step=2", "--group_size=2", "--eval_also=h2o@42", f"--out_dir={tmp_path}"]
+    summary = train.main(argv + ["--run_name=cmp_x"])
+    reused = compare.finished(argv, str(tmp_path), "cmp_x")
+    assert reused["acc_full"] == summary["acc_full"] and set(reused["transfer"]) == {"h2o@42"}
+    assert compare.finished(argv + ["--lr=2e-5"], str(tmp_path), "cmp_x") is None      # another config
+    assert compare.finished(argv[:-1] + ["--n_steps=3", argv[-1]], str(tmp_path), "cmp_x") is None
+    assert compare.finished(argv, str(tmp_path), "cmp_y") is None                       # never ran

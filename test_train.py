@@ -532,6 +532,10 @@ def test_variance_formulas_recover_known_noise_and_the_noise_ceiling_on_syntheti
     want = (1 / (1 + 40 / K) / (1 + 4 / n_ref)) ** 0.5
     assert variance.cosine(draws.mean(0), ref.mean(0)) == pytest.approx(want, abs=0.02)
     assert variance.ceiling(draws, ref) == pytest.approx(want, abs=0.02)
+    # the bootstrap interval covers it; plain percentiles would not: a resample repeats draws, its mean is
+    # noisier, and its cosines sit near sqrt(1 / (1 + 2 * 40 / 32)) * 0.98 = 0.52
+    low, high = variance.bootstrap(lambda i: variance.cosine(draws[i].mean(0), ref.mean(0)), K, 200)
+    assert low < want < high and high - low < 0.2
     # a biased estimator (its mean turned 45 degrees away) falls below the ceiling by more than noise
     away = torch.randn(n, generator=g)
     away = away - (away @ mu) * mu

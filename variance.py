@@ -20,8 +20,9 @@ with noise spread over many directions g_bar . r_bar ~ ||mu||^2 and so
   cos(g_bar, r_bar) ~ ||mu|| / ||g_bar|| * ||mu|| / ||r_bar|| = sqrt((1 - s2_hat / (K ||g_bar||^2)) *
                                                                      (1 - s2_ref / (n_ref ||r_bar||^2)))
 ("ceiling"): what noise alone leaves of a perfect 1. A biased estimator falls below it by more than its
-interval. Intervals are 95% bootstraps over the K batches (the same resampled batches for every mode that
-shares them, so mode differences are paired), the reference held fixed.
+interval. Intervals are 95% bootstraps over the K batches, centred on the value (see bootstrap), with the
+same resampled batches for every mode that shares them, so mode differences are paired; the reference held
+fixed.
 test_train.py checks both formulas on synthetic gradients of known mean and variance.
 
     python variance.py                        # ~6 min on one CPU core
@@ -118,11 +119,15 @@ def cosine(a, b):
 
 
 def bootstrap(stat, n_batches, n_boot, seed=0):
-    """The 2.5% and 97.5% quantiles of stat(indices) over n_boot resamples of range(n_batches)."""
+    """A 95% interval of stat(all batches) from n_boot resamples of the batch indices: the spread of the
+    resampled values around their median, placed around the value itself. Not their plain percentiles: a
+    resample repeats batches, which adds noise to its mean and so shifts a cosine of the mean (and the
+    variance around it) systematically; the spread is what resampling estimates well, not the centre."""
     generator = torch.Generator().manual_seed(seed)
     values = torch.tensor([stat(torch.randint(n_batches, (n_batches,), generator=generator))
                            for _ in range(n_boot)])
-    return values.quantile(0.025).item(), values.quantile(0.975).item()
+    shift = stat(torch.arange(n_batches)) - values.median().item()
+    return values.quantile(0.025).item() + shift, values.quantile(0.975).item() + shift
 
 
 def interval(value, bounds):
