@@ -23,7 +23,7 @@ from compare import t975
 # config, overridable as --key=value
 out_dir = "out"                             # where compare.py left its logs
 budget = 28                                 # the compare.py budget whose runs to draw
-rows = "full,naive,tis,sparse_rl,smd"       # compare.py rows to draw, in this order
+rows = "full,naive,tis,sparse_rl,smd,mask_only"  # compare.py rows whose curves to draw, in this order
 file = "run.png"                            # the picture written
 smooth = 10                                 # moving average over this many steps for the per-step curves
 CONFIG = configurator.knobs(globals())
