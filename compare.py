@@ -50,7 +50,7 @@ sweep_rows = "naive,tis,sparse_rl,smd"  # trained at each sweep budget; full's c
 jobs = 2                           # train.py processes at a time
 warmup_policies = "h2o,streaming,tova,snapkv,rkv,random"  # the warm-up's accuracy under each, every budget
 transfer = "streaming@26,snapkv@26,h2o@26,streaming@42,snapkv@42,h2o@42"  # train.py --eval_also of every run
-reuse = True                       # read a finished run whose checkpoint holds exactly its config, not rerun it
+reuse = True                       # read, not rerun, a finished run whose checkpoint holds exactly its config
 CONFIG = configurator.knobs(globals())
 # -----------------------------------------------------------------------------
 
