@@ -1,7 +1,8 @@
 """The command line of every script: configurator.py's one parser (types, --help, one-line errors), and
 each script run as a subprocess, failing before any work; every usage line of the scripts' docstrings and
-the README's code blocks, run as printed. Then compare.py's tables when runs fail or the table's rows and
-the sweep's overlap (its runs faked)."""
+the README's code blocks, run as printed. Then compare.py: its tables when runs fail or the table's rows and
+the sweep's overlap (its runs faked), the paired statistics on a hand-computed case, rows with settings, one
+absolute out_dir, reuse of a finished run; plot.py drawing only the last comparison's runs."""
 import importlib
 import importlib.util
 import json

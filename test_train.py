@@ -551,7 +551,8 @@ def test_variance_estimates_are_the_training_policy_gradient(mode, monkeypatch):
     model = tiny_model(0)
     cfg = dict(TINY, mode=mode)
     problems, _, _ = train.make_splits(0, 2, 0, 0)
-    flat = variance.flat_gradient(model, cfg, torch.Generator().manual_seed(0), problems)
+    ro, _, adv = train.sample_batch(model, problems, cfg, torch.Generator().manual_seed(0))  # its batch
+    flat = variance.gradient_on(model, cfg, ro, adv)
     want = torch.cat([got[n].flatten() for n, _ in model.named_parameters()])
     assert (flat - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 

@@ -68,12 +68,6 @@ def gradient_on(model, cfg, ro, adv):
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-def flat_gradient(model, cfg, generator, problems):
-    """A fresh batch of cfg's mode, sampled and scored as train.grpo_step does -> its gradient (n_params,)."""
-    ro, _, adv = train.sample_batch(model, problems, cfg, generator)
-    return gradient_on(model, cfg, ro, adv)
-
-
 def estimates(model, cfg, modes, n, seed, train_problems):
     """n batches, each sampled once (compressed cache unless modes is ("full",)) and scored by every mode
     in `modes` -> {mode: (n, n_params)}."""
