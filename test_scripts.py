@@ -1,8 +1,9 @@
 """The command line of every script: configurator.py's one parser (types, --help, one-line errors), and
 each script run as a subprocess, failing before any work; every usage line of the scripts' docstrings and
-the README's code blocks, run as printed. Then compare.py: its tables when runs fail or the table's rows and
-the sweep's overlap (its runs faked), the paired statistics on a hand-computed case, rows with settings, one
-absolute out_dir, reuse of a finished run; plot.py drawing only the last comparison's runs."""
+the python blocks of README.md and EXPERIMENTS.md, run as printed. Then compare.py: its tables when runs
+fail or the table's rows and the sweep's overlap (its runs faked), the paired statistics on a
+hand-computed case, rows with settings, one absolute out_dir, reuse of a finished run (also moved); plot.py
+drawing only the last comparison's runs."""
 import importlib
 import importlib.util
 import json
@@ -188,9 +189,10 @@ def test_every_command_in_a_docstring_passes_its_scripts_checks(name):
 
 
 def test_the_readmes_code_runs_as_printed(capsys):
-    """Both python blocks of README.md: the API in a dozen lines, then a new policy, used in a rollout."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    api, new_policy = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    """README.md's python block, the API in a dozen lines, then EXPERIMENTS.md's, a new policy, used in a
+    rollout."""
+    blocks = lambda name: re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, name)).read(), flags=re.S)
+    (api,), (new_policy,) = blocks("README.md"), blocks("EXPERIMENTS.md")
     exec(api, {})
     assert "record == rollout: True" in capsys.readouterr().out
     exec(new_policy, {})
@@ -385,17 +387,21 @@ def test_paired_statistics_on_a_hand_computed_case():
     assert compare.verdict(mean, half, 4) == "higher" and compare.verdict(-mean, half, 4) == "lower"
     assert compare.verdict(0.0, 0.0, 4) == "not resolved at n = 4"          # no difference is no verdict
     assert compare.t975(12) == 2.179 and abs(compare.t975(40) - 2.021) < 0.005
+    # over warm-ups: d = .1 .2 on warm-up 0 and .3 .4 on warm-up 1 -> means .15, .35: mean .25, std 0.141421,
+    # t(1) = 12.706 -> half-width 1.2706 (the runs as independent: 4 pairs, half-width 0.2054)
+    mean, half = compare.over_warm_ups([0.5, 0.6, 0.7, 0.8], [0.4, 0.4, 0.4, 0.4], [0, 0, 1, 1])
+    assert mean == pytest.approx(0.25, abs=1e-12) and half == pytest.approx(1.2706, abs=1e-9)
 
 
 def test_the_paired_table_pairs_runs_by_warm_up_and_seed(fake_compare, tmp_path, capsys):
     compare, _, _ = fake_compare  # fake accuracies: smd 0.4 + 0.1 seed, naive 0.2 + 0.1 seed, on each warm-up
     compare.main([f"--out_dir={tmp_path}", "--rows=naive,smd", "--seeds=3", "--sft_seeds=0,1"])
-    out = capsys.readouterr().out.split("excludes 0\n")[1]
+    out = capsys.readouterr().out.split("as one observation\n")[1]
     naive = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines()
              if line.startswith("naive - smd")][0]
     # paired: every difference is -0.2 exactly, so the interval is a point; pooled, the seeds' spread (std
     # 0.089 each) would have hidden nothing here but cannot resolve a 0.2 gap at n = 6 with real noise
-    assert naive[1:5] == ["6", "0.300 / 0.500", "-0.200 [-0.200, -0.200]", "lower"]
+    assert naive[1:6] == ["6", "0.300 / 0.500", "-0.200 [-0.200, -0.200]", "lower", "[-0.200, -0.200]"]
 
 
 def test_compare_started_elsewhere_gives_every_run_the_same_absolute_out_dir(tmp_path, monkeypatch):
@@ -440,3 +446,9 @@ def test_compare_reuses_a_finished_run_only_when_its_config_is_exactly_the_same(
     assert compare.finished(argv + ["--lr=2e-5"], str(tmp_path), "cmp_x") is None      # another config
     assert compare.finished(argv[:-1] + ["--n_steps=3", argv[-1]], str(tmp_path), "cmp_x") is None
     assert compare.finished(argv, str(tmp_path), "cmp_y") is None                       # never ran
+    moved = tmp_path / "moved"  # the same runs in another folder are still the same runs
+    moved.mkdir()
+    for suffix in (".pt", ".jsonl"):
+        os.replace(tmp_path / f"cmp_x{suffix}", moved / f"cmp_x{suffix}")
+    argv_moved = argv[:-1] + [f"--out_dir={moved}"]
+    assert compare.finished(argv_moved, str(moved), "cmp_x")["acc_full"] == summary["acc_full"]
