@@ -16,7 +16,7 @@ Every step logs reward, sampler-vs-learner mismatch, TIS
 diagnostics, KL terms, grad norm, KV memory and speed; out/<run_name>.jsonl holds the same for plotting;
 the last line printed starts with "summary:".
 
-    python train.py                          # smd under rkv@28; ~3 min on 2 CPU cores, warm-up included
+    python train.py                          # smd under rkv@28; ~2.6 min on one CPU core, warm-up included
     python train.py --mode=naive             # same base, shows the off-policy mismatch
     python train.py --mode=tis --policy=snapkv
     python train.py --preset=gpu             # a larger model and batch, for one GPU (never on by itself)
