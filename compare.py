@@ -13,6 +13,7 @@ averages when some are missing), and compare.py exits with status 1 at the end.
 A row may carry train.py settings: smd@distill_coef=0.3@ref_kl_coef=0 is the smd row with those two.
 
     python compare.py                        # the core rows, 4 warm-ups x 3 RL seeds, transfer
+    python compare.py --sft_seeds=0,1,2,3,4,5  # the README's table: 6 warm-ups (~70 min here)
     python compare.py --sweep=True --rows=full --sft_seeds=0,1  # and the budget sweep
     python compare.py --rows=full,smd,smd@distill_coef=0.3 --sft_seeds=0,1
     python compare.py --budget=32 --lr=3e-5  # any train.py --key=value reaches every run
