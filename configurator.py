@@ -1,5 +1,5 @@
 """
-The one command-line parser of every script here (train.py, compare.py, variance.py, bench.py, plot.py),
+The one command-line parser of every script here (train.py, experiments/*.py, hf/grpo.py),
 in nanoGPT's style: a script's config is its plain module-level assignments, one knob a line with a one-line
 trailing comment; `--key=value` overrides a knob, keeping its default's type, and `--help` prints the knobs
 with those comments, read from the script's own source. No dependencies. Not here: which values a script
@@ -110,13 +110,22 @@ def show(value):
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+def command(source):
+    """How a script is started from the repo's root: `python train.py` at the top level, `python -m
+    experiments.compare` for one in a folder (run as a module, so it imports the core from the root)."""
+    path = os.path.relpath(os.path.abspath(source), os.path.dirname(os.path.abspath(__file__)))
+    if os.path.dirname(path):
+        return "python -m " + path.removesuffix(".py").replace(os.sep, ".")
+    return f"python {path}"
+
+
 def help_text(defaults, source, epilog=""):
     """A usage line, then every knob as `--name=default  comment`, the comments read from the file `source`;
     a flag too long for the column gets its comment on the next line."""
     comments = assignments(source)
     flags = {k: f"--{k}={show(v)}" for k, v in defaults.items()}
     width = min(max(map(len, flags.values()), default=0), 32)
-    lines = [f"usage: python {os.path.basename(source)} [--key=value ...]"]
+    lines = [f"usage: {command(source)} [--key=value ...]"]
     for k, flag in flags.items():
         gap = "\n" + " " * (width + 4) if len(flag) > width else " " * (width - len(flag) + 2)
         lines.append(f"  {flag}{gap}{comments.get(k, '')}".rstrip())

@@ -2,6 +2,28 @@
 Eviction policies: which cache slot a new token overwrites once the KV cache is full (smd.KVCache asks).
 full, streaming (StreamingLLM), h2o (H2O), tova (TOVA), snapkv (SnapKV, decode-time), rkv (R-KV), random;
 make_policy(name, **kwargs) builds one. Not here: the cache itself, the shadow mask, sampling (smd.py).
+
+Adding a policy takes a few lines and no change to the shadow mask, the learner or the equality tests
+(whatever a policy evicts, the write log records). TOVA per head, never evicting position 0:
+
+    import policies
+
+    class KeepFirstTOVA(policies.Policy):
+        uses_slot_scores = True  # allocate cache.slot_scores, (L, B, nh, S)
+
+        def check(self, budget, seq_len, prompt_len):
+            super().check(budget, seq_len, prompt_len)  # keep_prompt's own check
+            if budget < 2:
+                raise ValueError(f"policy 'keep_first_tova' needs budget >= 2, got {budget}")
+
+        def observe(self, cache, layer, q, att):     # q (B, nh, T, hs), att (B, nh, T, S): the new queries
+            cache.slot_scores[layer] = att[:, :, -1]
+
+        def victim(self, cache, layer):
+            pos = cache.held[layer]
+            return policies.lowest(cache.slot_scores[layer], pos, self.evictable(cache, layer) & (pos != 0))
+
+    policies.POLICIES["keep_first_tova"] = KeepFirstTOVA
 """
 
 import math
@@ -320,9 +342,11 @@ class Random(Policy):
         allowed = self.evictable(cache, layer)                            # (B, nh, S)
         n = allowed.sum(-1)                                               # (B, nh) candidates
         u = torch.rand(pos.shape[:-1], generator=g, device=device).to(pos.device)
-        k = (u * n).long().clamp(max=n - 1)                                # the k-th candidate by position
-        rank = (pos[..., None, :] < pos[..., :, None]) & allowed[..., None, :]  # (B, nh, S, S): older ones
-        return (rank.sum(-1).eq(k[..., None]) & allowed).long().argmax(-1)
+        chosen = (u * n).long().clamp(max=n - 1)                           # (B, nh): the chosen-th oldest
+        # older[..., s, s']: slot s' holds a candidate older than slot s's key, (B, nh, S, S)
+        older = (pos[..., None, :] < pos[..., :, None]) & allowed[..., None, :]
+        n_older = older.sum(-1)                                            # (B, nh, S)
+        return (n_older.eq(chosen[..., None]) & allowed).long().argmax(-1)
 
 
 POLICIES = {"full": Full, "streaming": Streaming, "h2o": H2O, "tova": TOVA, "snapkv": SnapKV, "rkv": RKV,

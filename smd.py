@@ -176,8 +176,10 @@ def rollout(model, prompts, *, policy, budget, max_new_tokens, temperature=1.0, 
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device
     prompts, lengths = pad_prompts(prompts, 0 if eos_id is None else eos_id, device)  # (B, P), (B,)
-    return generate(model, prompts, lengths, lengths + max_new_tokens, prompts.shape[1] + max_new_tokens,
-                    policy, budget, temperature, eos_id, generator, policy_kwargs, forced=False)
+    return generate(model, prompts, lengths, ends=lengths + max_new_tokens,
+                    seq_len=prompts.shape[1] + max_new_tokens, policy=policy, budget=budget,
+                    temperature=temperature, eos_id=eos_id, generator=generator, policy_kwargs=policy_kwargs,
+                    forced=False)
 
 
 def record(model, tokens, prompt_lengths, *, policy, budget, temperature=1.0, eos_id=None, generator=None,
@@ -196,15 +198,18 @@ def record(model, tokens, prompt_lengths, *, policy, budget, temperature=1.0, eo
     B, T = tokens.shape
     if lengths.shape != (B,) or lengths.min() < 1 or lengths.max() >= T:
         raise ValueError(f"prompt_lengths must be ({B},) with 1 <= P_b < T = {T}, got {prompt_lengths}")
-    return generate(model, tokens, lengths, torch.full_like(lengths, T), T, policy, budget, temperature,
-                    eos_id, generator, policy_kwargs, forced=True)
+    return generate(model, tokens, lengths, ends=torch.full_like(lengths, T), seq_len=T, policy=policy,
+                    budget=budget, temperature=temperature, eos_id=eos_id, generator=generator,
+                    policy_kwargs=policy_kwargs, forced=True)
 
 
 @torch.no_grad()
-def generate(model, given, lengths, ends, T, policy, budget, temperature, eos_id, generator, policy_kwargs,
-             forced):
+def generate(model, given, lengths, *, ends, seq_len, policy, budget, temperature, eos_id, generator,
+             policy_kwargs, forced):
     """The one loop under the compressed cache, for rollout() and record(). given (B, >= P): prompts (then
-    sampled) or whole sequences (forced); row b generates positions lengths[b] .. ends[b]-1 until its EOS."""
+    sampled) or whole sequences (forced); row b generates positions lengths[b] .. ends[b]-1 until its EOS,
+    within seq_len positions in all (the Rollout is cut to where the last row finished)."""
+    T = seq_len
     if isinstance(policy, str):
         policy = make_policy(policy, **policy_kwargs)
     if not isinstance(budget, int) or budget < 1:
@@ -232,6 +237,7 @@ def generate(model, given, lengths, ends, T, policy, budget, temperature, eos_id
     n_prefill = min(int(lengths.min()), budget)
     logits, _ = model(tokens[:, :n_prefill], cache=cache)
     logits = logits[:, -1]                                                 # (B, vocab): predicts n_prefill
+    T_used = T  # the positions that hold tokens: fewer when every row finished early
     for t in range(n_prefill, T):
         logp = F.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)  # (B, vocab)
         if temperature == 0:
@@ -249,14 +255,14 @@ def generate(model, given, lengths, ends, T, policy, budget, temperature, eos_id
         logits, _ = model(tokens[:, t:t + 1], cache=cache)
         logits = logits[:, -1]
         if not forced and bool((done | (t + 1 >= ends)).all()):
-            T = t + 1                                                      # every row has finished
+            T_used = t + 1                                                 # every row has finished
             break
 
     # a full cache of the same shapes, built on the meta device: its real byte count, nothing allocated
     n_full = given.shape[1] + int((ends - lengths).max()) if not forced else T
     full = KVCache(model.config, B, n_full, n_full, Full(), "meta", dtype)
-    return Rollout(tokens[:, :T], logprobs[:, :T], response_mask[:, :T], cache.shadow_mask.truncate(T),
-                   cache.nbytes(), full.nbytes())
+    return Rollout(tokens[:, :T_used], logprobs[:, :T_used], response_mask[:, :T_used],
+                   cache.shadow_mask.truncate(T_used), cache.nbytes(), full.nbytes())
 
 # -----------------------------------------------------------------------------
 # 4-5. The learner

@@ -12,13 +12,13 @@ A run that fails is reported with its log, the tables keep the others (a row or 
 averages when some are missing), and compare.py exits with status 1 at the end.
 A row may carry train.py settings: smd@distill_coef=0.3@ref_kl_coef=0 is the smd row with those two.
 
-    python compare.py                        # the core rows, 4 warm-ups x 3 RL seeds, transfer
-    python compare.py --sft_seeds=0,1,2,3,4,5  # the README's table: 6 warm-ups (~70 min here)
-    python compare.py --sweep=True --rows=full --sft_seeds=0,1  # and the budget sweep
-    python compare.py --rows=full,smd,smd@distill_coef=0.3 --sft_seeds=0,1
-    python compare.py --budget=32 --lr=3e-5  # any train.py --key=value reaches every run
-    python compare.py --rows= --sweep=False  # the warm-up tables alone
-    python compare.py --help                 # these settings; train.py's: python train.py --help
+    python -m experiments.compare            # the core rows, 4 warm-ups x 3 RL seeds, transfer
+    python -m experiments.compare --sft_seeds=0,1,2,3,4,5  # the README's table: 6 warm-ups (~70 min here)
+    python -m experiments.compare --sweep=True --rows=full --sft_seeds=0,1  # and the budget sweep
+    python -m experiments.compare --rows=full,smd,smd@distill_coef=0.3 --sft_seeds=0,1
+    python -m experiments.compare --budget=32 --lr=3e-5  # any train.py --key=value reaches every run
+    python -m experiments.compare --rows= --sweep=False  # the warm-up tables alone
+    python -m experiments.compare --help     # these settings; train.py's: python train.py --help
 
 Not here: any training logic, plotting.
 """
@@ -67,6 +67,7 @@ ROWS = {  # row name -> the train.py flags that make it; every other setting (re
     # an older default: the masked pass learns from the warm-up's unmasked pass
     "warmup_teacher": ["--mode=smd", "--distill=masked_from_warmup_unmasked", "--distill_coef=1.0"],
 }
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo's root, where train.py is
 EPILOG = ("and any train.py --key=value, for every run (python train.py --help); compare.py sets --seed,\n"
           f"--mode, --run_name, --resume and --eval_also itself.\nrows: {', '.join(ROWS)}, each with any "
           f"@key=value")
@@ -162,7 +163,7 @@ def run(argv, out_dir, name):
     path = os.path.join(out_dir, name + ".log")
     with open(path, "w") as log:
         done = subprocess.run([sys.executable, "train.py", *argv, f"--run_name={name}"], stdout=log,
-                              stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)))
+                              stderr=subprocess.STDOUT, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"train.py exited with status {done.returncode}; its log: {path}")
     return read_summary(out_dir, name)

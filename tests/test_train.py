@@ -515,7 +515,7 @@ def test_warm_up_trains_about_sft_mask_frac_of_its_rows_under_eviction_masks():
 
 
 def test_variance_formulas_recover_known_noise_and_the_noise_ceiling_on_synthetic_gradients():
-    import variance
+    from experiments import variance
     # K = 32 draws of mu + noise in n = 20000 dimensions, ||mu|| = 1, total noise variance 40 a draw: v = 40;
     # the reference: 128 draws with v = 4. By the docstring's formulas the cosine of two unbiased means is
     # sqrt(1 / (1 + 40 / 32) * 1 / (1 + 4 / 128)) = 0.6565. Sampling spread at this size: ~2% on v, ~0.005 on
@@ -545,7 +545,7 @@ def test_variance_formulas_recover_known_noise_and_the_noise_ceiling_on_syntheti
 
 @pytest.mark.parametrize("mode", train.MODES)
 def test_variance_estimates_are_the_training_policy_gradient(mode, monkeypatch):
-    import variance
+    from experiments import variance
     # one batch: the estimator's gradient is the gradient grpo_step's first update applies (clip off)
     got, ro, _ = step_gradient(monkeypatch, mode, distill_coef=0.0)
     model = tiny_model(0)
@@ -559,7 +559,7 @@ def test_variance_estimates_are_the_training_policy_gradient(mode, monkeypatch):
 
 def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, capsys):
     import sys
-    import plot
+    from experiments import plot
     monkeypatch.setitem(sys.modules, "matplotlib", None)                  # as if it were not installed
     with pytest.raises(SystemExit, match="pip install matplotlib"):
         plot.main([])
@@ -635,7 +635,7 @@ def test_evaluation_is_reproducible_under_the_random_policy_whatever_the_global_
 
 def test_plot_draws_the_curves_and_the_frontier_of_a_comparison(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib", reason="the picture needs matplotlib: pip install matplotlib")
-    import plot
+    from experiments import plot
     runs = []
     for row, acc in (("full", 0.9), ("smd", 0.8), ("smd@distill_coef=0.3", 0.7)):
         for seed in range(3):

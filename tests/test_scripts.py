@@ -1,6 +1,6 @@
 """The command line of every script: configurator.py's one parser (types, --help, one-line errors), and
 each script run as a subprocess, failing before any work; every usage line of the scripts' docstrings and
-the python blocks of README.md and EXPERIMENTS.md, run as printed. Then compare.py: its tables when runs
+README.md's python block and policies.py's example, run as printed. Then compare.py: its tables when runs
 fail or the table's rows and the sweep's overlap (its runs faked), the paired statistics on a
 hand-computed case, rows with settings, one absolute out_dir, reuse of a finished run (also moved); plot.py
 drawing only the last comparison's runs."""
@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ import smd
 import train
 from model import GPT, GPTConfig
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo's root
 DEFAULTS = dict(budget=26, lr=1e-5, resume=False, mode="smd", rows="full,smd", sweep_budgets=(13, 21),
                 scale=(0.5,))
 
@@ -127,19 +128,31 @@ def test_cli_prints_help_or_one_error_line_and_leaves_errors_past_the_checks_alo
 
 # ----------------------------------------------------------------------------- every script, as a subprocess
 
-HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None  # hf_train.py's optional dependency
-SCRIPTS = ["train", "compare", "variance", "bench", "plot"] + (["hf_train"] if HAS_TRANSFORMERS else [])
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None  # hf/grpo.py's optional dependency
+MODULES = {"train": "train", "compare": "experiments.compare", "variance": "experiments.variance",
+           "bench": "experiments.bench", "plot": "experiments.plot", "hf_grpo": "hf.grpo"}  # name -> module
+SCRIPTS = ["train", "compare", "variance", "bench", "plot"] + (["hf_grpo"] if HAS_TRANSFORMERS else [])
 COMMENT = {"train": "KV slots per layer and head", "compare": "RL seeds 0 .. seeds-1",
            "variance": "batches judged per mode", "bench": "total sequence lengths T",
-           "plot": "the compare.py budget whose runs to draw", "hf_train": "KV slots per layer and KV head"}
+           "plot": "the compare.py budget whose runs to draw", "hf_grpo": "KV slots per layer and KV head"}
+
+
+def source_of(name):
+    return os.path.join(ROOT, MODULES[name].replace(".", os.sep) + ".py")
+
+
+def command_of(name):
+    """The argv after `python` that starts a script from the root, as its --help's usage line says."""
+    return configurator.command(source_of(name)).split()[1:]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_help_prints_every_knob_with_its_comment(name):
-    out = script(f"{name}.py", "--help")
+    out = script(*command_of(name), "--help")
     assert out.returncode == 0 and not out.stderr, out.stderr
-    defaults = importlib.import_module(name).CONFIG
-    comments = configurator.assignments(os.path.join(ROOT, f"{name}.py"))
+    assert out.stdout.startswith(f"usage: python {' '.join(command_of(name))} ")
+    defaults = importlib.import_module(MODULES[name]).CONFIG
+    comments = configurator.assignments(source_of(name))
     assert all(f"--{key}=" in out.stdout and comments[key] in out.stdout for key in defaults)
     assert COMMENT[name] in out.stdout
     if name in ("compare", "variance"):                   # the flags they pass on to train.py
@@ -153,12 +166,12 @@ BAD = {"train": ["--bugdet=8", "--budget=8.5"],
        "variance": ["--k=32", "--K=1", "--n_steps=1"],
        "bench": ["--lenghts=64", "--budgets=8,x"],
        "plot": ["--smoth=3", "--smooth=0"],
-       "hf_train": ["--budgt=8", "--budget=3"]}
+       "hf_grpo": ["--budgt=8", "--budget=3"]}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_a_bad_flag_or_value_is_one_line_on_stderr_and_exit_2(name):
-    procs = {arg: subprocess.Popen([sys.executable, f"{name}.py", arg], stdout=subprocess.PIPE,
+    procs = {arg: subprocess.Popen([sys.executable, *command_of(name), arg], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
              for arg in BAD[name]}  # side by side: each is mostly the import of torch
     try:
@@ -177,10 +190,11 @@ def test_a_bad_flag_or_value_is_one_line_on_stderr_and_exit_2(name):
 def test_every_command_in_a_docstring_passes_its_scripts_checks(name):
     """The usage lines a reader copies (`python <name>.py --key=value ...  # comment`) run as printed: each
     passes the checks its script makes before any work."""
-    module = importlib.import_module(name)
-    source = open(os.path.join(ROOT, f"{name}.py")).read()
+    module = importlib.import_module(MODULES[name])
+    source = open(source_of(name)).read()
     check = getattr(module, re.search(r"configurator\.cli\(main, CONFIG, __file__, check=(\w+)", source)[1])
-    commands = re.findall(rf"^ *python {name}\.py([^#\n]*)", module.__doc__, flags=re.M)
+    start = re.escape(configurator.command(source_of(name)))
+    commands = re.findall(rf"^ *{start}([^#\n]*)", module.__doc__, flags=re.M)
     assert commands
     for argv in (line.split() for line in commands):
         if "--help" in argv or ("--device=cuda" in argv and not torch.cuda.is_available()):
@@ -189,10 +203,10 @@ def test_every_command_in_a_docstring_passes_its_scripts_checks(name):
 
 
 def test_the_readmes_code_runs_as_printed(capsys):
-    """README.md's python block, the API in a dozen lines, then EXPERIMENTS.md's, a new policy, used in a
-    rollout."""
-    blocks = lambda name: re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, name)).read(), flags=re.S)
-    (api,), (new_policy,) = blocks("README.md"), blocks("EXPERIMENTS.md")
+    """README.md's python block, the API in a dozen lines, then policies.py's docstring's, a new policy,
+    used in a rollout."""
+    (api,) = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(), flags=re.S)
+    new_policy = textwrap.dedent(policies.__doc__.split("never evicting position 0:\n")[1])
     exec(api, {})
     assert "record == rollout: True" in capsys.readouterr().out
     exec(new_policy, {})
@@ -206,8 +220,24 @@ def test_the_readmes_code_runs_as_printed(capsys):
         del policies.POLICIES["keep_first_tova"]
 
 
+def test_bench_runs_and_reports_budget_sized_kv_memory():
+    args = ["--lengths=(32,48)", "--budgets=(8,)", "--batch_size=1", "--n_layer=1", "--n_embd=32",
+            "--n_head=2", "--repeats=1", "--prompt_len=4"]
+    out = subprocess.run([sys.executable, "-m", "experiments.bench", *args], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()
+            if line.split()[:2] in (["32", "8"], ["48", "8"])]
+    assert len(rows) == 6  # T=32 and T=48 in each of the three tables
+    # KV ratio, from the bytes per slot: h2o keeps K, V (2 x 16 floats), a long position and a float
+    # slot_scores; the full cache that was actually run (S = T) needs none
+    per_slot, full_per_slot = 2 * 16 * 4 + 8 + 4, 2 * 16 * 4 + 8
+    assert ([float(rows[0][4]), float(rows[1][4])]
+            == [round(8 * per_slot / (T * full_per_slot), 3) for T in (32, 48)])
+
+
 def test_bench_on_a_gpu_takes_its_preset_first_then_the_other_flags(monkeypatch):
-    import bench
+    from experiments import bench
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
     cfg = bench.make_config(["--n_layer=2", "--device=cuda", "--budgets=32"])
     assert (cfg["lengths"], cfg["n_embd"]) == (bench.CUDA_PRESET["lengths"], bench.CUDA_PRESET["n_embd"])
@@ -226,7 +256,7 @@ OLD_LAYOUT = ["--keep_prompt=False", "--budget=26", "--sweep=True", "--sweep_row
 def fake_compare(monkeypatch):
     """compare.py with its runs faked: each summary's accuracy encodes its row and seed (0.4, 0.5, 0.6 for
     smd), and a run in `fail` raises as compare.run does when train.py exits non-zero. runs: name -> argv."""
-    import compare
+    from experiments import compare
     import train
     runs, fail = {}, set()
 
@@ -321,14 +351,14 @@ def test_a_failed_run_is_reported_and_the_tables_keep_the_others(fake_compare, t
 
 
 def test_compare_run_raises_naming_the_log_when_train_fails(tmp_path):
-    import compare
+    from experiments import compare
     with pytest.raises(RuntimeError, match=re.escape(f"its log: {tmp_path / 'cmp_x_b26_s0.log'}")):
         compare.run(["--mode=ppo", f"--out_dir={tmp_path}"], str(tmp_path), "cmp_x_b26_s0")
     assert "ppo" in (tmp_path / "cmp_x_b26_s0.log").read_text()
 
 
 def test_sparse_rl_is_a_row_after_tis_with_its_rejection_column():
-    import compare
+    from experiments import compare
     assert compare.ROWS["sparse_rl"] == ["--mode=sparse_rl"]
     assert compare.rows.split(",")[:4] == ["full", "naive", "tis", "sparse_rl"]
     summary = dict(acc_full_start=0.5, acc_full=0.5, acc_compressed_start=0.1, acc_compressed=0.1,
@@ -341,7 +371,7 @@ def test_sparse_rl_is_a_row_after_tis_with_its_rejection_column():
 
 
 def test_the_warm_up_table_shows_every_policy_with_the_prompt_evictable_and_kept():
-    import compare
+    from experiments import compare
     import train
     cfg = train.make_config(["--n_layer=1", "--n_head=2", "--n_embd=16", "--eval_problems=4"])
     text = compare.warmup_table(train.build_model(cfg), cfg, ["h2o", "rkv"], [13, 26], n_k3=4)
@@ -354,7 +384,7 @@ def test_the_warm_up_table_shows_every_policy_with_the_prompt_evictable_and_kept
 
 
 def test_the_default_budget_lies_inside_the_sweep_from_harsh_to_near_lossless():
-    import compare
+    from experiments import compare
     import train
     assert min(compare.sweep_budgets) < train.budget < max(compare.sweep_budgets)
     assert set(compare.sweep_rows.split(",")) == {"naive", "tis", "sparse_rl", "smd"}
@@ -365,7 +395,7 @@ def test_bench_cpu_memory_peak_counts_every_allocation_alive_at_once():
     # peak is in backward's first multiply node, where a, b and its two outputs (grad wrt b, grad wrt a) are
     # alive together, 16 MB. Booking each op's net allocation at its start read 12 MB (the node frees a and b
     # at its end, which cancelled the outputs its sub-ops allocated)
-    import bench
+    from experiments import bench
     x = torch.randn(1_000_000, requires_grad=True)
 
     def loss():
@@ -377,7 +407,7 @@ def test_bench_cpu_memory_peak_counts_every_allocation_alive_at_once():
 
 
 def test_paired_statistics_on_a_hand_computed_case():
-    import compare
+    from experiments import compare
     # differences 0.1, 0.2, 0.1: mean 2/15, sample std 0.057735, t(2) = 4.303 -> half-width 0.143434
     mean, half = compare.paired_difference([0.5, 0.6, 0.7], [0.4, 0.4, 0.6])
     assert mean == pytest.approx(2 / 15, abs=1e-12) and half == pytest.approx(0.143434, abs=1e-6)
@@ -405,7 +435,7 @@ def test_the_paired_table_pairs_runs_by_warm_up_and_seed(fake_compare, tmp_path,
 
 
 def test_compare_started_elsewhere_gives_every_run_the_same_absolute_out_dir(tmp_path, monkeypatch):
-    import compare
+    from experiments import compare
     monkeypatch.chdir(tmp_path)  # train.py runs in the repo; its logs and warm-up must be where compare looks
     own, cfg, plan = compare.configure(["--out_dir=results", "--rows=full,smd", "--seeds=1", "--sft_seeds=0"])
     want = str(tmp_path / "results")
@@ -414,7 +444,7 @@ def test_compare_started_elsewhere_gives_every_run_the_same_absolute_out_dir(tmp
 
 
 def test_a_row_may_carry_train_settings_and_a_bad_one_is_rejected():
-    import compare
+    from experiments import compare
     assert compare.row_flags("smd@distill_coef=0.3@ref_kl_coef=0") == ["--mode=smd", "--distill_coef=0.3",
                                                                       "--ref_kl_coef=0"]
     _, _, plan = compare.configure(["--rows=smd@distill_coef=0.3", "--seeds=1", "--sft_seeds=0"])
@@ -425,7 +455,7 @@ def test_a_row_may_carry_train_settings_and_a_bad_one_is_rejected():
 
 
 def test_plot_draws_only_the_runs_of_the_last_comparison(tmp_path):
-    import plot
+    from experiments import plot
     for name in ("cmp_smd_b28_w0_s0", "cmp_smd_b28_w9_s9"):  # w9_s9: a log an earlier comparison left
         (tmp_path / f"{name}.jsonl").write_text('{"kind": "eval", "step": 0, "acc_full": 0.5}\n')
     (tmp_path / "compare.json").write_text(json.dumps({"budget": 28, "runs": [
@@ -437,7 +467,7 @@ def test_plot_draws_only_the_runs_of_the_last_comparison(tmp_path):
 
 
 def test_compare_reuses_a_finished_run_only_when_its_config_is_exactly_the_same(tmp_path):
-    import compare
+    from experiments import compare
     argv = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--sft_steps=2", "--n_steps=2", "--eval_problems=4",
             "--prompts_per_step=2", "--group_size=2", "--eval_also=h2o@42", f"--out_dir={tmp_path}"]
     summary = train.main(argv + ["--run_name=cmp_x"])

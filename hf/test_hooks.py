@@ -1,5 +1,5 @@
 """
-hf.py's claims as executable checks, on tiny random-init Hugging Face models built from configs (nothing is
+hf/hooks.py's claims as executable checks, on tiny random-init Hugging Face models built from configs (nothing is
 downloaded): the HF sampler is our sampler (GPT-2 with model.py's weights gives smd.rollout's tokens, write
 log and log-probs); on GPT-2, a Llama config (RoPE, GQA, RMSNorm) and a Qwen3 config (RoPE, one KV head,
 q/k norms) the masked HF learner reproduces the HF sampler, the unmasked pass is the model's own forward bit
@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip(
     "transformers", reason="the Hugging Face tests need transformers: pip install transformers==5.24.0")
 
-import hf  # noqa: E402 (after the skip: hf.py imports transformers)
+import hf  # noqa: E402 (after the skip: hf/hooks.py imports transformers)
 import smd  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from transformers import GPT2Config, LlamaConfig, Qwen3Config  # noqa: E402
@@ -257,12 +257,12 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="does not support attention with sliding_window"):
         hf.rollout(hf.from_config(sliding), prompts, policy="h2o", budget=8, max_new_tokens=4)
 
-# ----------------------------------------------------------------------------- hf_train.py
+# ----------------------------------------------------------------------------- grpo.py
 
 
-def test_hf_train_runs_smd_steps_whose_learner_is_the_sampler_and_the_naive_one_is_not(capsys):
-    import hf_train
-    logs = hf_train.main(["--n_steps=2", "--warmup_steps=20", "--prompts_per_step=2", "--n_embd=32"])
+def test_hf_grpo_runs_smd_steps_whose_learner_is_the_sampler_and_the_naive_one_is_not(capsys):
+    from hf import grpo
+    logs = grpo.main(["--n_steps=2", "--warmup_steps=20", "--prompts_per_step=2", "--n_embd=32"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
     assert len(logs) == len(lines) == 2 and len({line.index("mismatch") for line in lines}) == 1  # aligned
     for log in logs:
@@ -270,11 +270,11 @@ def test_hf_train_runs_smd_steps_whose_learner_is_the_sampler_and_the_naive_one_
         assert log["grad_norm"] > 0 and log["distill_kl"] > 0
 
 
-def test_every_command_in_hf_trains_docstring_passes_its_checks():
-    import hf_train
-    commands = re.findall(r"^ *python hf_train\.py([^#\n]*)", hf_train.__doc__, flags=re.M)
+def test_every_command_in_hf_grpos_docstring_passes_its_checks():
+    from hf import grpo
+    commands = re.findall(r"^ *python -m hf\.grpo([^#\n]*)", grpo.__doc__, flags=re.M)
     assert len(commands) == 4
     for argv in commands:
-        hf_train.make_config(argv.split())
+        grpo.make_config(argv.split())
     with pytest.raises(ValueError, match="keep_prompt needs a budget"):
-        hf_train.make_config(["--budget=16"])
+        grpo.make_config(["--budget=16"])

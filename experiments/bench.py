@@ -8,9 +8,9 @@ Benchmark of what SMD saves and what it costs, several sequence lengths and budg
 Random-init model, random prompts, no training; --trained=True adds the sampler/learner gap of the model
 train.py trains (its default warm-up), rolled out as train.py does.
 
-    python bench.py                   # CPU, one thread, about a minute
-    python bench.py --device=cuda     # one GPU: CUDA_PRESET's larger model and lengths, then the other flags
-    python bench.py --help            # the settings
+    python -m experiments.bench                # CPU, one thread, about a minute
+    python -m experiments.bench --device=cuda  # one GPU: CUDA_PRESET's model and lengths, then the other flags
+    python -m experiments.bench --help         # the settings
 """
 
 import os

@@ -25,9 +25,9 @@ same resampled batches for every mode that shares them, so mode differences are 
 fixed.
 test_train.py checks both formulas on synthetic gradients of known mean and variance.
 
-    python variance.py                        # ~6 min on one CPU core
-    python variance.py --K=64 --budget=32     # any train.py --key=value sets the weights' and batches' config
-    python variance.py --help                 # these settings; train.py's: python train.py --help
+    python -m experiments.variance                     # ~6 min on one CPU core
+    python -m experiments.variance --K=64 --budget=32  # any train.py --key=value: the weights', batches' config
+    python -m experiments.variance --help              # these settings; train.py's: python train.py --help
 
 Not here: training (train.py), the table of final accuracies (compare.py).
 """

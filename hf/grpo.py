@@ -10,10 +10,10 @@ A short supervised warm-up on worked examples (train.sft_batch, full attention) 
 are not all 0. Not here: an eviction-robust warm-up, evaluation, checkpoints, the other modes (train.py has
 them all, for model.py's GPT).
 
-    python hf_train.py                                         # rkv@28, prompt kept; a few seconds on a CPU
-    python hf_train.py --policy=h2o --keep_prompt=False --budget=16
-    python hf_train.py --dtype=float64                         # the smd mismatch drops to float64 rounding
-    python hf_train.py --attention=eager                       # the mask into HF's eager attention instead
+    python -m hf.grpo                                         # rkv@28, prompt kept; a few seconds on a CPU
+    python -m hf.grpo --policy=h2o --keep_prompt=False --budget=16
+    python -m hf.grpo --dtype=float64                         # the smd mismatch drops to float64 rounding
+    python -m hf.grpo --attention=eager                       # the mask into HF's eager attention instead
 """
 
 import time

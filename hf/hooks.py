@@ -11,9 +11,9 @@ Qwen3, Mistral, ...) gets them without a change to its modeling file:
      call is exactly the model's own causal forward.
 Grouped-query attention: the cache, the eviction and the write log are per KV head (which is what a GQA
 cache stores); a policy's statistic for a KV head is the mean over the query heads that share it (see
-group_mean). Not here: the policies (policies.py), the loop and the Rollout (smd.py), training (hf_train.py),
+group_mean). Not here: the policies (policies.py), the loop and the Rollout (smd.py), training (grpo.py),
 HF's own Cache classes and generate() (an evicting cache's visibility differs per KV head, which HF's
-one-mask-per-row Cache API cannot say), flash/flex/paged kernels (HF.md says what blocks them).
+one-mask-per-row Cache API cannot say), flash/flex/paged kernels (README.md says what blocks them).
 """
 
 import copy
@@ -76,7 +76,7 @@ def smd_attention(base, module, query, key, value, attention_mask, scaling=None,
         return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     for name in ("sliding_window", "softcap", "s_aux", "position_bias"):
         if kwargs.get(name) is not None:  # each changes what a query sees or how: the slots would not say it
-            raise ValueError(f"hf.py does not support attention with {name} (layer {module.layer_idx})")
+            raise ValueError(f"hf does not support attention with {name} (layer {module.layer_idx})")
     if smd_cache is not None:
         if dropout:  # a config's attention_dropout, applied in training mode
             raise ValueError("sampling with dropout on: call model.eval() (the learner could not follow it)")

@@ -6,9 +6,9 @@ full-cache against compressed accuracy, each with its 95% t interval over the ru
 of the runs out/compare.json lists. Needs matplotlib, which nothing else does:
 `pip install matplotlib`.
 
-    python plot.py                                  # compare.py's runs at the default budget -> run.png
-    python plot.py --out_dir=out --budget=28 --rows=full,naive,tis,smd --file=run.png
-    python plot.py --help                           # the settings
+    python -m experiments.plot                      # compare.py's runs at the default budget
+    python -m experiments.plot --out_dir=out --budget=28 --rows=full,naive,tis,smd --file=out/run.png
+    python -m experiments.plot --help               # the settings
 """
 
 import json
@@ -17,14 +17,14 @@ import sys
 from collections import defaultdict
 
 import configurator
-from compare import t975
+from experiments.compare import t975
 
 # -----------------------------------------------------------------------------
 # config, overridable as --key=value
 out_dir = "out"                             # where compare.py left its logs
 budget = 28                                 # the compare.py budget whose runs to draw
 rows = "full,naive,tis,sparse_rl,smd,mask_only"  # compare.py rows whose curves to draw, in this order
-file = "run.png"                            # the picture written
+file = "experiments/run.png"                # the picture written (the results page shows this one)
 smooth = 10                                 # moving average over this many steps for the per-step curves
 CONFIG = configurator.knobs(globals())
 # -----------------------------------------------------------------------------
