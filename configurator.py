@@ -114,9 +114,9 @@ def command(source):
     """How a script is started from the repo's root: `python train.py` at the top level, `python -m
     experiments.compare` for one in a folder (run as a module, so it imports the core from the root)."""
     path = os.path.relpath(os.path.abspath(source), os.path.dirname(os.path.abspath(__file__)))
-    if os.path.dirname(path):
+    if os.path.dirname(path) and not path.startswith(os.pardir):
         return "python -m " + path.removesuffix(".py").replace(os.sep, ".")
-    return f"python {path}"
+    return f"python {os.path.basename(path)}"
 
 
 def help_text(defaults, source, epilog=""):

@@ -135,22 +135,23 @@ def trained_gap():
     (its policy and budget, temperature 1) on 64 test problems: rows (dtype, path, max, mean over response
     tokens)."""
     import train
-    from data.arithmetic import EOS_ID, encode, format_prompt
+    import warmup
+    from data.arithmetic import EOS_ID, encode, format_prompt, max_lengths
     cfg = train.make_config(["--eval_split=test"])
-    path = train.warmup_path(cfg)
+    path = warmup.warmup_path(cfg)
     if not os.path.exists(path):
         sys.exit(f"--trained=True needs train.py's default warm-up at {path}: run python train.py first")
-    model = train.build_model(cfg)
+    model = warmup.build_model(cfg)
     model.load_state_dict(torch.load(path, map_location=cfg["device"]))
-    _, problems = train.problem_splits(cfg)
+    _, problems = warmup.problem_splits(cfg)
     prompts = [encode(format_prompt(p)) for p in problems[:64]]
-    _, R = train.max_lengths()
+    _, R = max_lengths()
     rows = []
     for dtype in (torch.float32, torch.float64):
         model.to(dtype)
         r = rollout(model, prompts, policy=cfg["policy"], budget=cfg["budget"], max_new_tokens=R,
                     eos_id=EOS_ID, generator=torch.Generator(cfg["device"]).manual_seed(0),
-                    **train.policy_kwargs(cfg))
+                    **warmup.policy_kwargs(cfg))
         for attention in ("mask", "gather"):
             with torch.no_grad():
                 gap = (learner_logprobs(model, r.tokens, r.shadow_mask, attention=attention) - r.logprobs)

@@ -38,7 +38,8 @@ import objectives
 import policies
 import smd
 import train
-from data.arithmetic import EOS_ID, encode, format_prompt
+import warmup
+from data.arithmetic import EOS_ID, encode, format_prompt, max_lengths
 
 # -----------------------------------------------------------------------------
 # config: overridable as --key=value; every other --key=value goes to train.py, for every run
@@ -200,11 +201,11 @@ def finished(argv, out_dir, name):
 @torch.no_grad()
 def evaluate_checkpoint(cfg, name, budget):
     """Compressed accuracy of a finished run's weights at another budget (full runs in the sweep)."""
-    model = train.build_model(cfg)
+    model = warmup.build_model(cfg)
     model.load_state_dict(torch.load(os.path.join(cfg["out_dir"], name + ".pt"), map_location=cfg["device"],
                                      weights_only=False)["model"])
-    _, held_out = train.problem_splits(cfg)
-    settings = train.policy_kwargs(dict(cfg, budget=budget))
+    _, held_out = warmup.problem_splits(cfg)
+    settings = warmup.policy_kwargs(dict(cfg, budget=budget))
     return train.evaluate(model, held_out, cfg["policy"], budget, **settings)
 
 
@@ -212,8 +213,8 @@ def prepare_warm_up(cfg):
     """Train (or find) a warm-up once, before the runs start in parallel and would all train it; with
     train.py's thread count, so it is bit for bit the warm-up `python train.py` would train."""
     torch.set_num_threads(cfg["cpu_threads"])
-    model = train.build_model(cfg)
-    train.warm_up(model, cfg)
+    model = warmup.build_model(cfg)
+    warmup.warm_up(model, cfg)
     return model
 
 
@@ -221,7 +222,7 @@ def prepare_warm_up(cfg):
 def sampled_k3(model, problems, policy, budget, **settings):
     """Per-token KL(compressed sampler || full-cache learner), the k3 estimate on one rollout of the problems
     sampled at temperature 1: how far compression moves the policy, on the compressed policy's own samples."""
-    _, R = train.max_lengths()
+    _, R = max_lengths()
     ro = smd.rollout(model, [encode(format_prompt(p)) for p in problems], policy=policy, budget=budget,
                      max_new_tokens=R, eos_id=EOS_ID,
                      generator=torch.Generator(next(model.parameters()).device).manual_seed(0), **settings)
@@ -234,15 +235,15 @@ def warmup_table(model, cfg, policy_names, budgets, n_k3=128):
     each policy at each budget, the prompt evictable or kept, on the same held-out problems as the runs, and
     in brackets the k3 KL of the sampler from the full-cache learner (sampled_k3, on n_k3 of them); n/a where
     the setting cannot run (a budget below the prompt + 1 when it is kept, say)."""
-    _, held_out = train.problem_splits(cfg)
-    P, R = train.max_lengths()
+    _, held_out = warmup.problem_splits(cfg)
+    P, R = max_lengths()
     cells = [["policy"] + [f"{b} ({b / (P + R):.0%})" for b in budgets]]  # slots, of P + R positions
     for policy in policy_names:
         for keep_prompt in (False, True):
             row = [policy + (", prompt kept" if keep_prompt else "")]
             for budget in budgets:
                 setting = dict(cfg, policy=policy, budget=budget, keep_prompt=keep_prompt)
-                settings = train.policy_kwargs(setting)
+                settings = warmup.policy_kwargs(setting)
                 try:
                     accuracy = train.evaluate(model, held_out, policy, budget, **settings)
                     k3 = sampled_k3(model, held_out[:n_k3], policy, budget, **settings)
@@ -435,7 +436,7 @@ def sweep_table(cfg, own, summaries):
     checkpoints are evaluated at each one."""
     full = [(w, s) for w, s in own["runs"] if ("full", cfg["budget"], w, s) in summaries]
     cells = [["budget (share of positions)", "full (ceiling)"] + own["sweep_rows"]]
-    seq_len = sum(train.max_lengths())
+    seq_len = sum(max_lengths())
     for budget in sorted(set(own["sweep_budgets"]) | {cfg["budget"]}):
         row = [f"{budget} ({budget / seq_len:.0%})"]
         full_runs = [dict(acc_full=summaries["full", cfg["budget"], w, s]["acc_full"],

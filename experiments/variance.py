@@ -41,6 +41,7 @@ import configurator
 import objectives
 import smd
 import train
+import warmup
 
 # -----------------------------------------------------------------------------
 # config: overridable as --key=value; every other --key=value goes to train.py
@@ -183,9 +184,9 @@ def main(argv):
     own, passed, cfg = configure(argv)
     torch.set_num_threads(cfg["cpu_threads"])
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    train_problems, _ = train.problem_splits(cfg)
-    model = train.build_model(cfg)
-    train.warm_up(model, cfg)
+    train_problems, _ = warmup.problem_splits(cfg)
+    model = warmup.build_model(cfg)
+    warmup.warm_up(model, cfg)
     measure(model, cfg, own, train_problems, "warm-up weights")
     mid = cfg["n_steps"] // 2  # an smd run, stopped halfway: weights the method itself visits
     train.main(passed + ["--mode=smd", f"--n_steps={mid}", "--run_name=variance_mid", "--log_interval=1000"])

@@ -6,7 +6,7 @@ the evicting cache (hf.rollout), then
 with pi_masked the learner under the recorded shadow mask (hf.learner_logits). Each step prints one line:
 reward, the sampler/learner mismatch of the masked learner (float rounding: the learner is the sampler) and of
 the unmasked one (what a naive learner would train on), the distillation KL and the grad norm.
-A short supervised warm-up on worked examples (train.sft_batch, full attention) comes first, so that rewards
+A short supervised warm-up on worked examples (warmup.sft_batch, full attention) comes first, so that rewards
 are not all 0. Not here: an eviction-robust warm-up, evaluation, checkpoints, the other modes (train.py has
 them all, for model.py's GPT).
 
@@ -29,7 +29,7 @@ import smd
 from data.arithmetic import EOS_ID, VOCAB_SIZE, decode, encode, format_prompt, make_splits, max_lengths, \
     partial_reward
 from objectives import group_advantages, grpo_loss, mismatch
-from train import sft_batch
+from warmup import sft_batch
 
 # -----------------------------------------------------------------------------
 # config: every default here, one line per knob, any of them overridden by --key=value
@@ -95,7 +95,7 @@ def build_model(cfg):
 
 
 def warm_up(model, problems, cfg, generator):
-    """Supervised steps on worked examples, the unmasked pass, responses only (train.sft_batch's targets)."""
+    """Supervised steps on worked examples, the unmasked pass, responses only (warmup.sft_batch's targets)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["warmup_lr"], weight_decay=0.0)
     for step in range(cfg["warmup_steps"]):
         idx = torch.randint(len(problems), (32,), generator=generator)

@@ -21,6 +21,7 @@ import configurator
 import policies
 import smd
 import train
+import warmup
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo's root
@@ -186,13 +187,19 @@ def test_a_bad_flag_or_value_is_one_line_on_stderr_and_exit_2(name):
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+def check_of(name):
+    """The function a script's entry runs on its arguments before any work (configurator.cli's check=)."""
+    source = open(source_of(name)).read()
+    found = re.search(r"configurator\.cli\(main, CONFIG, __file__, check=(\w+)", source)[1]
+    return getattr(importlib.import_module(MODULES[name]), found)
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_every_command_in_a_docstring_passes_its_scripts_checks(name):
     """The usage lines a reader copies (`python <name>.py --key=value ...  # comment`) run as printed: each
     passes the checks its script makes before any work."""
     module = importlib.import_module(MODULES[name])
-    source = open(source_of(name)).read()
-    check = getattr(module, re.search(r"configurator\.cli\(main, CONFIG, __file__, check=(\w+)", source)[1])
+    check = check_of(name)
     start = re.escape(configurator.command(source_of(name)))
     commands = re.findall(rf"^ *{start}([^#\n]*)", module.__doc__, flags=re.M)
     assert commands
@@ -200,6 +207,30 @@ def test_every_command_in_a_docstring_passes_its_scripts_checks(name):
         if "--help" in argv or ("--device=cuda" in argv and not torch.cuda.is_available()):
             continue
         check(argv)
+
+
+@pytest.mark.parametrize("page", ["README.md", "experiments/README.md", "hf/README.md"])
+def test_every_command_a_page_prints_passes_its_scripts_checks(page):
+    """Each `python ...` command of a page, in a code block or inline, names a script that exists and passes
+    the checks that script makes before any work (a flag renamed or a script moved fails here)."""
+    text = open(os.path.join(ROOT, page)).read()
+    blocks = "\n".join(re.findall(r"```\w*\n(.*?)```", text, flags=re.S))
+    lines = re.findall(r"^\s*(?:\w+=\S+ )*(python [^#\n]*)", blocks, flags=re.M)
+    lines += re.findall(r"`(?:\w+=\S+ )*(python [^`]*)`", text)
+    starts = {configurator.command(source_of(name)): name for name in SCRIPTS}
+    checked = 0
+    for line in lines:
+        if line.split()[:3] == ["python", "-m", "pytest"]:
+            continue
+        name = next((n for start, n in starts.items() if line.split()[:len(start.split())] == start.split()),
+                    None)
+        assert name, f"{page}: {line!r} starts no script of this repo"
+        argv = line.split()[len(configurator.command(source_of(name)).split()):]
+        if "--help" in argv or ("--device=cuda" in argv and not torch.cuda.is_available()):
+            continue
+        check_of(name)(argv)
+        checked += 1
+    assert checked or page == "hf/README.md"
 
 
 def test_the_readmes_code_runs_as_printed(capsys):
@@ -374,7 +405,7 @@ def test_the_warm_up_table_shows_every_policy_with_the_prompt_evictable_and_kept
     from experiments import compare
     import train
     cfg = train.make_config(["--n_layer=1", "--n_head=2", "--n_embd=16", "--eval_problems=4"])
-    text = compare.warmup_table(train.build_model(cfg), cfg, ["h2o", "rkv"], [13, 26], n_k3=4)
+    text = compare.warmup_table(warmup.build_model(cfg), cfg, ["h2o", "rkv"], [13, 26], n_k3=4)
     lines = text.splitlines()[4:]                                          # after the header and the rule
     rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in lines)}
     assert list(rows) == ["h2o", "h2o, prompt kept", "rkv", "rkv, prompt kept"]

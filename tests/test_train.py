@@ -13,10 +13,12 @@ import torch.nn.functional as F
 
 import configurator
 import objectives
+import runlog
 import train
+import warmup
 from conftest import DEVICE
+from data.arithmetic import VOCAB_SIZE, decode, make_splits, max_lengths
 from model import GPT, GPTConfig
-from data.arithmetic import VOCAB_SIZE
 
 TINY = dict(train.CONFIG, n_layer=1, n_head=2, n_embd=16, prompts_per_step=2, group_size=4, budget=16,
             policy="h2o", keep_prompt=False, sft_mask_frac=0.0, sft_steps=3, sft_batch_size=8, n_steps=2,
@@ -42,7 +44,7 @@ def one_step(mode, seed=0, reference=None, **overrides):
     torch.set_num_threads(cfg["cpu_threads"])  # as train.main does: a busy second core slows 2 threads 50x
     model = tiny_model(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)  # as train.py's
-    problems, _, _ = train.make_splits(seed, 2, 0, 0)
+    problems, _, _ = make_splits(seed, 2, 0, 0)
     stats = train.grpo_step(model, optimizer, problems, cfg, torch.Generator(DEVICE).manual_seed(seed),
                             reference)
     return stats, model
@@ -112,7 +114,7 @@ def assert_same_gradient(got, want, tol=1e-5):
 
 def pg_surrogate(model, ro, mask, cfg=TINY):
     """At the first update the ratio is 1, so the clipped GRPO loss has the gradient of -mean(A * log pi)."""
-    rewards = torch.tensor([float(len(train.decode(t[train.max_lengths()[0]:].tolist())) % 3)
+    rewards = torch.tensor([float(len(decode(t[max_lengths()[0]:].tolist())) % 3)
                             for t in ro.tokens])
     adv = objectives.group_advantages(rewards, cfg["group_size"])
     lp = train.smd.learner_logprobs(model, ro.tokens, mask)
@@ -224,13 +226,13 @@ def test_a_non_finite_loss_stops_before_the_weights_change(monkeypatch):
     monkeypatch.setattr(train.smd, "kl_divergence", lambda *a, **k: torch.tensor(float("nan")))
     model, untouched = tiny_model(0), tiny_model(0)
     with pytest.raises(FloatingPointError, match="loss is nan"):
-        train.grpo_step(model, torch.optim.AdamW(model.parameters()), train.make_splits(0, 2, 0, 0)[0],
+        train.grpo_step(model, torch.optim.AdamW(model.parameters()), make_splits(0, 2, 0, 0)[0],
                         dict(TINY, mode="smd"), torch.Generator().manual_seed(0), reference=tiny_model(0))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), untouched.parameters()))
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(mode="ppo"), "unknown mode"),
+    (dict(mode="ppo"), "mode must be one of"),
     (dict(policy="lru"), "unknown policy"),
     (dict(budget=65), "larger than block_size"),
     (dict(policy="h2o", n_recent=33), "n_recent"),    # more recent tokens than the budget holds
@@ -238,7 +240,7 @@ def test_a_non_finite_loss_stops_before_the_weights_change(monkeypatch):
     (dict(policy="snapkv", snap_window=32), "window"),  # the observation window must leave room in the cache
     (dict(policy="snapkv", snap_kernel=2), "odd kernel"),
     (dict(policy="streaming", n_sink=32), "n_sink"),
-    (dict(eval_problems=train.EVAL_POOL + 1), "eval_problems"),
+    (dict(eval_problems=warmup.EVAL_POOL + 1), "eval_problems"),
     (dict(eval_split="train"), "eval_split"),
     (dict(policy="full", budget=32), "never evicts"),
     (dict(group_size=1), "group_size"),
@@ -266,7 +268,7 @@ def test_bad_config_is_rejected_with_a_message(overrides, message):
 
 def test_bad_config_fails_before_any_work(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="unknown mode"):
+    with pytest.raises(ValueError, match="mode must be one of"):
         train.main(["--mode=ppo", f"--out_dir={out}"])
     assert not out.exists()                             # no warm-up, no checkpoint, no log
 
@@ -413,7 +415,7 @@ def test_sparse_rl_loss_is_the_weighted_mean_over_kept_tokens(monkeypatch):
             and (stats["sparse_rl_outside"], stats["sparse_rl_rejected"]) == (0.25, 0.5))
 
     def surrogate(model):  # at the first update the ratio is 1: the gradient of -mean_kept(w * A * log pi)
-        rewards = torch.tensor([float(len(train.decode(t[train.max_lengths()[0]:].tolist())) % 3)
+        rewards = torch.tensor([float(len(decode(t[max_lengths()[0]:].tolist())) % 3)
                                 for t in ro.tokens])
         adv = objectives.group_advantages(rewards, TINY["group_size"])
         lp = train.smd.learner_logprobs(model, ro.tokens)               # the full-cache learner, as naive's
@@ -437,15 +439,15 @@ def test_kl_divergence_is_kl_of_first_from_second_and_follows_the_temperature():
 def test_no_training_problem_is_ever_evaluated_and_eval_size_does_not_move_train():
     base = dict(train.CONFIG, n_train=3000)
     first_train = None
-    for eval_problems in (1, 200, train.EVAL_POOL):
+    for eval_problems in (1, 200, warmup.EVAL_POOL):
         for split in ("val", "test"):
-            problems, held_out = train.problem_splits(dict(base, eval_problems=eval_problems,
+            problems, held_out = warmup.problem_splits(dict(base, eval_problems=eval_problems,
                                                            eval_split=split))
             assert len(held_out) == eval_problems and not set(problems) & set(held_out)
             first_train = first_train or problems
             assert problems == first_train
-    val = train.problem_splits(dict(base, eval_problems=train.EVAL_POOL))[1]
-    test = train.problem_splits(dict(base, eval_problems=train.EVAL_POOL, eval_split="test"))[1]
+    val = warmup.problem_splits(dict(base, eval_problems=warmup.EVAL_POOL))[1]
+    test = warmup.problem_splits(dict(base, eval_problems=warmup.EVAL_POOL, eval_split="test"))[1]
     assert not set(val) & set(test)
 
 
@@ -466,7 +468,7 @@ def test_warm_up_key_ignores_rl_settings_and_names_what_shapes_the_weights(tmp_p
 def test_warm_up_key_changes_with_the_robust_recipe_and_only_with_what_shapes_it():
     plain = dict(TINY, sft_mask_frac=0.0)
     robust = dict(TINY, sft_mask_frac=0.5, sft_mask_recipe="policy", policy="rkv", keep_prompt=True)
-    path = train.warmup_path
+    path = warmup.warmup_path
     # no masks: the policy is RL-only
     assert path(plain) == path(dict(plain, policy="tova", sft_mask_recipe="policy"))
     assert len({path(plain), path(dict(plain, sft_mask_frac=0.5)), path(robust)}) == 3
@@ -484,9 +486,9 @@ def test_warm_up_key_changes_with_the_robust_recipe_and_only_with_what_shapes_it
                                     dict(sft_mask_recipe="policy", policy="rkv", keep_prompt=True)])
 def test_warm_up_masks_are_causal_see_themselves_and_keep_the_prompt_where_the_recipe_says(recipe):
     cfg = dict(TINY, sft_mask_frac=0.5, **recipe)
-    problems, _, _ = train.make_splits(0, 32, 0, 0)
-    x, _ = train.sft_batch(problems, DEVICE)                               # (B, T) = (32, 52)
-    masks = train.eviction_masks(tiny_model(0), x, cfg, torch.Generator(DEVICE).manual_seed(0))
+    problems, _, _ = make_splits(0, 32, 0, 0)
+    x, _ = warmup.sft_batch(problems, DEVICE)                               # (B, T) = (32, 52)
+    masks = warmup.eviction_masks(tiny_model(0), x, cfg, torch.Generator(DEVICE).manual_seed(0))
     L, B, nh, T, _ = masks.shape
     causal = torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril()
     # causal; a query sees itself
@@ -494,7 +496,7 @@ def test_warm_up_masks_are_causal_see_themselves_and_keep_the_prompt_where_the_r
     evicts = (masks != causal).flatten(2).any(-1).any(0)                   # (B,) rows that lose some key
     # wide windows keep all
     assert evicts.all() if recipe["sft_mask_recipe"] != "streaming" else evicts.float().mean() > 0.5
-    P, _ = train.max_lengths()
+    P, _ = max_lengths()
     # response queries see the whole prompt
     assert masks[..., P:, :P].all() == recipe.get("keep_prompt", False)
     # recorded at one budget per batch, drawn from sft_min_budget .. T-1
@@ -504,10 +506,10 @@ def test_warm_up_masks_are_causal_see_themselves_and_keep_the_prompt_where_the_r
 
 
 def test_warm_up_trains_about_sft_mask_frac_of_its_rows_under_eviction_masks():
-    problems, _, _ = train.make_splits(0, 64, 0, 0)
-    x, _ = train.sft_batch(problems, DEVICE)                               # (64, 52)
+    problems, _, _ = make_splits(0, 64, 0, 0)
+    x, _ = warmup.sft_batch(problems, DEVICE)                               # (64, 52)
     cfg = dict(TINY, sft_mask_frac=0.25, sft_mask_recipe="policy", policy="rkv", keep_prompt=True)
-    masks = train.warmup_masks(tiny_model(0), x, cfg, torch.Generator(DEVICE).manual_seed(0))
+    masks = warmup.warmup_masks(tiny_model(0), x, cfg, torch.Generator(DEVICE).manual_seed(0))
     causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=DEVICE).tril()
     masked = (masks != causal).flatten(2).any(-1).any(0)                   # (B,) rows under an eviction mask
     # 16 expected of 64; the rest see all
@@ -550,7 +552,7 @@ def test_variance_estimates_are_the_training_policy_gradient(mode, monkeypatch):
     got, ro, _ = step_gradient(monkeypatch, mode, distill_coef=0.0)
     model = tiny_model(0)
     cfg = dict(TINY, mode=mode)
-    problems, _, _ = train.make_splits(0, 2, 0, 0)
+    problems, _, _ = make_splits(0, 2, 0, 0)
     ro, _, adv = train.sample_batch(model, problems, cfg, torch.Generator().manual_seed(0))  # its batch
     flat = variance.gradient_on(model, cfg, ro, adv)
     want = torch.cat([got[n].flatten() for n, _ in model.named_parameters()])
@@ -580,7 +582,7 @@ def test_the_reference_stays_the_warm_up_while_the_weights_move(tmp_path, monkey
     cfg.update(out_dir=str(tmp_path), mode="smd", n_steps=2, distill_coef=1.0, ref_kl_coef=0.1, lr=1e-2,
                lr_warmup=0, updates_per_batch=1, run_name="ref")
     train.main(args(cfg))
-    warm = torch.load(train.warmup_path(train.make_config(args(cfg))), weights_only=True)
+    warm = torch.load(warmup.warmup_path(train.make_config(args(cfg))), weights_only=True)
     final = torch.load(tmp_path / "ref.pt", weights_only=False)["model"]
     model, reference = handed[0]
     assert len(handed) == 2 and all(m is model and r is reference for m, r in handed)
@@ -603,11 +605,11 @@ def test_resume_restores_the_rng_states_on_the_cpu_whatever_the_device(tmp_path)
     train.main(args(cfg))
     config = train.make_config(args(cfg, resume=True))
     with torch.device("meta"):  # built there, so the tied embedding stays tied
-        model = train.GPT(train.model_config(config))
+        model = GPT(warmup.model_config(config))
     optimizer = torch.optim.AdamW(model.parameters())
     generator = torch.Generator()
     state = torch.get_rng_state()
-    step, _ = train.load_checkpoint(dict(config, device="meta"), model, optimizer, generator)
+    step, _ = runlog.load_checkpoint(dict(config, device="meta"), model, optimizer, generator)
     saved = torch.load(tmp_path / "gpu.pt", weights_only=False)
     assert step == 1 and torch.equal(generator.get_state(), saved["generator"])
     assert torch.equal(torch.get_rng_state(), saved["torch_rng"])
@@ -621,16 +623,16 @@ def test_evaluation_is_reproducible_under_the_random_policy_whatever_the_global_
     rollout = train.smd.rollout
     monkeypatch.setattr(train.smd, "rollout",
                         lambda *a, **k: generators.append(k["generator"]) or rollout(*a, **k))
-    model, problems = tiny_model(0), train.make_splits(0, 16, 0, 0)[0]
+    model, problems = tiny_model(0), make_splits(0, 16, 0, 0)[0]
     torch.manual_seed(1)
     first = train.solved(model, problems, "random", 24)
     torch.manual_seed(2)
     second = train.solved(model, problems, "random", 24)
     assert all(isinstance(g, torch.Generator) for g in generators)  # never torch's global generator
     assert first == second
-    assert train.unpack(train.pack(first), len(first)) == first
+    assert runlog.unpack(runlog.pack(first), len(first)) == first
     bits = [True, False, False, True, True]
-    assert train.pack(bits) == "98" and train.unpack("98", 5) == bits  # 1001, 1000
+    assert runlog.pack(bits) == "98" and runlog.unpack("98", 5) == bits  # 1001, 1000
 
 
 def test_plot_draws_the_curves_and_the_frontier_of_a_comparison(tmp_path, monkeypatch, capsys):
