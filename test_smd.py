@@ -50,6 +50,19 @@ def sample(model, policy, budget=BUDGET, prompts=None, seed=0, **kwargs):
                    generator=torch.Generator(next(model.parameters()).device).manual_seed(seed), **kwargs)
 
 
+def variable_length_rollout(model, policy, seed, budget=BUDGET, **kwargs):
+    """Prompts of 3, 11 and 7 tokens (so prefill is 3 tokens and longer prompts finish in decode) with
+    an EOS token that rows sample at different steps."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 15, (n,), generator=gen).tolist() for n in (3, 11, 7)]
+    device = next(model.parameters()).device
+    if device.type != "cpu":  # sampling needs a generator on the model's device
+        gen = torch.Generator(device).manual_seed(seed)
+    r = rollout(model, prompts, policy=policy, budget=budget, max_new_tokens=30, eos_id=EOS,
+                generator=gen, **kwargs)
+    return prompts, r
+
+
 def max_diff(a, b, where):
     return (a - b)[where].abs().max().item()
 
@@ -111,7 +124,7 @@ def test_keep_prompt_every_response_query_sees_its_whole_prompt(policy):
     # 4 sinks reach past the 3-token prompt of row 0)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     sinks = [max(4, len(p)) for p in prompts]
-    sliding = torch.stack([causal.triu(-(KEEP_BUDGET - n - 1)) | (torch.arange(T) < n) & causal
+    sliding = torch.stack([causal.triu(-(KEEP_BUDGET - n - 1)) | ((torch.arange(T) < n) & causal)
                            for n in sinks])[None, :, None]                 # (1, B, 1, T, T)
     assert torch.equal(visible, sliding.expand_as(visible)) == (policy == "streaming")
 
@@ -391,19 +404,6 @@ def test_sampler_decodes_one_token_per_step(monkeypatch):
     r = sample(make_model(), "h2o")
     assert lengths[0] == BUDGET  # prefill: the 10-token prompt, capped at the budget
     assert lengths[1:] == [1] * (r.tokens.shape[1] - BUDGET)
-
-
-def variable_length_rollout(model, policy, seed, budget=BUDGET, **kwargs):
-    """Prompts of 3, 11 and 7 tokens (so prefill is 3 tokens and longer prompts finish in decode) with
-    an EOS token that rows sample at different steps."""
-    gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, 15, (n,), generator=gen).tolist() for n in (3, 11, 7)]
-    device = next(model.parameters()).device
-    if device.type != "cpu":  # sampling needs a generator on the model's device
-        gen = torch.Generator(device).manual_seed(seed)
-    r = rollout(model, prompts, policy=policy, budget=budget, max_new_tokens=30, eos_id=EOS,
-                generator=gen, **kwargs)
-    return prompts, r
 
 
 @pytest.mark.device

@@ -91,24 +91,6 @@ def warmup_path(cfg, dtype=torch.float32):
     return os.path.join(cfg["out_dir"], f"sft_{digest}.pt")
 
 
-def warm_up(model, cfg):
-    """Load the warm-up checkpoint (warmup_path), or train and save it. Returns where its time went: {} when
-    it was reused, else warmup_s and warmup_masks_s (the part spent recording eviction masks)."""
-    path = warmup_path(cfg, next(model.parameters()).dtype)
-    if os.path.exists(path):
-        model.load_state_dict(torch.load(path, map_location=cfg["device"]))
-        print(f"sft: reusing {path}")
-        return {}
-    t0 = time.time()
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    train_problems, _ = problem_splits(cfg)
-    masks_s = sft(model, train_problems, cfg,
-                  torch.Generator(device=cfg["device"]).manual_seed(cfg["sft_seed"]))
-    save_atomic(model.state_dict(), path)
-    print(f"sft: {cfg['sft_steps']} steps in {time.time() - t0:.1f}s, saved {path}")
-    return dict(warmup_s=time.time() - t0, warmup_masks_s=masks_s)
-
-
 def sft_batch(problems, device):
     """Worked examples -> inputs x (B, T-1) and targets y (B, T-1), -1 (ignored) on prompt positions."""
     P, _ = max_lengths()
@@ -185,3 +167,21 @@ def sft(model, train_problems, cfg, generator):
         if step % 100 == 0 or step == cfg["sft_steps"] - 1:
             print(f"sft {step:4d} | loss {loss.item():.4f} | lr {lr_now:.2e}")
     return masks_s
+
+
+def warm_up(model, cfg):
+    """Load the warm-up checkpoint (warmup_path), or train and save it. Returns where its time went: {} when
+    it was reused, else warmup_s and warmup_masks_s (the part spent recording eviction masks)."""
+    path = warmup_path(cfg, next(model.parameters()).dtype)
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, map_location=cfg["device"]))
+        print(f"sft: reusing {path}")
+        return {}
+    t0 = time.time()
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    train_problems, _ = problem_splits(cfg)
+    masks_s = sft(model, train_problems, cfg,
+                  torch.Generator(device=cfg["device"]).manual_seed(cfg["sft_seed"]))
+    save_atomic(model.state_dict(), path)
+    print(f"sft: {cfg['sft_steps']} steps in {time.time() - t0:.1f}s, saved {path}")
+    return dict(warmup_s=time.time() - t0, warmup_masks_s=masks_s)
