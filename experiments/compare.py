@@ -18,7 +18,14 @@ A row may carry train.py settings: smd@distill_coef=0.3@ref_kl_coef=0 is the smd
     python -m experiments.compare --rows=full,smd,smd@distill_coef=0.3 --sft_seeds=0,1
     python -m experiments.compare --budget=32 --lr=3e-5  # any train.py --key=value reaches every run
     python -m experiments.compare --rows= --sweep=False  # the warm-up tables alone
+    python -m experiments.compare --design=experiments/design.toml --stage=tuning  # the design: settings
+    python -m experiments.compare --design=experiments/design.toml  # the design's runs, claims and verdicts
     python -m experiments.compare --help     # these settings; train.py's: python train.py --help
+
+With --design, the file fixes the rows (with the settings chosen on validation), budgets, warm-ups, seeds and
+the family of claims before any run; the tables are then per budget: final accuracy and the stability of
+each run (experiments/stats.py defines both), as means over warm-ups with 95% t intervals over the warm-ups'
+means, and the claims with Holm's correction: a verdict only where the corrected interval excludes 0.
 
 Not here: any training logic, plotting.
 """
@@ -30,11 +37,14 @@ import subprocess
 import sys
 import time
 
+import tomllib
+
 import numpy as np
 import torch
 
 import configurator
 import objectives
+from experiments import stats
 import policies
 import smd
 import train
@@ -53,6 +63,8 @@ jobs = 2                           # train.py processes at a time
 warmup_policies = "rkv,snapkv,h2o,streaming"  # the warm-up's accuracy under each, every budget
 transfer = "streaming@26,snapkv@26,h2o@26,streaming@42,snapkv@42,h2o@42"  # train.py --eval_also of every run
 reuse = True                       # read, not rerun, a finished run whose checkpoint holds exactly its config
+design = ""                        # a design file (experiments/design.toml); it sets rows, seeds and budgets
+stage = "main"                     # with --design: "tuning" (validation, its settings grid) or "main" (test)
 CONFIG = configurator.knobs(globals())
 # -----------------------------------------------------------------------------
 
@@ -171,11 +183,13 @@ def run(argv, out_dir, name):
 
 
 def read_summary(out_dir, name):
-    """A finished run's summary from its JSONL, with its eval_also accuracies at the first and last eval."""
+    """A finished run's summary from its JSONL, with its eval_also accuracies at the first and last eval,
+    and every record of the run (records), which the stability measures read."""
     with open(os.path.join(out_dir, name + ".jsonl")) as f:
         records = [json.loads(line) for line in f]
     also = [r["acc"] for r in records if r["kind"] == "eval_also"]
-    return dict(records[-1], transfer_start=also[0] if also else {}, transfer=also[-1] if also else {})
+    return dict(records[-1], transfer_start=also[0] if also else {}, transfer=also[-1] if also else {},
+                records=records)
 
 
 def finished(argv, out_dir, name):
@@ -265,6 +279,13 @@ def configure(argv):
     own = dict(CONFIG, **overrides)
     own["rows"] = [n for n in own["rows"].split(",") if n]  # --rows= (empty): the warm-up table alone
     own["sweep_rows"] = [n for n in own["sweep_rows"].split(",") if n] if own["sweep"] else []
+    own["budgets"], own["claims"], own["labels"] = None, [], {}
+    if own["design"]:
+        extra = sorted(overrides.keys() - {"design", "stage", "jobs", "reuse"}) + passed
+        if extra:
+            raise ValueError(f"with --design the file sets the runs (only --stage, --jobs, --reuse beside it); "
+                             f"got also {extra}")
+        passed = apply_design(own)
     unknown = [n for n in own["rows"] + own["sweep_rows"] if n.split("@")[0] not in ROWS]
     if unknown or own["seeds"] < 1 or own["jobs"] < 1 or len(set(own["sft_seeds"])) != len(own["sft_seeds"]):
         raise ValueError(f"need rows from {list(ROWS)}, seeds >= 1, jobs >= 1, distinct sft_seeds; got "
@@ -284,7 +305,7 @@ def configure(argv):
     out_dir = os.path.abspath(train.make_config(passed)["out_dir"])
     passed = [a for a in passed if not a.startswith("--out_dir=")] + [f"--out_dir={out_dir}"]
     cfg = train.make_config(passed)
-    runs = [(n, cfg["budget"]) for n in own["rows"]]
+    runs = [(n, b) for b in own["budgets"] or [cfg["budget"]] for n in own["rows"]]
     runs += [(n, b) for b in own["sweep_budgets"] for n in own["sweep_rows"]]
     plan = {}  # a sweep run the table already has (same row and budget) is not run twice
     for name, budget in runs:
@@ -294,6 +315,36 @@ def configure(argv):
     for argv_run in plan.values():
         train.make_config(argv_run)
     return own, cfg, plan
+
+
+def apply_design(own):
+    """Fill compare's settings from the design file own["design"] at stage own["stage"] -> the train.py flags
+    the design passes to every run. A tuning stage's rows are its rows x its lr grid."""
+    if own["stage"] not in ("tuning", "main"):
+        raise ValueError(f"stage must be 'tuning' or 'main', got {own['stage']!r}")
+    with open(own["design"], "rb") as f:
+        design = tomllib.load(f)[own["stage"]]
+    keys = {"sft_seeds", "seeds", "budgets", "flags", "rows"} | (
+        {"lr", "steps"} if own["stage"] == "tuning" else {"claims"})
+    if set(design) != keys:
+        raise ValueError(f"{own['design']} [{own['stage']}] needs exactly the keys {sorted(keys)}, got "
+                         f"{sorted(design)}")
+    labels = {}  # row spec -> the name the design gives it
+    for label, spec in design["rows"].items():
+        row_flags(spec)  # an unknown row or a malformed setting fails here
+        for lr in design.get("lr", [None]):
+            labels[spec if lr is None else f"{spec}@lr={lr}"] = label if lr is None else f"{label}@lr={lr}"
+    own.update(rows=list(labels), labels=labels, sft_seeds=tuple(design["sft_seeds"]), seeds=design["seeds"],
+               budgets=list(design["budgets"]), sweep=False, sweep_rows=[], transfer="",
+               warmup_policies="", steps=design.get("steps", []))
+    for claim in design.get("claims", []):
+        metrics = ("acc_full", "acc_compressed") + stats.STABILITY
+        if (claim.keys() != {"a", "b", "metric", "budget"} or {claim["a"], claim["b"]} - set(design["rows"])
+                or claim["metric"] not in metrics or claim["budget"] not in own["budgets"]):
+            raise ValueError(f"a claim needs a, b (rows of the design), metric (one of {metrics}) and budget "
+                             f"(one of {own['budgets']}); got {claim}")
+        own["claims"].append(claim)
+    return list(design["flags"])
 
 
 def row_flags(row):
@@ -311,6 +362,8 @@ def main(argv):
         json.dump(dict(budget=cfg["budget"], runs=[[n, b, w, s, run_name(n, b, w, s)]
                                                    for n, b, w, s in plan]), f)
     t0 = time.time()
+    if own["design"]:
+        print(design_header(own, cfg), flush=True)
     for w in own["sft_seeds"]:
         model = prepare_warm_up(dict(cfg, sft_seed=w))
         if own["warmup_policies"]:
@@ -337,6 +390,14 @@ def main(argv):
                   f"{r['acc_full']:.3f} | compressed {r['acc_compressed_start']:.3f} -> "
                   f"{r['acc_compressed']:.3f} | {time.time() - t0:.0f}s", flush=True)
 
+    if own["design"]:
+        tables = tuning_table if own["stage"] == "tuning" else design_tables
+        print(tables(own, cfg, summaries))
+        print(f"total {time.time() - t0:.0f}s")
+        if failed:
+            sys.exit(f"{len(failed)} of {len(plan)} runs failed, the tables above are without them:\n"
+                     + "\n".join(failed))
+        return summaries
     results = [(n, [summaries.get((n, cfg["budget"], w, s)) for w, s in own["runs"]]) for n in own["rows"]]
     if not plan:
         return results
@@ -450,6 +511,108 @@ def sweep_table(cfg, own, summaries):
             row.append(final_accuracy(runs, len(own["runs"])))
         cells.append(row)
     return f"\nbudget sweep: final full-cache / compressed accuracy ({cfg['policy']})\n" + aligned(cells)
+
+
+# -----------------------------------------------------------------------------
+# the committed design's tables
+
+
+def design_header(own, cfg):
+    """What the design fixed before its runs: printed first, so every table below reads against it."""
+    lines = [f"design {own['design']} [{own['stage']}]: warm-ups sft_seed={','.join(map(str, own['sft_seeds']))}"
+             f" x {own['seeds']} RL seed(s), budgets {own['budgets']} ({cfg['policy']}, keep_prompt="
+             f"{cfg['keep_prompt']}), {cfg['eval_split']} split, evaluations every {cfg['eval_interval']} "
+             f"steps", "rows: " + "; ".join(f"{label} = {spec}" for spec, label in own["labels"].items())]
+    if own["claims"]:
+        lines.append(f"the family of {len(own['claims'])} claims (Holm over all of them): " + "; ".join(
+            f"{c['a']} - {c['b']} {c['metric']} @{c['budget']}" for c in own["claims"]))
+    return "\n".join(lines)
+
+
+def run_values(own, cfg, summaries, label, budget, metric):
+    """metric (a summary accuracy or a stats.STABILITY measure) of every run of a design row at a budget,
+    with its warm-up -> (values, warm-ups), the runs that finished."""
+    spec = next(spec for spec, name in own["labels"].items() if name == label)
+    values, warm_ups = [], []
+    for w, s in own["runs"]:
+        summary = summaries.get((spec, budget, w, s))
+        if summary is None:
+            continue
+        if metric in stats.STABILITY:
+            values.append(stats.stability(summary["records"], cfg["grad_clip"])[metric])
+        else:
+            values.append(summary[metric])
+        warm_ups.append(w)
+    return values, warm_ups
+
+
+def over_warm_ups_cell(values, warm_ups, fmt="{:.3f}"):
+    """'mean [low, high]': the mean over warm-ups of their runs' mean, 95% t interval over the warm-ups."""
+    if not values:
+        return "-"
+    mean, low, high, _ = stats.t_interval(stats.warm_up_means(values, warm_ups))
+    return f"{fmt.format(mean)} [{fmt.format(low)}, {fmt.format(high)}]"
+
+
+def design_tables(own, cfg, summaries):
+    """Per budget, each row's final accuracies and stability (over warm-ups, 95% t), then the claims."""
+    out = []
+    metrics = [("acc_full", "{:.3f}"), ("acc_compressed", "{:.3f}")] + [
+        (m, "{:.2f}" if m == "grad_norm_p95" else "{:.1e}" if m == "ref_kl_p95" else "{:.3f}")
+        for m in stats.STABILITY]
+    for budget in own["budgets"]:
+        for title, chosen in (("final accuracy", metrics[:2]), ("stability", metrics[2:])):
+            cells = [["row", "runs"] + [m for m, _ in chosen]]
+            for label in dict.fromkeys(own["labels"].values()):
+                row = [label, str(len(run_values(own, cfg, summaries, label, budget, "acc_full")[0]))]
+                row += [over_warm_ups_cell(*run_values(own, cfg, summaries, label, budget, m), fmt)
+                        for m, fmt in chosen]
+                cells.append(row)
+            out.append(f"\n{title} at budget {budget}: mean over warm-ups [95% t interval, each warm-up's mean "
+                       f"one observation]\n" + aligned(cells))
+    claims = []
+    for claim in own["claims"]:
+        a, wa = run_values(own, cfg, summaries, claim["a"], claim["budget"], claim["metric"])
+        b, wb = run_values(own, cfg, summaries, claim["b"], claim["budget"], claim["metric"])
+        pairs = {w: [] for w in dict.fromkeys(wa)}  # a - b per warm-up, over the seeds both finished
+        for (va, w), (vb, w_b) in zip(zip(a, wa), zip(b, wb)):
+            if w == w_b:
+                pairs[w].append(va - vb)
+        claims.append(dict(claim, observations=[np.mean(d) for d in pairs.values() if d]))
+    if claims:
+        stats.holm(claims)
+        cells = [["claim", "warm-ups", "difference", "Holm level", "interval at that level", "p", "p Holm",
+                  "verdict"]]
+        for c in claims:
+            cells.append([f"{c['a']} - {c['b']}: {c['metric']} @{c['budget']}", str(len(c["observations"])),
+                          f"{c['mean']:+.3f}", f"{c['level']:.4f}", f"[{c['low']:+.3f}, {c['high']:+.3f}]",
+                          f"{c['p']:.2g}", f"{c['p_holm']:.2g}", c["verdict"]])
+        resolved = sum(c["verdict"] != "not resolved" for c in claims)
+        out.append(f"\nthe claims, each warm-up's mean paired difference one observation; Holm over the "
+                   f"{len(claims)}: {resolved} resolved, {len(claims) - resolved} not\n" + aligned(cells))
+    return "\n".join(out)
+
+
+def tuning_table(own, cfg, summaries):
+    """Validation: each row x lr, the criterion (mean of full-cache and compressed greedy accuracy, averaged
+    over the tuning runs) at each candidate run length; per row, the (lr, length) that maximises it."""
+    cells = [["row @ lr"] + [f"criterion at step {n}" for n in own["steps"]]]
+    best = {}
+    for spec, label in own["labels"].items():
+        row = [label]
+        for n in own["steps"]:
+            runs = [summaries.get((spec, b, w, s)) for b in own["budgets"] for w, s in own["runs"]]
+            at_n = [[(r["acc_full"] + r["acc_compressed"]) / 2 for r in run["records"]
+                     if r["kind"] == "eval" and r["step"] == n] for run in runs if run is not None]
+            value = np.mean([v[0] for v in at_n if v]) if any(at_n) else float("nan")
+            row.append(f"{value:.3f}")
+            base, _, lr = label.rpartition("@lr=")
+            if not np.isnan(value) and value > best.get(base, (-1.0,))[0]:
+                best[base] = (value, lr, n)
+        cells.append(row)
+    choice = "; ".join(f"{base}: lr={lr} n_steps={n} ({v:.3f})" for base, (v, lr, n) in best.items())
+    return (f"\ntuning on {cfg['eval_split']}: (full-cache + compressed accuracy) / 2, mean over the runs\n"
+            + aligned(cells) + f"\nchosen: {choice}")
 
 
 if __name__ == "__main__":
