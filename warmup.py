@@ -17,8 +17,8 @@ import torch
 
 import policies
 import smd
-from data.arithmetic import EOS_ID, N_DIGITS, N_OPERANDS, VOCAB_SIZE, encode, format_prompt, format_response, \
-    make_splits, max_lengths
+from data.arithmetic import EOS_ID, N_DIGITS, N_OPERANDS, VOCAB_SIZE, encode, format_prompt, \
+    format_response, make_splits, max_lengths
 from model import GPT, GPTConfig
 from runlog import check_finite, save_atomic
 

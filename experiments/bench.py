@@ -9,7 +9,7 @@ Random-init model, random prompts, no training; --trained=True adds the sampler/
 train.py trains (its default warm-up), rolled out as train.py does.
 
     python -m experiments.bench                # CPU, one thread, about a minute
-    python -m experiments.bench --device=cuda  # one GPU: CUDA_PRESET's model and lengths, then the other flags
+    python -m experiments.bench --device=cuda  # one GPU: CUDA_PRESET's model and lengths, then other flags
     python -m experiments.bench --help         # the settings
 """
 

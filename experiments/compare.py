@@ -283,8 +283,8 @@ def configure(argv):
     if own["design"]:
         extra = sorted(overrides.keys() - {"design", "stage", "jobs", "reuse"}) + passed
         if extra:
-            raise ValueError(f"with --design the file sets the runs (only --stage, --jobs, --reuse beside it); "
-                             f"got also {extra}")
+            raise ValueError(f"with --design the file sets the runs (only --stage, --jobs, --reuse beside "
+                             f"it); got also {extra}")
         passed = apply_design(own)
     unknown = [n for n in own["rows"] + own["sweep_rows"] if n.split("@")[0] not in ROWS]
     if unknown or own["seeds"] < 1 or own["jobs"] < 1 or len(set(own["sft_seeds"])) != len(own["sft_seeds"]):
@@ -519,10 +519,10 @@ def sweep_table(cfg, own, summaries):
 
 def design_header(own, cfg):
     """What the design fixed before its runs: printed first, so every table below reads against it."""
-    lines = [f"design {own['design']} [{own['stage']}]: warm-ups sft_seed={','.join(map(str, own['sft_seeds']))}"
-             f" x {own['seeds']} RL seed(s), budgets {own['budgets']} ({cfg['policy']}, keep_prompt="
-             f"{cfg['keep_prompt']}), {cfg['eval_split']} split, evaluations every {cfg['eval_interval']} "
-             f"steps", "rows: " + "; ".join(f"{label} = {spec}" for spec, label in own["labels"].items())]
+    warm_ups = ",".join(map(str, own["sft_seeds"]))
+    lines = [f"design {own['design']} [{own['stage']}]: warm-ups sft_seed={warm_ups} x {own['seeds']} RL "
+             f"seed(s), budgets {own['budgets']} ({cfg['policy']}, keep_prompt={cfg['keep_prompt']}), "
+             f"{cfg['eval_split']} split, evaluations every {cfg['eval_interval']} steps", "rows: " + "; ".join(f"{label} = {spec}" for spec, label in own["labels"].items())]
     if own["claims"]:
         lines.append(f"the family of {len(own['claims'])} claims (Holm over all of them): " + "; ".join(
             f"{c['a']} - {c['b']} {c['metric']} @{c['budget']}" for c in own["claims"]))
@@ -568,8 +568,8 @@ def design_tables(own, cfg, summaries):
                 row += [over_warm_ups_cell(*run_values(own, cfg, summaries, label, budget, m), fmt)
                         for m, fmt in chosen]
                 cells.append(row)
-            out.append(f"\n{title} at budget {budget}: mean over warm-ups [95% t interval, each warm-up's mean "
-                       f"one observation]\n" + aligned(cells))
+            out.append(f"\n{title} at budget {budget}: mean over warm-ups [95% t interval, each warm-up's "
+                       f"mean one observation]\n" + aligned(cells))
     claims = []
     for claim in own["claims"]:
         a, wa = run_values(own, cfg, summaries, claim["a"], claim["budget"], claim["metric"])

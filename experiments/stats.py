@@ -34,7 +34,7 @@ def drawdown(curve):
 
 
 def stability(records, grad_clip):
-    """A run's JSONL records (dicts with kind 'train' and 'eval') -> {name: value} for every STABILITY name."""
+    """A run's JSONL records (dicts of kind 'train' and 'eval') -> {name: value} for every STABILITY name."""
     evals = sorted((r for r in records if r["kind"] == "eval"), key=lambda r: r["step"])
     steps = [r for r in records if r["kind"] == "train"]
     if len(evals) < 2 or not steps:

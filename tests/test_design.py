@@ -143,7 +143,8 @@ def test_a_design_file_fixes_the_runs_and_nothing_else_may_be_added(design_compa
     assert all("--eval_split=test" in argv and "--eval_interval=10" in argv for argv in plan.values())
     assert all("--lr=3e-05" in argv for (row, *_), argv in plan.items() if row.startswith("full"))
     own, _, plan = compare.configure([f"--design={path}", "--stage=tuning"])
-    assert sorted(own["labels"].values()) == ["full@lr=1e-05", "full@lr=3e-05", "smd@lr=1e-05", "smd@lr=3e-05"]
+    assert sorted(own["labels"].values()) == ["full@lr=1e-05", "full@lr=3e-05", "smd@lr=1e-05",
+                                              "smd@lr=3e-05"]
     assert len(plan) == 4 * 2 and all("--eval_split=val" in argv for argv in plan.values())
     for extra in (["--lr=1e-4"], ["--seeds=5"], ["--stage=final"]):
         with pytest.raises(ValueError, match="design|stage"):
@@ -160,7 +161,8 @@ def test_the_design_prints_itself_its_tables_and_holm_verdicts(design_compare, c
     out = capsys.readouterr().out
     assert out.startswith(f"design {path} [main]: warm-ups sft_seed=0,1,2,3 x 2 RL seed(s)")
     assert "the family of 2 claims (Holm over all of them)" in out
-    claims = {line.split("  ")[0]: line.split() for line in out.split("1 resolved, 1 not\n")[1].splitlines()[2:]}
+    lines = out.split("1 resolved, 1 not\n")[1].splitlines()[2:]
+    claims = {line.split("  ")[0]: line.split() for line in lines}
     gain = claims["smd - full: acc_compressed @26"]     # 0.10 .. 0.13 over the 4 warm-ups: resolved
     assert gain[-1] == "higher" and gain[-8] == "4" and float(gain[-7]) == pytest.approx(0.115)
     assert gain[-6] == f"{1 - 0.05 / 2:.4f}"            # the smaller p, tested first

@@ -254,8 +254,8 @@ def test_the_readmes_code_runs_as_printed(capsys):
 def test_bench_runs_and_reports_budget_sized_kv_memory():
     args = ["--lengths=(32,48)", "--budgets=(8,)", "--batch_size=1", "--n_layer=1", "--n_embd=32",
             "--n_head=2", "--repeats=1", "--prompt_len=4"]
-    out = subprocess.run([sys.executable, "-m", "experiments.bench", *args], capture_output=True, text=True, timeout=120,
-                         cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "experiments.bench", *args], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines()
             if line.split()[:2] in (["32", "8"], ["48", "8"])]
