@@ -1,13 +1,12 @@
 """
-An independent, slow reference sampler, and tests that smd.rollout agrees with it exactly. The reference
-keeps no KV cache: for every (layer, row, head) it keeps the list of positions the newest query saw, moves
-it on by the eviction rule of each policy, and recomputes the whole prefix at every step with those boolean
-masks, by hand from the model's modules (attention probabilities, and the query and key vectors R-KV and
-keep_prompt SnapKV score with). The rules are the written ones (experiments/README.md's policy table, and
-the spec for: ties to the oldest position; SnapKV's pooling over every prompt position; keep_prompt for every
-policy; the rkv policy), written here as plain loops over positions, not from policies.py's classes. It shares no
-code with policies.py, smd.py or model.py's attention; it tests neither the learner (test_smd.py does) nor
-speed.
+An independent, slow reference sampler, and tests that smd.rollout agrees with it exactly. The reference keeps
+no KV cache: for every (layer, row, head) it keeps the list of positions the newest query saw, moves it on by
+the eviction rule of each policy, and recomputes the whole prefix at every step with those boolean masks, by
+hand from the model's modules (attention probabilities, and the query and key vectors R-KV and keep_prompt
+SnapKV score with). The rules are the written ones (experiments/README.md's policy table, and the spec for:
+ties to the oldest position; SnapKV's pooling over every prompt position; keep_prompt for every policy; the
+rkv policy), written here as plain loops over positions, not from policies.py's classes. It shares no code
+with policies.py, smd.py or model.py's attention; it tests neither the learner (test_smd.py does) nor speed.
 """
 
 import functools
