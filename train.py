@@ -76,7 +76,8 @@ n_layer = 2                 # transformer blocks
 n_head = 4                  # attention heads per block
 n_embd = 64                 # width of the residual stream
 block_size = 64             # longest sequence the model can see (prompt + response = 53)
-# phase 1: supervised warm-up on correct worked examples
+# phase 1: supervised warm-up on correct worked examples (warmup.py)
+base = "shipped"            # "shipped": bases/'s warm-up, where it holds this config's; "trained": train it here
 sft_steps = 600             # optimizer steps
 sft_batch_size = 64         # worked examples per step
 sft_lr = 3e-3               # peak learning rate
@@ -126,6 +127,7 @@ ALLOWED = {
     "distill": (lambda v: v in DISTILL, f"one of {DISTILL}"),
     "preset": (lambda v: v in ("",) + tuple(PRESETS), f"'' or one of {tuple(PRESETS)}"),
     "eval_split": (lambda v: v in ("val", "test"), "'val' or 'test'"),
+    "base": (lambda v: v in ("shipped", "trained"), "'shipped' or 'trained'"),
     "eval_problems": (lambda v: 1 <= v <= EVAL_POOL, f"in 1 .. {EVAL_POOL} (the pool each split holds)"),
     "group_size": (lambda v: v >= 2, ">= 2 (advantages compare one prompt's samples)"),
     "clip_eps": (lambda v: 0 <= v < 1, "in [0, 1)"),

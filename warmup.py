@@ -2,8 +2,17 @@
 The base every GRPO run starts from (phase 1 of train.py): the model built from train.py's knobs, the problem
 splits, and the eviction-robust supervised warm-up on worked examples. A fraction of the warm-up's rows train
 under the masks an evicting cache would leave (content-blind random eviction by default), so the base
-tolerates eviction as large pretrained models do. The warm-up is cached in out/sft_<hash>.pt, the hash of
-everything that shapes its weights, so every mode and RL seed starts from the same base.
+tolerates eviction as large pretrained models do. A warm-up is named sft_<hash>.pt, the hash of everything
+that shapes its weights, so every mode and RL seed starts from the same base.
+Where it comes from: bases/ ships the default config's warm-ups, trained once here (bases/SHA256SUMS holds
+each file's SHA-256, checked at every load), because another CPU's kernels give other last bits and the
+warm-up amplifies them into another base; with train.py's --base=trained, or for a config bases/ does not
+hold, the warm-up is trained on this machine and cached in out/. Training one is one command away:
+
+    python warmup.py                            # train.py's default warm-up, trained here; compared to bases/
+    python warmup.py --sft_seed=3               # any train.py --key=value sets the warm-up's config
+    python warmup.py --sft_seed=3 --ship=True   # and copy it into bases/ (how bases/ was made)
+
 Not here: the GRPO loop (train.py), the cache and the recorded masks (smd.py), the task (data/).
 """
 
@@ -11,10 +20,12 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 
 import torch
 
+import configurator
 import policies
 import smd
 from data.arithmetic import EOS_ID, N_DIGITS, N_OPERANDS, VOCAB_SIZE, encode, format_prompt, \
@@ -22,6 +33,13 @@ from data.arithmetic import EOS_ID, N_DIGITS, N_OPERANDS, VOCAB_SIZE, encode, fo
 from model import GPT, GPTConfig
 from runlog import check_finite, save_atomic
 
+# -----------------------------------------------------------------------------
+# `python warmup.py`: its own knob; every other --key=value is train.py's, the config of the warm-up trained
+ship = False                # also copy the trained warm-up into bases/ and record its SHA-256 there
+CONFIG = configurator.knobs(globals())
+EPILOG = "and any train.py --key=value: the warm-up's config (python train.py --help)"
+# -----------------------------------------------------------------------------
+BASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bases")  # the shipped warm-ups
 EVAL_POOL = 1000  # val and test hold this many problems each, dealt before train: eval_problems moves none
 RECIPES = ("streaming", "random", "policy")  # what the warm-up's eviction masks are (sft_mask_recipe)
 
@@ -169,14 +187,50 @@ def sft(model, train_problems, cfg, generator):
     return masks_s
 
 
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def shipped_sums():
+    """{file name: SHA-256} from bases/SHA256SUMS (the `sha256sum` format: `sha256sum -c` checks it too)."""
+    path = os.path.join(BASES, "SHA256SUMS")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {name: digest for digest, name in (line.split() for line in f if line.strip())}
+
+
+def load_shipped(model, cfg, path):
+    """Load bases/<name> into model after checking its bytes against the SHA-256 recorded for it."""
+    name = os.path.basename(path)
+    expected = shipped_sums().get(name)
+    if expected is None or sha256(path) != expected:
+        raise ValueError(f"{path} does not match its SHA-256 in bases/SHA256SUMS (a damaged or edited file): "
+                         f"restore it with git checkout, or train one here with --base=trained")
+    model.load_state_dict(torch.load(path, map_location=cfg["device"]))
+    print(f"sft: the shipped base {os.path.relpath(path)} (SHA-256 checked)")
+
+
 def warm_up(model, cfg):
-    """Load the warm-up checkpoint (warmup_path), or train and save it. Returns where its time went: {} when
-    it was reused, else warmup_s and warmup_masks_s (the part spent recording eviction masks)."""
+    """Load the warm-up: the shipped one (bases/, with --base=shipped and where it holds this config's), else
+    the one cached in out/ (warmup_path), else train and save it there. Returns where its time went: {} when
+    it was loaded, else warmup_s and warmup_masks_s (the part spent recording eviction masks)."""
     path = warmup_path(cfg, next(model.parameters()).dtype)
+    shipped = os.path.join(BASES, os.path.basename(path))
+    if cfg["base"] == "shipped" and os.path.exists(shipped):
+        load_shipped(model, cfg, shipped)
+        return {}
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location=cfg["device"]))
         print(f"sft: reusing {path}")
         return {}
+    return train_warm_up(model, cfg)
+
+
+def train_warm_up(model, cfg):
+    """Train the warm-up here and save it to out/ (warmup_path) -> where its time went."""
+    path = warmup_path(cfg, next(model.parameters()).dtype)
     t0 = time.time()
     os.makedirs(cfg["out_dir"], exist_ok=True)
     train_problems, _ = problem_splits(cfg)
@@ -185,3 +239,37 @@ def warm_up(model, cfg):
     save_atomic(model.state_dict(), path)
     print(f"sft: {cfg['sft_steps']} steps in {time.time() - t0:.1f}s, saved {path}")
     return dict(warmup_s=time.time() - t0, warmup_masks_s=masks_s)
+
+
+def configure(argv):
+    """-> (warmup.py's own settings, the warm-up's train.py config), checked before any work."""
+    import train  # train.py's knobs are the warm-up's config; imported here, as train.py imports this file
+    overrides, passed = configurator.parse_known(argv, CONFIG)
+    return dict(CONFIG, **overrides), train.make_config(passed)
+
+
+def main(argv):
+    """Train a warm-up here (whatever out/ and bases/ hold), say whether it is bit for bit the shipped one,
+    and with --ship=True copy it into bases/ and record its SHA-256."""
+    own, cfg = configure(argv)
+    torch.set_num_threads(cfg["cpu_threads"])
+    model = build_model(cfg)
+    train_warm_up(model, cfg)
+    path = warmup_path(cfg)
+    shipped = os.path.join(BASES, os.path.basename(path))
+    if os.path.exists(shipped):
+        trained, theirs = model.state_dict(), torch.load(shipped)
+        gap = max((trained[k] - theirs[k]).abs().max().item() for k in trained)
+        print(f"sft: {'bit for bit' if sha256(path) == sha256(shipped) else 'not'} the shipped "
+              f"{os.path.relpath(shipped)} (largest weight difference {gap:.1e})")
+    if own["ship"]:
+        os.makedirs(BASES, exist_ok=True)
+        shutil.copyfile(path, shipped)
+        sums = dict(shipped_sums(), **{os.path.basename(path): sha256(shipped)})
+        with open(os.path.join(BASES, "SHA256SUMS"), "w") as f:
+            f.writelines(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
+        print(f"sft: shipped as {os.path.relpath(shipped)}")
+
+
+if __name__ == "__main__":
+    configurator.cli(main, CONFIG, __file__, check=configure, epilog=EPILOG)

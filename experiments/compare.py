@@ -97,23 +97,13 @@ COLUMNS = [  # (header, summary key, format); start -> end columns show both
 ]
 
 
-def t975(df):
-    """The 97.5% quantile of Student's t with df degrees of freedom: the table to 30, then the
-    Cornish-Fisher expansion z + (z^3 + z) / (4 df), within 0.005 of it there."""
-    table = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-             2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-             2.052, 2.048, 2.045, 2.042)
-    z = 1.959964
-    return table[df - 1] if df <= len(table) else z + (z ** 3 + z) / (4 * df)
-
-
 def paired_difference(a, b):
     """a, b: one number per pair for two rows (the same warm-up and RL seed at each index) -> the mean paired
     difference a - b and the half-width of its 95% t interval (nan below two pairs)."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if len(d) < 2:
         return d.mean(), float("nan")
-    return d.mean(), t975(len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return d.mean(), stats.t_quantile(len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
 
 
 def over_warm_ups(a, b, warm_ups):

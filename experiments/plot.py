@@ -3,8 +3,9 @@ One picture of a comparison: per row of compare.py (mean over its runs), the tra
 full-cache and the compressed greedy accuracy, and the sampler/learner mismatch (log scale) over GRPO steps;
 then the frontier a reader decides from: every row and setting of the comparison at its final step,
 full-cache against compressed accuracy, each with its 95% t interval over the runs. Read from the JSONL logs
-of the runs out/compare.json lists. Needs matplotlib, which nothing else does:
-`pip install matplotlib`.
+of the runs out/compare.json lists; the accuracy curves are the runs' evaluations (every eval_interval steps:
+10 in the committed design), the reward is each row's own rollouts' (full mode's from the full cache, dashed).
+Needs matplotlib and scipy, which the core does not: `pip install matplotlib scipy`.
 
     python -m experiments.plot                      # compare.py's runs at the default budget
     python -m experiments.plot --out_dir=out --budget=28 --rows=full,naive,tis,smd --file=out/run.png
@@ -17,13 +18,13 @@ import sys
 from collections import defaultdict
 
 import configurator
-from experiments.compare import t975
+from experiments.stats import t_quantile
 
 # -----------------------------------------------------------------------------
 # config, overridable as --key=value
 out_dir = "out"                             # where compare.py left its logs
 budget = 28                                 # the compare.py budget whose runs to draw
-rows = "full,naive,tis,sparse_rl,smd,mask_only"  # compare.py rows whose curves to draw, in this order
+rows = ""                                   # compare.py rows whose curves to draw, in order ("": all)
 file = "experiments/run.png"                # the picture written (the results page shows this one)
 smooth = 10                                 # moving average over this many steps for the per-step curves
 CONFIG = configurator.knobs(globals())
@@ -67,7 +68,7 @@ def half_width(values):
         return 0.0
     mean = sum(values) / n
     std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-    return t975(n - 1) * std / n ** 0.5
+    return t_quantile(n - 1) * std / n ** 0.5
 
 
 def mean_curve(runs, kind, key):
@@ -102,25 +103,27 @@ def main(argv):
     except ImportError:
         sys.exit("plot.py needs matplotlib, which nothing else here does: pip install matplotlib")
     fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
-    panels = [("train", "reward", "training reward (moving avg)"),
+    panels = [("train", "reward", "training reward on the row's own rollouts (moving avg)"),
               ("eval", "acc_full", "full-cache greedy accuracy"),
               ("eval", "acc_compressed", f"compressed greedy accuracy (budget {cfg['budget']})"),
               ("train", "mismatch_k3", "mismatch KL(sampler || learner), k3")]
     if not os.path.exists(os.path.join(cfg["out_dir"], "compare.json")):
         sys.exit(f"nothing to draw: no {cfg['out_dir']}/compare.json, run compare.py first")
-    drawn = 0
-    for row in cfg["rows"].split(","):
+    drawn = []  # the curves' labels
+    for row in cfg["rows"].split(",") if cfg["rows"] else manifest_rows(cfg["out_dir"], cfg["budget"]):
         runs = load(cfg["out_dir"], row, cfg["budget"])
         if not runs:
             print(f"no logs for row {row!r} at budget {cfg['budget']} in {cfg['out_dir']}: skipped")
             continue
-        drawn += 1
+        drawn.append(f"{row} ({len(runs)} runs)")
         for ax, (kind, key, title) in zip(axes, panels):
             steps, values = mean_curve(runs, kind, key)
             if kind == "train":
                 values = moving_average(values, cfg["smooth"])
-            ax.plot(steps, values, label=f"{row} ({len(runs)} runs)", marker="o" if kind == "eval" else None,
-                    ms=3)
+            # full mode's rollouts use the full cache, the others' the compressed one: a dashed reward line
+            style = "--" if kind == "train" and key == "reward" and row.split("@")[0] == "full" else "-"
+            ax.plot(steps, values, style, label=drawn[-1],
+                    marker="o" if kind == "eval" else None, ms=3)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("GRPO step", fontsize=8)
     if not drawn:
@@ -139,7 +142,7 @@ def main(argv):
     axes[4].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(cfg["file"], dpi=80)
-    print(f"wrote {cfg['file']}")
+    print(f"wrote {cfg['file']}: {', '.join(drawn)}")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,12 @@ def warm_up_means(values, warm_ups):
     return np.array([values[warm_ups == w].mean() for w in dict.fromkeys(warm_ups.tolist())])
 
 
+def t_quantile(df, level=0.95):
+    """The two-sided t quantile: t_interval's half-width is t_quantile(n - 1) * sample std / sqrt(n)."""
+    from scipy import stats
+    return float(stats.t.ppf(0.5 + level / 2, df))
+
+
 def t_interval(observations, level=0.95):
     """Mean, its two-sided t interval at `level` and the p-value of mean = 0, from independent observations
     (scipy's one-sample t test): -> (mean, low, high, p). nan below two observations."""

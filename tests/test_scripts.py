@@ -130,10 +130,11 @@ def test_cli_prints_help_or_one_error_line_and_leaves_errors_past_the_checks_alo
 # ----------------------------------------------------------------------------- every script, as a subprocess
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None  # hf/grpo.py's optional dependency
-MODULES = {"train": "train", "compare": "experiments.compare", "variance": "experiments.variance",
+MODULES = {"train": "train", "warmup": "warmup", "compare": "experiments.compare", "variance": "experiments.variance",
            "bench": "experiments.bench", "plot": "experiments.plot", "hf_grpo": "hf.grpo"}  # name -> module
-SCRIPTS = ["train", "compare", "variance", "bench", "plot"] + (["hf_grpo"] if HAS_TRANSFORMERS else [])
-COMMENT = {"train": "KV slots per layer and head", "compare": "RL seeds 0 .. seeds-1",
+SCRIPTS = ["train", "warmup", "compare", "variance", "bench", "plot"] + (["hf_grpo"] if HAS_TRANSFORMERS else [])
+COMMENT = {"train": "KV slots per layer and head", "warmup": "copy the trained warm-up into bases/",
+           "compare": "RL seeds 0 .. seeds-1",
            "variance": "batches judged per mode", "bench": "total sequence lengths T",
            "plot": "the compare.py budget whose runs to draw", "hf_grpo": "KV slots per layer and KV head"}
 
@@ -163,6 +164,7 @@ def test_help_prints_every_knob_with_its_comment(name):
 # an unknown key, then a bad value: of the wrong type, or one the script's own checks reject; compare.py and
 # variance.py hand --seedz, --lr and --k to train.py's parser, which rejects them
 BAD = {"train": ["--bugdet=8", "--budget=8.5"],
+       "warmup": ["--shp=True", "--budget=0"],
        "compare": ["--seedz=3", "--seeds=x", "--lr=abc", "--warmup_policies=h2o,lru"],
        "variance": ["--k=32", "--K=1", "--n_steps=1"],
        "bench": ["--lenghts=64", "--budgets=8,x"],
@@ -439,19 +441,18 @@ def test_bench_cpu_memory_peak_counts_every_allocation_alive_at_once():
 
 def test_paired_statistics_on_a_hand_computed_case():
     from experiments import compare
-    # differences 0.1, 0.2, 0.1: mean 2/15, sample std 0.057735, t(2) = 4.303 -> half-width 0.143434
+    # differences 0.1, 0.2, 0.1: mean 2/15, sample std 0.057735, t(2) = 4.302653 -> half-width 0.143422
     mean, half = compare.paired_difference([0.5, 0.6, 0.7], [0.4, 0.4, 0.6])
-    assert mean == pytest.approx(2 / 15, abs=1e-12) and half == pytest.approx(0.143434, abs=1e-6)
+    assert mean == pytest.approx(2 / 15, abs=1e-12) and half == pytest.approx(0.143422, abs=1e-6)
     assert compare.verdict(mean, half, 3) == "not resolved at n = 3"       # [-0.010, +0.277] covers 0
     mean, half = compare.paired_difference([0.5, 0.6, 0.7, 0.8], [0.4, 0.4, 0.6, 0.7])
-    assert half == pytest.approx(3.182 * 0.05 / 2, abs=1e-9)               # d = .1 .2 .1 .1: std 0.05, t(3)
+    assert half == pytest.approx(3.182446 * 0.05 / 2, abs=1e-7)            # d = .1 .2 .1 .1: std 0.05, t(3)
     assert compare.verdict(mean, half, 4) == "higher" and compare.verdict(-mean, half, 4) == "lower"
     assert compare.verdict(0.0, 0.0, 4) == "not resolved at n = 4"          # no difference is no verdict
-    assert compare.t975(12) == 2.179 and abs(compare.t975(40) - 2.021) < 0.005
     # over warm-ups: d = .1 .2 on warm-up 0 and .3 .4 on warm-up 1 -> means .15, .35: mean .25, std 0.141421,
-    # t(1) = 12.706 -> half-width 1.2706 (the runs as independent: 4 pairs, half-width 0.2054)
+    # t(1) = 12.706205 -> half-width 1.2706205 (the runs as independent: 4 pairs, half-width 0.2054)
     mean, half = compare.over_warm_ups([0.5, 0.6, 0.7, 0.8], [0.4, 0.4, 0.4, 0.4], [0, 0, 1, 1])
-    assert mean == pytest.approx(0.25, abs=1e-12) and half == pytest.approx(1.2706, abs=1e-9)
+    assert mean == pytest.approx(0.25, abs=1e-12) and half == pytest.approx(1.2706205, abs=1e-7)
 
 
 def test_the_paired_table_pairs_runs_by_warm_up_and_seed(fake_compare, tmp_path, capsys):

@@ -465,6 +465,48 @@ def test_warm_up_key_ignores_rl_settings_and_names_what_shapes_the_weights(tmp_p
     assert len([f for f in os.listdir(tmp_path) if f.startswith("sft_")]) == 2
 
 
+def test_a_shipped_base_is_loaded_only_after_its_sha256_is_checked(tmp_path, monkeypatch, capsys):
+    """warmup.py trains a warm-up and ships it into bases/ (here a folder of the test's); train.py's warm-up
+    then loads that file bit for bit, refuses it once a byte changes, and --base=trained ignores it."""
+    monkeypatch.setattr(warmup, "BASES", str(tmp_path / "bases"))
+    cfg = {k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "sft_steps", "sft_batch_size", "n_train",
+                                "eval_problems")}
+    argv = args(cfg, out_dir=str(tmp_path / "trained"))
+    warmup.main(argv + ["--ship=True"])
+    assert "shipped as" in capsys.readouterr().out
+    shipped = tmp_path / "bases" / os.path.basename(warmup.warmup_path(train.make_config(argv)))
+    sums = (tmp_path / "bases" / "SHA256SUMS").read_text().split()
+    assert sums == [warmup.sha256(shipped), shipped.name]              # `sha256sum -c` reads it too
+    here = train.make_config(args(cfg, out_dir=str(tmp_path / "elsewhere")))
+    model = warmup.build_model(here)
+    assert warmup.warm_up(model, here) == {}                            # loaded, not trained
+    assert "the shipped base" in capsys.readouterr().out
+    saved = torch.load(shipped)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert not os.path.exists(tmp_path / "elsewhere")                   # nothing trained, nothing cached
+    warmup.main(argv)                                                   # trained again: same CPU, same bits
+    assert "bit for bit the shipped" in capsys.readouterr().out
+    damaged = bytearray(shipped.read_bytes())
+    damaged[-100] ^= 1
+    shipped.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="does not match its SHA-256"):
+        warmup.warm_up(warmup.build_model(here), here)
+    trained = dict(here, base="trained")                                # ignores bases/: trains in out/
+    assert "warmup_s" in warmup.warm_up(warmup.build_model(trained), trained)
+
+
+def test_the_shipped_bases_are_the_ones_their_sums_name():
+    """bases/ holds exactly the files bases/SHA256SUMS lists, each with its recorded SHA-256; and each is a
+    warm-up of train.py's default config (its file name is that config's hash for some sft_seed)."""
+    sums = warmup.shipped_sums()
+    files = sorted(f for f in os.listdir(warmup.BASES) if f.endswith(".pt"))
+    assert files and sorted(sums) == files
+    assert all(warmup.sha256(os.path.join(warmup.BASES, f)) == sums[f] for f in files)
+    defaults = {os.path.basename(warmup.warmup_path(dict(train.make_config([]), sft_seed=w))): w
+                for w in range(16)}
+    assert set(files) <= set(defaults)
+
+
 def test_warm_up_key_changes_with_the_robust_recipe_and_only_with_what_shapes_it():
     plain = dict(TINY, sft_mask_frac=0.0)
     robust = dict(TINY, sft_mask_frac=0.5, sft_mask_recipe="policy", policy="rkv", keep_prompt=True)
@@ -651,6 +693,8 @@ def test_plot_draws_the_curves_and_the_frontier_of_a_comparison(tmp_path, monkey
     assert plot.manifest_rows(str(tmp_path), 28) == ["full", "smd", "smd@distill_coef=0.3"]
     compressed, full = plot.final_accuracies(plot.load(str(tmp_path), "smd", 28))
     assert compressed == [0.4] * 3 and full == pytest.approx([0.8, 0.81, 0.82])      # the step-2 evals
-    assert plot.half_width([0.8, 0.81, 0.82]) == pytest.approx(4.303 * 0.01 / 3 ** 0.5)
+    assert plot.half_width([0.8, 0.81, 0.82]) == pytest.approx(4.302653 * 0.01 / 3 ** 0.5)  # t(2)
     plot.main([f"--out_dir={tmp_path}", f"--file={tmp_path / 'run.png'}", "--rows=full,smd"])
     assert (tmp_path / "run.png").stat().st_size > 10_000
+    plot.main([f"--out_dir={tmp_path}", f"--file={tmp_path / 'all.png'}"])  # every row the comparison ran
+    assert "smd@distill_coef=0.3 (3 runs)" in capsys.readouterr().out
