@@ -78,7 +78,7 @@ n_embd = 64                 # width of the residual stream
 block_size = 64             # longest sequence the model can see (prompt + response = 53)
 # phase 1: supervised warm-up on correct worked examples (warmup.py)
 base = "shipped"            # "shipped": bases/'s warm-up, where it holds this config's; "trained": train it here
-sft_steps = 600             # optimizer steps
+sft_steps = 1200            # optimizer steps
 sft_batch_size = 64         # worked examples per step
 sft_lr = 3e-3               # peak learning rate
 sft_warmup = 50             # linear warm-up steps, then cosine decay to 10% of sft_lr
