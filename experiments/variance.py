@@ -45,7 +45,7 @@ Intervals are 95% bootstraps over the K batches, centred on the value (see boots
 batches for every mode that shares them, so mode differences are paired; the reference held fixed.
 tests/test_variance.py checks the formulas on synthetic gradients of known mean and variance.
 
-    python -m experiments.variance                     # ~25-40 min on one CPU core, the two runs included
+    python -m experiments.variance                     # ~20-40 min on one CPU core, warm-up and runs included
     python -m experiments.variance --K=64 --budget=32  # any train.py --key=value: the runs', batches' config
     python -m experiments.variance --help              # these settings; train.py's: python train.py --help
 
@@ -251,7 +251,7 @@ def line(cells):
 
 def rows(point, step, weights, grads, refs, n_boot):
     """The table's rows of one set of weights (one a mode), and the notes below the table: each shared mode
-    minus smd (paired), and the two references' cosine."""
+    minus smd (paired), and the references' own noise/signal and cosine."""
     K = len(next(iter(grads.values())))
     ref_mean = {target: ref.mean(0) for target, ref in refs.items()}
     table = []
@@ -269,9 +269,9 @@ def rows(point, step, weights, grads, refs, n_boot):
                                  - cosine(grads["smd"][i].mean(0), ref_mean["compressed J"]))
         notes.append(f"  {point:5s} {mode:9s} - smd: trace var. {interval(var, K, n_boot)}"
                      + (f", cos compressed J {interval(cos, K, n_boot)}" if "compressed J" in refs else ""))
-    if len(refs) == 2:
-        notes.append(f"  {point:5s} {weights}: cos(compressed J ref, full-cache J ref) = "
-                     f"{cosine(*ref_mean.values()):.3f}")
+    agree = f", their cosine {cosine(*ref_mean.values()):.3f}" if len(refs) == 2 else ""
+    notes.append(f"  {point:5s} {weights:8s} references' noise/signal: "
+                 + ", ".join(f"{target} {noise_to_signal(ref):.3g}" for target, ref in refs.items()) + agree)
     return table, notes
 
 
@@ -328,7 +328,7 @@ def main(argv):
                                own["n_boot"])
             print("\n".join(table), flush=True)
             notes += more
-    print("mode - smd, paired on the shared rollouts [95% bootstrap]; the two references' cosine\n"
+    print("mode - smd, paired on the shared rollouts [95% bootstrap]; the references (n_ref batches each)\n"
           + "\n".join(notes))
     print(f"time: runs {t_train:.0f}s (warm-up included), measurement {time.time() - t0 - t_train:.0f}s")
 

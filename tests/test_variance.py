@@ -141,6 +141,7 @@ def test_variance_runs_full_and_smd_and_measures_them_at_the_start_middle_and_en
         assert (" - - " in cells) == (key[2] == "full run")  # no compressed reference at the full run's
     assert "noise/signal" in out and "trace var." in out and "REINFORCE" in out
     assert out.count("- smd: trace var.") == 9                             # 3 modes at 3 points
+    assert out.count("references' noise/signal") == 5                      # one per set of weights
     mid = torch.load(tmp_path / "variance_smd_step1.pt", weights_only=False)
     end = torch.load(tmp_path / "variance_smd_step2.pt", weights_only=False)
     assert (mid["step"], end["step"]) == (1, 2)
