@@ -558,49 +558,6 @@ def test_warm_up_trains_about_sft_mask_frac_of_its_rows_under_eviction_masks():
     assert 8 <= masked.sum() <= 24
 
 
-def test_variance_formulas_recover_known_noise_and_the_noise_ceiling_on_synthetic_gradients():
-    from experiments import variance
-    # K = 32 draws of mu + noise in n = 20000 dimensions, ||mu|| = 1, total noise variance 40 a draw: v = 40;
-    # the reference: 128 draws with v = 4. By the docstring's formulas the cosine of two unbiased means is
-    # sqrt(1 / (1 + 40 / 32) * 1 / (1 + 4 / 128)) = 0.6565. Sampling spread at this size: ~2% on v, ~0.005 on
-    # the cosines (the asserts leave 4-5 of those)
-    g = torch.Generator().manual_seed(0)
-    n, K, n_ref = 20_000, 32, 128
-    mu = torch.randn(n, generator=g)
-    mu /= mu.norm()
-    draws = mu + torch.randn(K, n, generator=g) * (40 / n) ** 0.5
-    ref = mu + torch.randn(n_ref, n, generator=g) * (4 / n) ** 0.5
-    assert variance.relative_variance(draws) == pytest.approx(40, rel=0.1)
-    raw = ((draws - draws.mean(0)) ** 2).sum().item() / (K - 1) / (draws.mean(0) ** 2).sum().item()
-    assert raw < 20                                      # around the noisy mean: 40 / (1 + 40 / 32) = 17.8
-    want = (1 / (1 + 40 / K) / (1 + 4 / n_ref)) ** 0.5
-    assert variance.cosine(draws.mean(0), ref.mean(0)) == pytest.approx(want, abs=0.02)
-    assert variance.ceiling(draws, ref) == pytest.approx(want, abs=0.02)
-    # the bootstrap interval covers it; plain percentiles would not: a resample repeats draws, its mean is
-    # noisier, and its cosines sit near sqrt(1 / (1 + 2 * 40 / 32)) * 0.98 = 0.52
-    low, high = variance.bootstrap(lambda i: variance.cosine(draws[i].mean(0), ref.mean(0)), K, 200)
-    assert low < want < high and high - low < 0.2
-    # a biased estimator (its mean turned 45 degrees away) falls below the ceiling by more than noise
-    away = torch.randn(n, generator=g)
-    away = away - (away @ mu) * mu
-    biased = draws - mu + (mu + away / away.norm()) / 2 ** 0.5
-    assert variance.cosine(biased.mean(0), ref.mean(0)) < variance.ceiling(biased, ref) - 0.15
-
-
-@pytest.mark.parametrize("mode", train.MODES)
-def test_variance_estimates_are_the_training_policy_gradient(mode, monkeypatch):
-    from experiments import variance
-    # one batch: the estimator's gradient is the gradient grpo_step's first update applies (clip off)
-    got, ro, _ = step_gradient(monkeypatch, mode, distill_coef=0.0)
-    model = tiny_model(0)
-    cfg = dict(TINY, mode=mode)
-    problems, _, _ = make_splits(0, 2, 0, 0)
-    ro, _, adv = train.sample_batch(model, problems, cfg, torch.Generator().manual_seed(0))  # its batch
-    flat = variance.gradient_on(model, cfg, ro, adv)
-    want = torch.cat([got[n].flatten() for n, _ in model.named_parameters()])
-    assert (flat - want).abs().max().item() <= 1e-5 * want.abs().max().item()
-
-
 def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, capsys):
     import sys
     from experiments import plot
