@@ -6,5 +6,5 @@ hooks' attention. grpo.py runs a few SMD GRPO steps on one (`python -m hf.grpo`)
 onto TRL, verl and slime. Nothing in the core (model.py, smd.py, train.py, ...) imports this folder.
 """
 
-from hf.hooks import EAGER, SDPA, check_model, from_config, group_mean, learner_logits, learner_logprobs, record, \
-    rollout
+from hf.hooks import EAGER, SDPA, check_model, from_config, group_mean, learner_logits, learner_logprobs, \
+    record, rollout

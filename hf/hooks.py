@@ -73,8 +73,8 @@ def sample_over_slots(module, query, key, value, scaling, cache):
 
 
 def padding_free(attention_mask):
-    """HF's 4D mask as an attention function gets it (None, bool with True = attend, or float with 0 = attend),
-    (B, 1, T, S): True when it is plain causal, i.e. it masks no padding."""
+    """HF's 4D mask (B, 1, T, S) as an attention function gets it (None, bool with True = attend, or float
+    with 0 = attend): True when it is plain causal, i.e. it masks no padding."""
     if attention_mask is None:
         return True
     T, S = attention_mask.shape[-2:]
@@ -104,8 +104,8 @@ def smd_attention(base, module, query, key, value, attention_mask, scaling=None,
     # the shadow mask replaces HF's causal mask: it is a subset of it (no query sees a later position), and
     # our layout has no left padding (each row's prompt starts at position 0); a padding mask would be dropped
     if not padding_free(attention_mask):
-        raise ValueError("smd_mask with a padding attention_mask: lay rows out as smd.py does (prompt from "
-                         "position 0, padding on the right) and pass no attention_mask (hf/trl_smd.py does this)")
+        raise ValueError("smd_mask with a padding attention_mask: lay rows out as smd.py does (prompt "
+                         "from position 0, padding on the right), no attention_mask (as trl_smd.py does)")
     visible = per_query_head(smd_mask[module.layer_idx], query.shape[1])  # (B, nh, T, T) bool
     bias = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
     bias = bias.masked_fill(~visible, float("-inf"))                   # <- the shadow mask enters here
@@ -145,8 +145,9 @@ def from_config(config, attention="sdpa", dtype=torch.float32):
     try:
         model = AutoModelForCausalLM.from_config(config, attn_implementation=name)
     except (KeyError, ValueError) as e:  # Falcon: a bare KeyError; Bloom, MPT: "does not support ... sdpa"
+        first_line = str(e).splitlines()[0][:80]
         raise ValueError(f"transformers cannot build {config.model_type!r} with a registered attention "
-                         f"function ({type(e).__name__}: {str(e).splitlines()[0][:80]}): hf cannot hook it") from e
+                         f"function ({type(e).__name__}: {first_line}): hf cannot hook it") from e
     check_model(model)
     return model.to(dtype)
 
@@ -160,7 +161,7 @@ def unwrap(model):
 
 def check_model(model):
     """Refuse, up front, a model the hooks would not reach: loaded with another attention, or a family whose
-    attention does not call AttentionInterface (transformers marks those _supports_attention_backend=False)."""
+    attention does not call AttentionInterface (transformers marks it _supports_attention_backend=False)."""
     model = unwrap(model)
     impl = model.config._attn_implementation
     if impl not in (SDPA, EAGER):
@@ -172,8 +173,8 @@ def check_model(model):
 
 
 def check_reached(model, reached, what):
-    """After one hooked forward: the hook ran exactly once in every layer, or the model is refused (its decoder
-    layers do not pass attention keyword arguments on, and the cache or mask would be silently ignored)."""
+    """After one hooked forward: the hook ran exactly once in every layer, or the model is refused (its
+    decoder layers do not pass attention keyword arguments on: the cache or mask would be ignored)."""
     model = unwrap(model)
     L = model.config.num_hidden_layers
     if sorted(reached) != list(range(L)):
@@ -209,7 +210,8 @@ class Sampler(nn.Module):
         check_reached(self.model, reached, "sampling")
         last = cache.next_pos + T - 1                                      # every layer holds it now
         if not (cache.held == last).flatten(1).any(1).all():
-            raise ValueError(f"{type(self.model).__name__}: the evicting cache was not written in every layer")
+            raise ValueError(f"{type(self.model).__name__}: the evicting cache was not written in every "
+                             f"layer")
         cache.advance(T)
         return logits, None
 
@@ -225,7 +227,9 @@ def check_not_left_padded(model, tokens):
     """A (B, T) tensor whose first column holds the pad token looks left-padded, and every token of a tensor
     counts as prompt: refuse it rather than sample from padding."""
     pad_id = model.config.pad_token_id
-    if torch.is_tensor(tokens) and tokens.dim() == 2 and pad_id is not None and (tokens[:, 0] == pad_id).any():
+    if pad_id is None or not torch.is_tensor(tokens) or tokens.dim() != 2:
+        return  # nothing to tell padding by, or not a tensor (lists carry their own lengths)
+    if (tokens[:, 0] == pad_id).any():
         raise ValueError(f"a row starts with pad_token_id {pad_id}: left padding would count as prompt; "
                          f"pass the prompts as a list of token lists (each its own length)")
 

@@ -1,6 +1,6 @@
 """
-hf/hooks.py's claims as executable checks, on tiny random-init Hugging Face models built from configs (nothing is
-downloaded): the HF sampler is our sampler (GPT-2 with model.py's weights gives smd.rollout's tokens, write
+hf/hooks.py's claims as executable checks, on tiny random-init Hugging Face models built from configs (nothing
+is downloaded): the HF sampler is our sampler (GPT-2 with model.py's weights gives smd.rollout's tokens, write
 log and log-probs); on GPT-2, a Llama config (RoPE, GQA, RMSNorm) and a Qwen3 config (RoPE, one KV head,
 q/k norms) the masked HF learner reproduces the HF sampler, the unmasked pass is the model's own forward bit
 for bit, and a hidden token cannot reach a query; under GQA a KV head's policy statistic is its query heads'

@@ -154,7 +154,7 @@ def test_naive_mode_is_trls_stock_learner_on_the_compressed_rollouts(warmed, bat
     (dict(min_p=0.1), "min_p must be None"),
     (dict(repetition_penalty=1.1), "repetition_penalty must be 1.0"),
     (dict(generation_kwargs={"do_sample": False}), "generation_kwargs must be None"),
-    (dict(use_liger_kernel=True), "use_liger_kernel is not supported"),
+    (dict(use_liger_kernel=True), "use_liger_kernel is unsupported"),
     (dict(use_transformers_continuous_batching=True), "not paged generation"),
     (dict(smd_mode="tis"), "smd_mode must be one of"),
     (dict(policy="full"), "policy 'full' evicts nothing"),

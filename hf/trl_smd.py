@@ -1,9 +1,9 @@
 """
-Shadow Mask Distillation inside TRL's GRPOTrainer (optional: pip install trl==1.16.0 accelerate==1.15.0), on any
-Hugging Face causal LM that hf/hooks.py can hook. SMDGRPOTrainer is a GRPOTrainer with four methods replaced and
-nothing in TRL patched; SMDConfig is TRL's GRPOConfig with SMD's knobs added (policy, budget, keep_prompt,
-smd_mode, distill_coef). With smd_mode="smd":
-  sampler   _generate_single_turn samples with hf.rollout (the evicting, recording cache) instead of generate();
+Shadow Mask Distillation inside TRL's GRPOTrainer (optional: pip install trl==1.16.0 accelerate==1.15.0), on
+any Hugging Face causal LM that hf/hooks.py can hook. SMDGRPOTrainer is a GRPOTrainer with four methods
+replaced and nothing in TRL patched; SMDConfig is TRL's GRPOConfig with SMD's knobs added (policy, budget,
+keep_prompt, smd_mode, distill_coef). With smd_mode="smd":
+  sampler   _generate_single_turn samples with hf.rollout (the evicting, recording cache), not generate();
   carry     _generate_and_score_completions puts each row's write log and lengths into TRL's batch dict, so
             TRL's shuffle, split into steps and gradient accumulation carry them with their rows, and makes
             the sampler's log-probs the old policy (TRL's own old-policy pass would be the unmasked one);
@@ -21,7 +21,7 @@ KL wants a chunked loop.
 Not here: vLLM or paged generation, tools, images, a reference-model KL (beta), sampling filters (top-p, ...):
 each is refused in one line. `python -m hf.trl_smd` trains a tiny random-init Llama on the arithmetic task:
 
-    python -m hf.trl_smd                               # smd, rkv@28, prompt kept, float32; ~20 s on a CPU
+    python -m hf.trl_smd                               # smd, rkv@28, prompt kept, float32; ~25 s on a CPU
     python -m hf.trl_smd --smd_mode=naive              # TRL's stock learner on the same compressed rollouts
     python -m hf.trl_smd --bf16=True                   # TRL's default precision: bf16 autocast
     python -m hf.trl_smd --gradient_accumulation_steps=2 --num_iterations=2
@@ -114,10 +114,10 @@ class SMDConfig(GRPOConfig):
                 raise ValueError(message)
 
 
-REFUSED = [  # (SMDConfig field, the values SMD supports, why): what hf.rollout cannot do or SMD's learner skips
+REFUSED = [  # (field, the values SMD supports, why): what hf.rollout cannot do, or SMD's learner would skip
     ("use_vllm", (False,), "SMD samples with hf.rollout's evicting cache, not vLLM: set use_vllm=False"),
     ("use_transformers_continuous_batching", (False,), "SMD samples with hf.rollout, not paged generation"),
-    ("use_liger_kernel", (False,), "SMD's learner computes its own logits: use_liger_kernel is not supported"),
+    ("use_liger_kernel", (False,), "SMD's learner computes its own logits: use_liger_kernel is unsupported"),
     ("beta", (0.0,), "a reference-model KL (beta != 0) is not wired to the masked pass: set beta=0.0"),
     ("top_p", (1.0,), "hf.rollout samples by temperature only: top_p must be 1.0"),
     ("top_k", (0, None), "hf.rollout samples by temperature only: top_k must be 0"),
@@ -145,8 +145,8 @@ def to_smd_layout(prompt_part, completion_part, prompt_lengths, completion_lengt
 
 
 def to_completion(values, prompt_lengths, C):
-    """smd-layout per-token values (B, T) -> TRL's completion layout (B, C): completion token j of row b is at
-    position P_b + j (past a row's end, the last position: masked out by completion_mask)."""
+    """smd-layout per-token values (B, T) -> TRL's completion layout (B, C): completion token j of row b is
+    at position P_b + j (past a row's end, the last position: masked out by completion_mask)."""
     at = prompt_lengths[:, None] + torch.arange(C, device=values.device)  # (B, C)
     return values.gather(1, at.clamp(max=values.shape[1] - 1))
 
@@ -173,23 +173,26 @@ class SMDGRPOTrainer(GRPOTrainer):
         if self._is_vlm or self.aux_loss_enabled:
             raise ValueError("SMD's learner is text-only and computes no MoE aux loss")
         self.generator = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
-        self.rollout = None  # the last generation: write log (L, B, n_kv, T), lengths, log-probs, KV fraction
+        self.rollout = None  # the last generation: write log (L, B, n_kv, T), lengths, log-probs, KV share
         self.batch = None    # the micro-batch _compute_loss is scoring, while it does
         self.logits = None   # its masked pass (B, T, vocab), from the learner's log-probs to the KL
         self.history = []
 
     # ------------------------------------------------------------------------- sampler
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
+                              has_tool_images=False):
         if images is not None or multimodal_fields:
             raise ValueError("SMD's sampler is text-only: no images")
         a = self.args
-        with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                          gather_deepspeed3_params=a.ds3_gather_for_generation,
-                                          gradient_checkpointing_kwargs=a.gradient_checkpointing_kwargs) as model,
-              torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False)):
+        unwrapped = unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                                gather_deepspeed3_params=a.ds3_gather_for_generation,
+                                                gradient_checkpointing_kwargs=a.gradient_checkpointing_kwargs)
+        full_params = self._dist.summon_full_params(self.model_wrapped, recurse=False)  # FSDP; else a no-op
+        with unwrapped as model, torch.no_grad(), full_params:
             ro = hf.rollout(model, [list(p) for p in prompt_ids], policy=a.policy, budget=a.budget,
                             max_new_tokens=self.max_completion_length, temperature=self.temperature,
-                            eos_id=self.eos_token_ids[0], generator=self.generator, keep_prompt=a.keep_prompt)
+                            eos_id=self.eos_token_ids[0], generator=self.generator,
+                            keep_prompt=a.keep_prompt)
         response = ro.response_mask.cpu()                                  # (B, T)
         completion_ids = [row[m].tolist() for row, m in zip(ro.tokens.cpu(), response)]
         logprobs = [row[m].tolist() for row, m in zip(ro.logprobs.float().cpu(), response)]
@@ -201,14 +204,15 @@ class SMDGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
         ro, device = self.rollout, out["prompt_ids"].device
-        prompt_lengths = torch.tensor(ro["prompt_lengths"], device=device)          # (B,)
-        completion_lengths = torch.tensor(ro["completion_lengths"], device=device)  # (B,)
+        prompt_lengths = torch.tensor(ro["prompt_lengths"], device=device)   # (B,)
+        completion_lengths = torch.tensor(ro["completion_lengths"], device=device)
         # the write log rides in the batch dict batch-first, padded to TRL's width P + C with -1 (never read:
         # no row is longer than the rollout), so TRL's shuffle and splits carry each row's log with its row
         slot_of = ro["slot_of"].to(device)                                 # (L, B, n_kv, T_rollout)
         width = out["prompt_ids"].shape[1] + out["completion_ids"].shape[1]
         log = F.pad(slot_of, (0, width - slot_of.shape[-1]), value=-1).transpose(0, 1)  # (B, L, n_kv, P + C)
-        out.update(smd_write_log=log, smd_prompt_lengths=prompt_lengths, smd_completion_lengths=completion_lengths)
+        out.update(smd_write_log=log, smd_prompt_lengths=prompt_lengths,
+                   smd_completion_lengths=completion_lengths)
         if self.args.smd_mode == "smd":  # pi_old is the sampler, which the masked learner is (to rounding)
             out["old_per_token_logps"] = out["sampling_per_token_logps"]
         mode = "train" if self.model.training else "eval"
@@ -219,40 +223,43 @@ class SMDGRPOTrainer(GRPOTrainer):
     def rows(self, inputs):
         """The micro-batch in smd's layout: tokens (B, T), TRL's loss mask on them (B, T) bool."""
         lengths = inputs["smd_prompt_lengths"], inputs["smd_completion_lengths"]
-        tokens = to_smd_layout(inputs["prompt_ids"], inputs["completion_ids"], *lengths, self._tokenizer.pad_token_id)
+        pad_id = self._tokenizer.pad_token_id
+        tokens = to_smd_layout(inputs["prompt_ids"], inputs["completion_ids"], *lengths, pad_id)
         loss_mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)  # (B, C)
         loss_mask = to_smd_layout(torch.zeros_like(inputs["prompt_mask"]), loss_mask, *lengths, 0).bool()
         return tokens, loss_mask
 
     def learner_pass(self, model, inputs, tokens, masked):
-        """(B, T, vocab) float32 logits of the micro-batch in smd's layout, under its shadow mask or unmasked."""
+        """(B, T, vocab) float32 logits of the micro-batch in smd's layout, under its shadow mask or not."""
         shadow_mask = None
         if masked:
-            slot_of = inputs["smd_write_log"][..., :tokens.shape[1]].transpose(0, 1).contiguous()  # (L, B, n_kv, T)
+            slot_of = inputs["smd_write_log"][..., :tokens.shape[1]].transpose(0, 1)  # (L, B, n_kv, T)
             if (slot_of < 0).any():
                 raise RuntimeError("a row's write log is shorter than its tokens: the batch lost its rollout")
-            shadow_mask = smd.ShadowMask(slot_of, self.args.budget)
+            shadow_mask = smd.ShadowMask(slot_of.contiguous(), self.args.budget)
         with self.accelerator.autocast():
             return hf.learner_logits(model, tokens, shadow_mask).float()
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                           batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                           **multimodal):
         if self.args.smd_mode == "naive":  # TRL's stock learner, untouched
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal)
         if self.batch is None:
-            # TRL's own old-policy pass (num_iterations > 1, some accumulation settings) would be unmasked, another
-            # policy than the sampler: the old policy is the sampler, whose log-probs are known
+            # TRL's own old-policy pass (num_iterations > 1, some accumulation settings) would be unmasked:
+            # another policy than the sampler. The old policy is the sampler, whose log-probs are known
             logps = [torch.tensor(lp) for lp in self.rollout["logprobs"]]
-            old = pad(logps, padding_value=0.0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+            old = pad(logps, padding_value=0.0, padding_side="right",
+                      pad_to_multiple_of=self.pad_to_multiple_of)
             return old.to(input_ids.device), None, None
         tokens, _ = self.rows(self.batch)
         self.logits = self.learner_pass(model, self.batch, tokens, masked=True)  # (B, T, vocab): pi_masked
         lengths, C = self.batch["smd_prompt_lengths"], logits_to_keep
         per_token_logps = to_completion(smd.token_logprobs(self.logits, tokens, self.temperature), lengths, C)
         entropies = None
-        if compute_entropy:  # of the distribution each token was drawn from: position t's comes from logits t-1
+        if compute_entropy:  # of the distribution each token was drawn from: token t's, from logits t-1
             logp = F.log_softmax(self.logits[:, :-1] / self.temperature, dim=-1)  # (B, T-1, vocab)
             entropies = to_completion(F.pad(-(logp.exp() * logp).sum(-1), (1, 0)), lengths, C)
         return per_token_logps, entropies, None
@@ -261,7 +268,7 @@ class SMDGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         self.batch = inputs
         try:
-            loss = super()._compute_loss(model, inputs)                    # TRL's loss: GRPO(pi_masked) in smd
+            loss = super()._compute_loss(model, inputs)                    # TRL's: GRPO(pi_masked) in smd
         finally:
             self.batch = None
         tokens, loss_mask = self.rows(inputs)                              # (B, T) each
@@ -282,19 +289,22 @@ class SMDGRPOTrainer(GRPOTrainer):
 
     def log_gaps(self, mode, inputs, tokens, loss_mask, masked, unmasked, kl):
         """Sampler/learner gaps over completion tokens, masked and unmasked: max |log pi_learner - log
-        pi_sampler| (gathered: the max over processes) and k3 = mean(e^r - 1 - r) (mean), and the KL (mean)."""
+        pi_sampler| (over processes: the max) and k3 = mean(e^r - 1 - r) (the mean), and the KL (the mean).
+        NaN for a micro-batch with no token in the loss (mask_truncated_completions can empty one)."""
         lengths = inputs["smd_prompt_lengths"], inputs["smd_completion_lengths"]
         sampler = to_smd_layout(torch.zeros_like(inputs["prompt_mask"], dtype=torch.float32),
                                 inputs["sampling_per_token_logps"], *lengths, 0.0)  # (B, T)
         record = dict(distill_kl=kl.item())
         for name, logits in (("masked", masked), ("unmasked", unmasked)):
-            gap, k3 = mismatch(smd.token_logprobs(logits, tokens, self.temperature), sampler, loss_mask)
+            lp = smd.token_logprobs(logits, tokens, self.temperature)      # (B, T)
+            gap, k3 = mismatch(lp, sampler, loss_mask) if loss_mask.any() else (float("nan"),) * 2
             record.update({f"{name}_max": gap, f"{name}_k3": k3})
         self.history.append(record)
         gathered = self.accelerator.gather(torch.tensor(list(record.values()), device=kl.device)[None])
         for (key, value), column in zip(record.items(), gathered.T):
             name = f"smd/{key.replace('_max', '_logp_difference/max')}"
-            self._metrics[mode][name].append((column.max() if key.endswith("_max") else column.mean()).item())
+            value = column.max() if key.endswith("_max") else column.mean()
+            self._metrics[mode][name].append(value.item())
 
 # -----------------------------------------------------------------------------
 # the command: a few SMD GRPO steps in TRL on the arithmetic task, a tiny random-init Llama
@@ -307,7 +317,8 @@ def arithmetic_tokenizer():
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=EOS))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS, padding_side="left")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS,
+                                   padding_side="left")
 
 
 def arithmetic_dataset(cfg, n=400):
@@ -322,19 +333,27 @@ def arithmetic_dataset(cfg, n=400):
 
 def arithmetic_reward(completion_ids, operands, n_digits, **kwargs):
     """data.arithmetic's partial credit of each completion (decode stops at EOS)."""
-    return [partial_reward(Problem(tuple(o), d), decode(ids)) for ids, o, d in zip(completion_ids, operands, n_digits)]
+    return [partial_reward(Problem(tuple(o), d), decode(ids))
+            for ids, o, d in zip(completion_ids, operands, n_digits)]
+
+
+COLUMNS = [  # (label, TRL's log key, format) of the line printed a step; reward and KV come with a generation
+    ("reward", "reward", "5.3f"), ("gap masked", "smd/masked_logp_difference/max", "7.1e"),
+    ("unmasked", "smd/unmasked_logp_difference/max", "7.1e"), ("k3", "smd/unmasked_k3", "7.1e"),
+    ("KL", "smd/distill_kl", "8.2e"), ("KV", "smd/kv_fraction", "4.0%"),
+    ("clip", "clip_ratio/region_mean", "5.3f"), ("grad", "grad_norm", "5.2f"),
+    ("s/step", "step_time", "5.2f")]
 
 
 class PrintSteps(TrainerCallback):
-    """One aligned line per optimizer step from TRL's logs (its names, and SMD's under smd/)."""
+    """One aligned line per optimizer step from TRL's logs (its names, and SMD's under smd/); "-" where a step
+    logged no such value (reward and KV on a step that reused an earlier generation)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs and "reward" in logs:
-            print(f"step {state.global_step:3d} | reward {logs['reward']:.3f} | gap masked "
-                  f"{logs['smd/masked_logp_difference/max']:.1e} unmasked {logs['smd/unmasked_logp_difference/max']:.1e}"
-                  f" (k3 {logs['smd/unmasked_k3']:.1e}) | KL {logs['smd/distill_kl']:.2e} | KV "
-                  f"{logs['smd/kv_fraction']:.0%} | clip {logs['clip_ratio/region_mean']:.3f} | grad "
-                  f"{logs['grad_norm']:.2f} | {logs['step_time']:.2f} s", flush=True)
+        if state.is_world_process_zero and logs and "loss" in logs:
+            cells = [f"{label} {format(logs[key], spec) if key in logs else '-':>{len(format(0.5, spec))}}"
+                     for label, key, spec in COLUMNS]
+            print(f"step {state.global_step:3d} | " + " | ".join(cells), flush=True)
 
 
 def make_config(argv):
@@ -345,15 +364,15 @@ def make_config(argv):
         if cfg[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
     if cfg["smd_mode"] not in MODES or cfg["attention"] not in ("sdpa", "eager"):
-        raise ValueError(f"need smd_mode in {MODES} and attention 'sdpa' or 'eager', got {cfg['smd_mode']!r}, "
-                         f"{cfg['attention']!r}")
+        raise ValueError(f"need smd_mode in {MODES} and attention 'sdpa' or 'eager', got "
+                         f"{cfg['smd_mode']!r}, {cfg['attention']!r}")
     if cfg["group_size"] < 2 or cfg["lr"] < 0 or not cfg["temperature"] > 0 or cfg["warmup_steps"] < 0:
         raise ValueError("need group_size >= 2, lr >= 0, temperature > 0 and warmup_steps >= 0")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if (cfg["prompts_per_step"] * cfg["group_size"]) % (world * cfg["gradient_accumulation_steps"]):
         raise ValueError(f"prompts_per_step * group_size = {cfg['prompts_per_step'] * cfg['group_size']} "
-                         f"completions must split over {world} processes x {cfg['gradient_accumulation_steps']} "
-                         f"micro-batches")
+                         f"completions must split over {world} processes x "
+                         f"{cfg['gradient_accumulation_steps']} micro-batches")
     if cfg["policy"] == "full":
         raise ValueError("policy 'full' evicts nothing: there would be no mask to inject")
     P, R = max_lengths()
@@ -365,15 +384,15 @@ def trl_config(cfg, output_dir):
     """The command's knobs as TRL's config: SMDConfig = GRPOConfig + SMD's five."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     per_device = cfg["prompts_per_step"] * cfg["group_size"] // (world * cfg["gradient_accumulation_steps"])
+    smd_knobs = {k: cfg[k] for k in ("policy", "budget", "keep_prompt", "smd_mode", "distill_coef")}
     return SMDConfig(
         output_dir=output_dir, max_steps=cfg["n_steps"], per_device_train_batch_size=per_device,
         gradient_accumulation_steps=cfg["gradient_accumulation_steps"], num_iterations=cfg["num_iterations"],
-        num_generations=cfg["group_size"], max_completion_length=max_lengths()[1], temperature=cfg["temperature"],
-        learning_rate=cfg["lr"], lr_scheduler_type="constant", epsilon=cfg["clip_eps"], bf16=cfg["bf16"],
-        gradient_checkpointing=cfg["gradient_checkpointing"], seed=cfg["seed"], logging_steps=1, report_to="none",
-        save_strategy="no", use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-        policy=cfg["policy"], budget=cfg["budget"], keep_prompt=cfg["keep_prompt"], smd_mode=cfg["smd_mode"],
-        distill_coef=cfg["distill_coef"])
+        num_generations=cfg["group_size"], max_completion_length=max_lengths()[1],
+        temperature=cfg["temperature"], learning_rate=cfg["lr"], lr_scheduler_type="constant",
+        epsilon=cfg["clip_eps"], bf16=cfg["bf16"], gradient_checkpointing=cfg["gradient_checkpointing"],
+        seed=cfg["seed"], logging_steps=1, report_to="none", save_strategy="no",
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, **smd_knobs)
 
 
 def warmed_up_model(cfg):
@@ -392,11 +411,11 @@ def warmed_up_model(cfg):
 
 
 def train(model, dataset, cfg):
-    """cfg's GRPO steps in TRL on the model -> the trainer (its state.log_history and history hold the logs)."""
+    """cfg's GRPO steps in TRL on the model -> the trainer (state.log_history and history hold the logs)."""
     with tempfile.TemporaryDirectory(prefix="trl_smd-") as output_dir:
         trainer = SMDGRPOTrainer(model, arithmetic_reward, trl_config(cfg, output_dir), train_dataset=dataset,
                                  processing_class=arithmetic_tokenizer(), callbacks=[PrintSteps()])
-        trainer.remove_callback(PrinterCallback)  # TRL's log dict per step: PrintSteps prints one line instead
+        trainer.remove_callback(PrinterCallback)  # TRL's log dict a step: PrintSteps prints one line instead
         trainer.train()
     return trainer
 
@@ -405,7 +424,8 @@ def main(argv):
     cfg = make_config(argv)
     torch.set_num_threads(cfg["cpu_threads"])
     # TRL 1.16 still calls transformers' gradient_checkpointing* names, which 5.x deprecates: a warning a call
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated",
+                            category=FutureWarning)
     model, dataset = warmed_up_model(cfg)
     t0 = time.time()
     trainer = train(model, dataset, cfg)
