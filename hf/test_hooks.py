@@ -260,6 +260,21 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="does not support attention with sliding_window"):
         hf.rollout(hf.from_config(sliding), prompts, policy="h2o", budget=8, max_new_tokens=4)
 
+@pytest.mark.parametrize("policy", COMPRESSED)
+def test_under_bf16_autocast_the_sampler_runs_and_the_masked_learner_follows_it_to_bf16_rounding(policy):
+    """Under autocast a Llama's values are bf16 and its RoPE'd keys float32: smd.KVCache.update stores both in
+    the cache's one dtype (before: "scatter(): Expected self.dtype to be equal to src.dtype"). Measured: masked
+    gap 0.016 (bf16's spacing at these log-probs: the sampler's matmuls have other shapes), unmasked 0.5-1.0."""
+    model = make_model("llama")
+    keep_prompt = policy in ("snapkv", "rkv")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = sample(hf.rollout, model, policy, keep_prompt)
+        lp = hf.learner_logprobs(model, r.tokens, r.shadow_mask).float()
+        unmasked = hf.learner_logprobs(model, r.tokens).float()
+    check_not_vacuous(r)
+    masked_gap = max_diff(lp, r.logprobs, r.response_mask)
+    assert masked_gap <= 0.1 and max_diff(unmasked, r.logprobs, r.response_mask) > 0.3
+
 # ----------------------------------------------------------------------------- more families, and refusals
 
 SMALL = dict(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
