@@ -226,7 +226,7 @@ def grouped_policy(policy, group, policy_kwargs):
 def check_not_left_padded(model, tokens):
     """A (B, T) tensor whose first column holds the pad token looks left-padded, and every token of a tensor
     counts as prompt: refuse it rather than sample from padding."""
-    pad_id = model.config.pad_token_id
+    pad_id = getattr(unwrap(model).config, "pad_token_id", None)  # some configs (CodeGen) have none
     if pad_id is None or not torch.is_tensor(tokens) or tokens.dim() != 2:
         return  # nothing to tell padding by, or not a tensor (lists carry their own lengths)
     if (tokens[:, 0] == pad_id).any():

@@ -4,10 +4,11 @@ is downloaded): the HF sampler is our sampler (GPT-2 with model.py's weights giv
 log and log-probs); on GPT-2, a Llama config (RoPE, GQA, RMSNorm) and a Qwen3 config (RoPE, one KV head,
 q/k norms) the masked HF learner reproduces the HF sampler, the unmasked pass is the model's own forward bit
 for bit, and a hidden token cannot reach a query; under GQA a KV head's policy statistic is its query heads'
-mean. More families (Qwen2, Gemma, Phi-3, OLMo-2, GPT-NeoX, OPT, Mistral without its sliding window) hold the
-masked learner to the sampler; those the hooks cannot reach (StableLM, Falcon, Bloom, a layer that drops the
-kwargs) are refused in one line, as are a shadow mask of the wrong shape and padding under the mask. Skipped,
-with the install line, where transformers is not installed.
+mean. More families (Qwen2, Gemma, Phi-3, OLMo-2, GPT-NeoX, OPT, CodeGen, Mistral without its sliding window)
+hold the masked learner to the sampler; those the hooks cannot reach (StableLM, Falcon, Bloom, a layer that
+drops the kwargs) are refused in one line, as are a shadow mask of the wrong shape and padding under the mask.
+Under bf16 autocast the sampler runs and the learner follows it to bf16 rounding. Skipped, with the install
+line, where transformers is not installed.
 """
 
 import re
@@ -287,6 +288,9 @@ MORE_FAMILIES = {  # transformers 5.24.0; each through AttentionInterface, each 
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**SMALL, hidden_act="gelu"),
     "opt": lambda: transformers.OPTConfig(**SMALL, ffn_dim=64, word_embed_proj_dim=32, dropout=0.0),
     "mistral": lambda: transformers.MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=None),
+    "codegen": lambda: transformers.CodeGenConfig(vocab_size=16, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                                  n_positions=64, n_ctx=64, bos_token_id=0, eos_token_id=EOS,
+                                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),  # no pad id
 }
 
 
