@@ -180,9 +180,14 @@ def test_the_trainer_refuses_what_it_cannot_hook(warmed, tmp_path):
     plain = hf.hooks.AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation="sdpa")
     with pytest.raises(ValueError, match="load it with attn_implementation=hf.SDPA"):
         trl_smd.SMDGRPOTrainer(plain, reward, args, **common)
-    for name, value in (("rollout_func", lambda prompts, trainer: {}), ("tools", [len])):
+    for name, value in (("rollout_func", lambda prompts, trainer: {}), ("tools", [len]),
+                        ("environment_factory", object), ("peft_config", object())):
         with pytest.raises(ValueError, match=f"does not support {name}"):
             trl_smd.SMDGRPOTrainer(model, reward, args, **common, **{name: value})
+    two_eos = copy.deepcopy(model)
+    two_eos.generation_config.eos_token_id = [trl_smd.EOS_ID, 13]
+    with pytest.raises(ValueError, match=r"hf.rollout stops at one eos id, the model declares \[14, 13\]"):
+        trl_smd.SMDGRPOTrainer(two_eos, reward, args, **common)
 
 # ----------------------------------------------------------------------------- the command
 
