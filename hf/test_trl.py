@@ -203,9 +203,16 @@ def test_every_command_in_the_docstring_passes_its_checks(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(ValueError, match="keep_prompt needs a budget"):
         trl_smd.make_config(["--budget=16"])
-    with pytest.raises(SystemExit):
-        trl_smd.configurator.cli(trl_smd.main, trl_smd.CONFIG, trl_smd.__file__, argv=["--help"])
-    assert "python -m hf.trl_smd [--key=value ...]" in capsys.readouterr().out
+    cli = lambda argv: trl_smd.configurator.cli(trl_smd.main, trl_smd.CONFIG, trl_smd.__file__,
+                                                 check=trl_smd.make_config, argv=argv)
+    with pytest.raises(SystemExit) as exit_:
+        cli(["--help"])
+    assert exit_.value.code == 0 and "python -m hf.trl_smd [--key=value ...]" in capsys.readouterr().out
+    for bad, message in (["--budgt=8"], "did you mean --budget?"), (["--smd_mode=tis"], "need smd_mode in"):
+        with pytest.raises(SystemExit) as exit_:
+            cli(bad)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and err.count("\n") == 1
 
 
 def test_the_command_prints_one_aligned_line_a_step(warmed, capsys):

@@ -12,6 +12,8 @@ keep_prompt, smd_mode, distill_coef). With smd_mode="smd":
   loss      _compute_loss is TRL's own GRPO loss on pi_masked, plus distill_coef * KL(pi_unmasked ||
             sg(pi_masked)), and logs the sampler/learner gaps, the KV fraction and the KL as smd/* metrics.
 smd_mode="naive" samples the same way and leaves TRL's stock learner and loss alone: the side-by-side.
+The masked gap is float rounding where pi_old is the policy; on a step that reuses a generation
+(num_iterations > 1) it is the policy's real move away from the sampler, |log ratio|.
 Layout: TRL left-pads prompts (and numbers positions over the padded row); the sampler and both SMD passes
 use smd.py's layout instead, each row's prompt at positions 0..P_b-1 and its completion right after, padding
 on the right, so the write log is used as recorded (no shift, no padding query, the sampler's positions);
@@ -301,7 +303,7 @@ class SMDGRPOTrainer(GRPOTrainer):
             record.update({f"{name}_max": gap, f"{name}_k3": k3})
         self.history.append(record)
         gathered = self.accelerator.gather(torch.tensor(list(record.values()), device=kl.device)[None])
-        for (key, value), column in zip(record.items(), gathered.T):
+        for key, column in zip(record, gathered.T):                   # column: (processes,)
             name = f"smd/{key.replace('_max', '_logp_difference/max')}"
             value = column.max() if key.endswith("_max") else column.mean()
             self._metrics[mode][name].append(value.item())
