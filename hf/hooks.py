@@ -208,8 +208,8 @@ class Sampler(nn.Module):
         logits = self.model(input_ids=idx, position_ids=position_ids, use_cache=False, smd_cache=cache,
                             smd_reached=reached).logits
         check_reached(self.model, reached, "sampling")
-        last = cache.next_pos + T - 1                                      # every layer holds it now
-        if not (cache.held == last).flatten(1).any(1).all():
+        last = cache.next_pos + T - 1  # the newest position: every layer, row and KV head holds it now
+        if not (cache.held == last).any(-1).all():                         # (L, B, n_kv) -> one bool
             raise ValueError(f"{type(self.model).__name__}: the evicting cache was not written in every "
                              f"layer")
         cache.advance(T)
