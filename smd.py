@@ -103,6 +103,9 @@ class KVCache:
         """Store the keys/values k, v (B, nh, T, hs) of the next T tokens, then return this layer's cache
         k, v (B, nh, S, hs) and which slots each new query may see, visible (B, nh, T, S)."""
         T, S, t0 = k.shape[2], self.budget, self.next_pos
+        # one storage dtype: under autocast a model's values can come out bf16 and its keys float32 (RoPE's
+        # float32 cos/sin promote them), and scatter_ takes no mixed dtypes; a no-op when k, v are in it
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if T > 1:  # prefill: the first tokens go into empty slots 0..T-1, no eviction
             assert t0 == 0 and T <= S, "prefill must start an empty cache and fit in it"
             self.k[layer, :, :, :T] = k

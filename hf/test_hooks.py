@@ -1,10 +1,14 @@
 """
-hf/hooks.py's claims as executable checks, on tiny random-init Hugging Face models built from configs (nothing is
-downloaded): the HF sampler is our sampler (GPT-2 with model.py's weights gives smd.rollout's tokens, write
+hf/hooks.py's claims as executable checks, on tiny random-init Hugging Face models built from configs (nothing
+is downloaded): the HF sampler is our sampler (GPT-2 with model.py's weights gives smd.rollout's tokens, write
 log and log-probs); on GPT-2, a Llama config (RoPE, GQA, RMSNorm) and a Qwen3 config (RoPE, one KV head,
 q/k norms) the masked HF learner reproduces the HF sampler, the unmasked pass is the model's own forward bit
 for bit, and a hidden token cannot reach a query; under GQA a KV head's policy statistic is its query heads'
-mean. Skipped, with the install line, where transformers is not installed.
+mean. More families (Qwen2, Gemma, Phi-3, OLMo-2, GPT-NeoX, OPT, CodeGen, Mistral without its sliding window)
+hold the masked learner to the sampler; those the hooks cannot reach (StableLM, Falcon, Bloom, a layer that
+drops the kwargs) are refused in one line, as are a shadow mask of the wrong shape and padding under the mask.
+Under bf16 autocast the sampler runs and the learner follows it to bf16 rounding. Skipped, with the install
+line, where transformers is not installed.
 """
 
 import re
@@ -251,11 +255,139 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="sampling with dropout on: call model.eval()"):
         hf.rollout(dropout.train(), prompts, policy="h2o", budget=8, max_new_tokens=4)
     r = hf.rollout(model, prompts, policy="h2o", budget=8, max_new_tokens=4)
-    with pytest.raises(ValueError, match="shadow_mask covers 7 positions, tokens have 6"):
+    with pytest.raises(ValueError, match=r"is \(2, 1, 2, 7\); the model and tokens need \(2, 1, 2, 6\)"):
         hf.learner_logits(model, r.tokens[:, :6], r.shadow_mask)
     sliding = transformers.MistralConfig(**CONFIGS["llama"]().to_dict() | dict(sliding_window=4))
     with pytest.raises(ValueError, match="does not support attention with sliding_window"):
         hf.rollout(hf.from_config(sliding), prompts, policy="h2o", budget=8, max_new_tokens=4)
+
+@pytest.mark.parametrize("policy", COMPRESSED)
+def test_under_bf16_autocast_the_sampler_runs_and_the_masked_learner_follows_it_to_bf16_rounding(policy):
+    """Under autocast a Llama's values are bf16 and its RoPE'd keys float32: smd.KVCache.update stores both in
+    the cache's one dtype (before: "scatter(): Expected self.dtype to be equal to src.dtype"). Measured: masked
+    gap 0.016 (bf16's spacing at these log-probs: the sampler's matmuls have other shapes), unmasked 0.5-1.0."""
+    model = make_model("llama")
+    keep_prompt = policy in ("snapkv", "rkv")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = sample(hf.rollout, model, policy, keep_prompt)
+        lp = hf.learner_logprobs(model, r.tokens, r.shadow_mask).float()
+        unmasked = hf.learner_logprobs(model, r.tokens).float()
+    check_not_vacuous(r)
+    masked_gap = max_diff(lp, r.logprobs, r.response_mask)
+    assert masked_gap <= 0.1 and max_diff(unmasked, r.logprobs, r.response_mask) > 0.3
+
+# ----------------------------------------------------------------------------- more families, and refusals
+
+SMALL = dict(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64, bos_token_id=0, eos_token_id=EOS)
+MORE_FAMILIES = {  # transformers 5.24.0; each through AttentionInterface, each with its own modeling file
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL, num_key_value_heads=2),
+    "gemma": lambda: transformers.GemmaConfig(**SMALL, num_key_value_heads=1, head_dim=8),
+    "phi3": lambda: transformers.Phi3Config(**SMALL, num_key_value_heads=2, pad_token_id=EOS),
+    "olmo2": lambda: transformers.Olmo2Config(**SMALL, num_key_value_heads=2, pad_token_id=EOS),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**SMALL, hidden_act="gelu"),
+    "opt": lambda: transformers.OPTConfig(**SMALL, ffn_dim=64, word_embed_proj_dim=32, dropout=0.0),
+    "mistral": lambda: transformers.MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=None),
+    "codegen": lambda: transformers.CodeGenConfig(vocab_size=16, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                                  n_positions=64, n_ctx=64, bos_token_id=0, eos_token_id=EOS,
+                                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),  # no pad id
+}
+
+
+@pytest.mark.parametrize("family", list(MORE_FAMILIES))
+def test_more_families_masked_learner_equals_the_sampler(family):
+    model = randomize(hf.from_config(MORE_FAMILIES[family]()))
+    r = sample(hf.rollout, model, "h2o")
+    check_not_vacuous(r)
+    assert max_diff(hf.learner_logprobs(model, r.tokens, r.shadow_mask), r.logprobs, r.response_mask) <= 1e-5
+    assert max_diff(hf.learner_logprobs(model, r.tokens), r.logprobs, r.response_mask) > 1e-2
+
+
+def test_a_family_whose_attention_bypasses_the_interface_is_refused_up_front():
+    """StableLM's decoder layers call attention without the extra kwargs (transformers marks it
+    _supports_attention_backend=False): unrefused, its write log was all zeros and masked = unmasked."""
+    config = transformers.StableLmConfig(**SMALL, num_key_value_heads=2)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=hf.SDPA)
+    with pytest.raises(ValueError, match="StableLmForCausalLM's attention does not go through"):
+        hf.rollout(model, [[1, 2, 3]], policy="h2o", budget=8, max_new_tokens=4)
+    with pytest.raises(ValueError, match="StableLmForCausalLM's attention does not go through"):
+        hf.learner_logits(model, torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="StableLmForCausalLM's attention does not go through"):
+        hf.from_config(config)
+
+
+@pytest.mark.parametrize("config, error", [
+    (lambda: transformers.FalconConfig(**SMALL), "KeyError"),                  # a bare KeyError before
+    (lambda: transformers.BloomConfig(**SMALL), "ValueError"),
+])
+def test_a_family_transformers_cannot_build_with_the_hook_is_one_line(config, error):
+    with pytest.raises(ValueError, match=f"transformers cannot build .* \\({error}: .*hf cannot hook it"):
+        hf.from_config(config())
+
+
+def drop_smd_kwargs(layer):
+    """Make one decoder layer call its attention without SMD's keyword arguments, as StableLM's do."""
+    attn = layer.self_attn
+    forward = attn.forward
+
+    def without(*args, **kwargs):
+        return forward(*args, **{k: v for k, v in kwargs.items() if not k.startswith("smd_")})
+    attn.forward = without
+
+
+def test_a_layer_that_drops_the_hooks_kwargs_is_refused_by_sampler_record_and_learner():
+    model = make_model("llama")
+    r = sample(hf.rollout, model, "h2o")
+    drop_smd_kwargs(model.model.layers[1])
+    pattern = r"LlamaForCausalLM: SMD's attention hook ran in layers \[0\] of 0..1 during"
+    with pytest.raises(ValueError, match=pattern + " sampling"):
+        sample(hf.rollout, model, "h2o")
+    with pytest.raises(ValueError, match=pattern + " sampling"):
+        hf.record(model, r.tokens, list(PROMPT_LENGTHS), policy="h2o", budget=BUDGET, eos_id=EOS)
+    with pytest.raises(ValueError, match=pattern + " the masked learner pass"):
+        hf.learner_logits(model, r.tokens, r.shadow_mask)
+
+
+def test_a_cache_that_was_not_written_is_refused(monkeypatch):
+    def update_without_writing(self, layer, k, v):
+        B, nh, T, _ = k.shape
+        return self.k[layer], self.v[layer], torch.ones(B, nh, T, self.budget, dtype=torch.bool)
+    monkeypatch.setattr(smd.KVCache, "update", update_without_writing)
+    with pytest.raises(ValueError, match="the evicting cache was not written in every layer"):
+        hf.rollout(make_model("llama"), [[1, 2, 3]], policy="h2o", budget=8, max_new_tokens=4)
+
+
+def test_a_shadow_mask_of_another_shape_is_refused_not_broadcast():
+    """Before: one row's mask for three rows, and one KV head's for two, were broadcast."""
+    model = make_model("llama")                                            # 2 layers, 2 KV heads
+    r = sample(hf.rollout, model, "h2o")                                   # 3 rows
+    B, T = r.tokens.shape
+    masks = r.shadow_mask.attn_masks()                                     # (L, B, n_kv, T, T)
+    cases = {"one row": smd.ShadowMask(r.shadow_mask.slot_of[:, :1], BUDGET),
+             "one KV head": masks[:, :, :1], "one layer": masks[:1], "one position short": masks[..., :-1]}
+    for name, bad in cases.items():
+        with pytest.raises(ValueError, match="the model and tokens need"):
+            hf.learner_logits(model, r.tokens, bad)
+    with pytest.raises(ValueError, match="must be a ShadowMask or an"):
+        hf.learner_logits(model, r.tokens, masks.float())
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_padding_under_the_shadow_mask_is_refused_and_left_padded_prompts_too(attention):
+    """Before: model(..., attention_mask=..., smd_mask=...) dropped the attention mask silently, and a
+    left-padded prompt tensor was sampled from as if its padding were prompt."""
+    model = make_model("llama", attention)
+    r = sample(hf.rollout, model, "h2o")
+    padding = torch.ones_like(r.tokens)
+    padding[0, :2] = 0
+    with pytest.raises(ValueError, match="smd_mask with a padding attention_mask"):
+        model(input_ids=r.tokens, attention_mask=padding, smd_mask=r.shadow_mask)
+    ones = model(input_ids=r.tokens, attention_mask=torch.ones_like(r.tokens), smd_mask=r.shadow_mask).logits
+    assert torch.equal(ones, hf.learner_logits(model, r.tokens, r.shadow_mask))  # no padding: the same pass
+    model.config.pad_token_id = EOS
+    with pytest.raises(ValueError, match=f"a row starts with pad_token_id {EOS}: left padding"):
+        hf.rollout(model, torch.tensor([[EOS, EOS, 3, 4], [1, 2, 3, 4]]), policy="h2o", budget=8,
+                   max_new_tokens=4)
 
 # ----------------------------------------------------------------------------- grpo.py
 
