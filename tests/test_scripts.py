@@ -130,8 +130,10 @@ def test_cli_prints_help_or_one_error_line_and_leaves_errors_past_the_checks_alo
 # ----------------------------------------------------------------------------- every script, as a subprocess
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None  # hf/grpo.py's optional dependency
-MODULES = {"train": "train", "warmup": "warmup", "compare": "experiments.compare", "variance": "experiments.variance",
-           "bench": "experiments.bench", "plot": "experiments.plot", "hf_grpo": "hf.grpo"}  # name -> module
+HAS_TRL = importlib.util.find_spec("trl") is not None  # hf/trl_smd.py's (its own tests run its command line)
+MODULES = {"train": "train", "warmup": "warmup", "compare": "experiments.compare",
+           "variance": "experiments.variance", "bench": "experiments.bench", "plot": "experiments.plot",
+           "hf_grpo": "hf.grpo", "hf_trl": "hf.trl_smd"}  # name -> module
 SCRIPTS = ["train", "warmup", "compare", "variance", "bench", "plot"] + (["hf_grpo"] if HAS_TRANSFORMERS else [])
 COMMENT = {"train": "KV slots per layer and head", "warmup": "copy the trained warm-up into bases/",
            "compare": "RL seeds 0 .. seeds-1",
@@ -218,8 +220,11 @@ def test_every_command_a_page_prints_passes_its_scripts_checks(page):
     text = open(os.path.join(ROOT, page)).read()
     blocks = "\n".join(re.findall(r"```\w*\n(.*?)```", text, flags=re.S))
     lines = re.findall(r"^\s*(?:\w+=\S+ )*(python [^#\n]*)", blocks, flags=re.M)
+    lines += re.findall(r"^    (?:\w+=\S+ )*(python [^#\n]*)", text, flags=re.M)  # indented code blocks
     lines += re.findall(r"`(?:\w+=\S+ )*(python [^`]*)`", text)
-    starts = {configurator.command(source_of(name)): name for name in SCRIPTS}
+    if not HAS_TRL and "python -m hf.trl_smd" in text:
+        pytest.skip("the page runs hf/trl_smd.py: pip install trl==1.16.0 accelerate==1.15.0")
+    starts = {configurator.command(source_of(name)): name for name in SCRIPTS + ["hf_trl"] * HAS_TRL}
     checked = 0
     for line in lines:
         if line.split()[:3] == ["python", "-m", "pytest"]:
