@@ -77,7 +77,7 @@ n_head = 4                  # attention heads per block
 n_embd = 64                 # width of the residual stream
 block_size = 64             # longest sequence the model can see (prompt + response = 53)
 # phase 1: supervised warm-up on correct worked examples (warmup.py)
-base = "shipped"            # "shipped": bases/'s warm-up, where it holds this config's; "trained": train it here
+base = "shipped"            # "shipped": bases/'s warm-up where it holds this config's; "trained": train here
 sft_steps = 1200            # optimizer steps
 sft_batch_size = 64         # worked examples per step
 sft_lr = 3e-3               # peak learning rate

@@ -512,7 +512,9 @@ def design_header(own, cfg):
     warm_ups = ",".join(map(str, own["sft_seeds"]))
     lines = [f"design {own['design']} [{own['stage']}]: warm-ups sft_seed={warm_ups} x {own['seeds']} RL "
              f"seed(s), budgets {own['budgets']} ({cfg['policy']}, keep_prompt={cfg['keep_prompt']}), "
-             f"{cfg['eval_split']} split, evaluations every {cfg['eval_interval']} steps", "rows: " + "; ".join(f"{label} = {spec}" for spec, label in own["labels"].items())]
+             f"{cfg['eval_split']} split, evaluations every {cfg['eval_interval']} steps",
+             "rows: " + "; ".join(label if label == spec else f"{label} = {spec}"
+                                  for spec, label in own["labels"].items())]
     if own["claims"]:
         lines.append(f"the family of {len(own['claims'])} claims (Holm over all of them): " + "; ".join(
             f"{c['a']} - {c['b']} {c['metric']} @{c['budget']}" for c in own["claims"]))

@@ -263,9 +263,10 @@ def test_bad_input_is_a_clear_error():
 
 @pytest.mark.parametrize("policy", COMPRESSED)
 def test_under_bf16_autocast_the_sampler_runs_and_the_masked_learner_follows_it_to_bf16_rounding(policy):
-    """Under autocast a Llama's values are bf16 and its RoPE'd keys float32: smd.KVCache.update stores both in
-    the cache's one dtype (before: "scatter(): Expected self.dtype to be equal to src.dtype"). Measured: masked
-    gap 0.016 (bf16's spacing at these log-probs: the sampler's matmuls have other shapes), unmasked 0.5-1.0."""
+    """Under autocast a Llama's values are bf16 and its RoPE'd keys float32: smd.KVCache.update stores both
+    in the cache's one dtype (before: "scatter(): Expected self.dtype to be equal to src.dtype"). Measured:
+    masked gap 0.016 (bf16's spacing at these log-probs: the sampler's matmuls have other shapes), unmasked
+    0.5-1.0."""
     model = make_model("llama")
     keep_prompt = policy in ("snapkv", "rkv")
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -288,9 +289,9 @@ MORE_FAMILIES = {  # transformers 5.24.0; each through AttentionInterface, each 
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**SMALL, hidden_act="gelu"),
     "opt": lambda: transformers.OPTConfig(**SMALL, ffn_dim=64, word_embed_proj_dim=32, dropout=0.0),
     "mistral": lambda: transformers.MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=None),
-    "codegen": lambda: transformers.CodeGenConfig(vocab_size=16, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
-                                                  n_positions=64, n_ctx=64, bos_token_id=0, eos_token_id=EOS,
-                                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),  # no pad id
+    "codegen": lambda: transformers.CodeGenConfig(  # no pad id
+        vocab_size=16, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, n_ctx=64, bos_token_id=0,
+        eos_token_id=EOS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
 }
 
 

@@ -134,7 +134,7 @@ HAS_TRL = importlib.util.find_spec("trl") is not None  # hf/trl_smd.py's (its ow
 MODULES = {"train": "train", "warmup": "warmup", "compare": "experiments.compare",
            "variance": "experiments.variance", "bench": "experiments.bench", "plot": "experiments.plot",
            "hf_grpo": "hf.grpo", "hf_trl": "hf.trl_smd"}  # name -> module
-SCRIPTS = ["train", "warmup", "compare", "variance", "bench", "plot"] + (["hf_grpo"] if HAS_TRANSFORMERS else [])
+SCRIPTS = ["train", "warmup", "compare", "variance", "bench", "plot"] + ["hf_grpo"] * HAS_TRANSFORMERS
 COMMENT = {"train": "KV slots per layer and head", "warmup": "copy the trained warm-up into bases/",
            "compare": "RL seeds 0 .. seeds-1",
            "variance": "batches judged per mode", "bench": "total sequence lengths T",
