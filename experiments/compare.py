@@ -315,7 +315,7 @@ def apply_design(own):
     with open(own["design"], "rb") as f:
         design = tomllib.load(f)[own["stage"]]
     keys = {"sft_seeds", "seeds", "budgets", "flags", "rows"} | (
-        {"lr", "steps"} if own["stage"] == "tuning" else {"claims"})
+        {"lr", "steps"} if own["stage"] == "tuning" else {"claims", "report_steps"})
     if set(design) != keys:
         raise ValueError(f"{own['design']} [{own['stage']}] needs exactly the keys {sorted(keys)}, got "
                          f"{sorted(design)}")
@@ -326,7 +326,11 @@ def apply_design(own):
             labels[spec if lr is None else f"{spec}@lr={lr}"] = label if lr is None else f"{label}@lr={lr}"
     own.update(rows=list(labels), labels=labels, sft_seeds=tuple(design["sft_seeds"]), seeds=design["seeds"],
                budgets=list(design["budgets"]), sweep=False, sweep_rows=[], transfer="",
-               warmup_policies="", steps=design.get("steps", []))
+               warmup_policies="", steps=design.get("steps", []),
+               report_steps=design.get("report_steps", {}))
+    if own["stage"] == "main" and set(own["report_steps"]) != set(design["rows"]):
+        raise ValueError(f"report_steps needs one step for each row, {sorted(design['rows'])}; got "
+                         f"{sorted(own['report_steps'])}")
     for claim in design.get("claims", []):
         metrics = ("acc_full", "acc_compressed") + stats.STABILITY
         if (claim.keys() != {"a", "b", "metric", "budget"} or {claim["a"], claim["b"]} - set(design["rows"])
@@ -522,8 +526,8 @@ def design_header(own, cfg):
 
 
 def run_values(own, cfg, summaries, label, budget, metric):
-    """metric (a summary accuracy or a stats.STABILITY measure) of every run of a design row at a budget,
-    with its warm-up -> (values, warm-ups), the runs that finished."""
+    """metric (an accuracy, read at the row's report step, or a stats.STABILITY measure, over the whole run)
+    of every run of a design row at a budget, with its warm-up -> (values, warm-ups), the runs that finished."""
     spec = next(spec for spec, name in own["labels"].items() if name == label)
     values, warm_ups = [], []
     for w, s in own["runs"]:
@@ -533,7 +537,11 @@ def run_values(own, cfg, summaries, label, budget, metric):
         if metric in stats.STABILITY:
             values.append(stats.stability(summary["records"], cfg["grad_clip"])[metric])
         else:
-            values.append(summary[metric])
+            step = own["report_steps"].get(label)
+            at = [r[metric] for r in summary["records"] if r["kind"] == "eval" and r["step"] == step]
+            if step is not None and not at:
+                raise ValueError(f"run {spec} (warm-up {w}) has no evaluation at its report step {step}")
+            values.append(at[0] if at else summary[metric])
         warm_ups.append(w)
     return values, warm_ups
 
@@ -547,13 +555,14 @@ def over_warm_ups_cell(values, warm_ups, fmt="{:.3f}"):
 
 
 def design_tables(own, cfg, summaries):
-    """Per budget, each row's final accuracies and stability (over warm-ups, 95% t), then the claims."""
+    """Per budget, each row's accuracies at its report step and its stability over the whole run (over
+    warm-ups, 95% t), then the claims."""
     out = []
     metrics = [("acc_full", "{:.3f}"), ("acc_compressed", "{:.3f}")] + [
         (m, "{:.2f}" if m == "grad_norm_p95" else "{:.1e}" if m == "ref_kl_p95" else "{:.3f}")
         for m in stats.STABILITY]
     for budget in own["budgets"]:
-        for title, chosen in (("final accuracy", metrics[:2]), ("stability", metrics[2:])):
+        for title, chosen in (("accuracy at the report step", metrics[:2]), ("stability", metrics[2:])):
             cells = [["row", "runs"] + [m for m, _ in chosen]]
             for label in dict.fromkeys(own["labels"].values()):
                 row = [label, str(len(run_values(own, cfg, summaries, label, budget, "acc_full")[0]))]

@@ -94,6 +94,10 @@ flags = ["--eval_split=test", "--eval_interval=10", "--n_steps=20", "--keep_prom
 full = "full@lr=3e-05"
 smd = "smd"
 
+[main.report_steps]
+full = 20
+smd = 10
+
 [[main.claims]]
 a = "smd"
 b = "full"
@@ -163,13 +167,17 @@ def test_the_design_prints_itself_its_tables_and_holm_verdicts(design_compare, c
     assert "the family of 2 claims (Holm over all of them)" in out
     lines = out.split("1 resolved, 1 not\n")[1].splitlines()[2:]
     claims = {line.split("  ")[0]: line.split() for line in lines}
-    gain = claims["smd - full: acc_compressed @26"]     # 0.10 .. 0.13 over the 4 warm-ups: resolved
-    assert gain[-1] == "higher" and gain[-8] == "4" and float(gain[-7]) == pytest.approx(0.115)
+    gain = claims["smd - full: acc_compressed @26"]     # smd at step 10, full at 20: 0.05 .. 0.08, resolved
+    assert gain[-1] == "higher" and gain[-8] == "4" and float(gain[-7]) == pytest.approx(0.065)
     assert gain[-6] == f"{1 - 0.05 / 2:.4f}"            # the smaller p, tested first
     dip = claims["smd - full: drawdown_full @42"]        # 0.05, 0, 0.05, 0 over the warm-ups: mean 0.025
     assert dip[-2:] == ["not", "resolved"] and float(dip[-8]) == pytest.approx(0.025)
     assert dip[-7] == f"{1 - 0.05:.4f}"
-    assert "stability at budget 42" in out and "final accuracy at budget 26" in out
+    assert "stability at budget 42" in out and "accuracy at the report step at budget 26" in out
+    # smd's accuracies are read at its report step 10 (full's at 20): compressed 0.35 + gain at step 10
+    table = out.split("accuracy at the report step at budget 26")[1].splitlines()
+    smd_row = next(line for line in table if line.startswith("smd "))
+    assert smd_row.split()[2:4] == ["0.600", "[0.600,"]                  # full-cache 0.6 at step 10, every run
 
 
 def test_tuning_chooses_each_rows_lr_and_length_by_the_stated_rule(design_compare, capsys):
