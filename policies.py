@@ -380,14 +380,19 @@ class RKV(Policy):
         if k.shape[2] > 1:  # prefill, into an empty cache: the state from its definition
             for buffer, value in zip(state, self.key_similarity(k, slot)):  # slot s holds position s
                 buffer[..., :k.shape[2]] = value
+            cache.key_norms[layer, :, :, :k.shape[2]] = key_norm(k)
             return
         pos, keys = cache.held[layer], cache.k[layer]                      # (B, nh, S), (B, nh, S, hs)
+        norm = cache.key_norms[layer]                                      # (B, nh, S); empty slots: 1e-8
         staying = (pos >= 0) & (torch.arange(pos.shape[-1], device=pos.device) != slot)  # (B, nh, S)
         leaving = keys.gather(2, slot[..., None].expand_as(k))             # (B, nh, 1, hs)
-        cos_new, cos_old = cosine(keys, torch.cat([k, leaving], 2)).unbind(-1)  # (B, nh, S) each
-        cos_new = torch.where(staying, cos_new, 0.0)
-        total += cos_new - cos_old                                         # (0 at empty slots: zero keys)
+        dots = keys @ torch.cat([k, leaving], 2).transpose(-2, -1)         # (B, nh, S, 2)
+        cos_new, cos_old = (dots / norm[..., None]).unbind(-1)             # (B, nh, S) each
+        cos_new = torch.where(staying, cos_new / key_norm(k), 0.0)
+        cos_old = cos_old / norm.gather(-1, slot)                          # (0 at empty slots: zero keys)
+        total += cos_new - cos_old
         total.scatter_(-1, slot, cos_new.sum(-1, keepdim=True))          # the new key's own column
+        norm.scatter_(-1, slot, key_norm(k))
         # the new key is the newest of all: the newest near-duplicate of every key it is similar to
         near_new = (cos_new > self.threshold) & staying
         orphaned = (newest == slot) & staying & ~near_new                  # their newest duplicate leaves
@@ -400,9 +405,12 @@ class RKV(Policy):
         if orphaned.any():  # about one key per head and step here: recompute their rows, S cosines each
             head, i = orphaned.flatten(0, 1).nonzero(as_tuple=True)        # (n,) of B * nh heads, (n,) slots
             head_keys = keys.flatten(0, 1).index_select(0, head)           # (n, S, hs)
-            sim = cosine(head_keys, head_keys[torch.arange(len(i)), i][:, None])[..., 0]  # (n, S): k_i, all
+            head_norm = norm.flatten(0, 1).index_select(0, head)           # (n, S)
+            n = torch.arange(len(i), device=i.device)
+            dots = (head_keys @ head_keys[n, i, :, None])[..., 0]          # (n, S)
+            sim = dots / (head_norm * head_norm[n, i, None])
             candidate = (sim > self.threshold) & staying.flatten(0, 1).index_select(0, head)
-            candidate[torch.arange(len(i)), i] = False
+            candidate[n, i] = False                                        # cos(k_i, every other key)
             latest, found = newest_of(pos.flatten(0, 1).index_select(0, head), candidate)  # (n,)
             newest.flatten(0, 1)[head, i] = torch.where(found, latest, -1)
             spared.flatten(0, 1)[head, i] = torch.where(found, sim.gather(-1, latest[:, None])[:, 0], 0.0)

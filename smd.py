@@ -88,11 +88,12 @@ class KVCache:
         self.recent_q = torch.zeros(L, B, nh, W, hs, device=device, dtype=dtype) if W else None
         # R-KV: per slot, its key's summed cosine similarity to the other cached keys, the slot of its
         # newest near-duplicate (-1: none) and their cosine, kept up to date by policy.write
-        self.similarity_sum = self.newest_similar = self.spared_similarity = None
+        self.similarity_sum = self.newest_similar = self.spared_similarity = self.key_norms = None
         if policy.keeps_key_similarity:
             self.similarity_sum = torch.zeros(L, B, nh, S, device=device, dtype=dtype)
             self.newest_similar = torch.full((L, B, nh, S), -1, device=device, dtype=torch.long)
             self.spared_similarity = torch.zeros(L, B, nh, S, device=device, dtype=dtype)
+            self.key_norms = torch.full((L, B, nh, S), 1e-8, device=device, dtype=dtype)  # |k| + 1e-8
         # the slots sorted by position (empty ones first), kept as each write moves its slot to the back: a
         # sort per step would cost R-KV as much as the rest of its decode step
         self.by_position = None
@@ -110,7 +111,8 @@ class KVCache:
         """Every buffer the cache holds for the policy: keys, values, positions, and the policy's statistics.
         (The shadow mask's write log is O(T), not O(budget), and is counted separately.)"""
         buffers = (self.k, self.v, self.held, self.slot_scores, self.recent_q, self.prompt_scores,
-                   self.similarity_sum, self.newest_similar, self.spared_similarity, self.by_position)
+                   self.similarity_sum, self.newest_similar, self.spared_similarity, self.key_norms,
+                   self.by_position)
         return sum(t.nbytes for t in buffers if t is not None)
 
     def update(self, layer, k, v):

@@ -176,9 +176,9 @@ def test_cache_and_mask_rows_never_exceed_budget(policy, monkeypatch):
     ("streaming", 0), ("random", 0),
     ("h2o", BUDGET * 4), ("tova", BUDGET * 4),  # a float slot_scores per slot
     ("snapkv", 10 * 4),                         # a float score per prompt position (prompts of 10)
-    ("rkv", 2 * 16 * 4 + BUDGET * (4 + 8 + 4 + 8)),  # the last window = 2 queries of 16 floats; per slot the
-    #                                              key similarity (a float sum, a long slot, a float cosine)
-    #                                              and a long: the slots by position
+    ("rkv", 2 * 16 * 4 + BUDGET * (4 + 8 + 4 + 4 + 8)),  # the last window = 2 queries of 16 floats; per
+    #                                                  slot the key similarity (a float sum, a long slot, a
+    #                                                  float cosine, a float norm), a long slot by position
 ])
 def test_kv_bytes_count_every_buffer_the_cache_holds(policy, extra_bytes):
     r = sample(make_model(), policy)                   # L=2, B=3, nh=2, hs=16, float32; 10 + 30 positions

@@ -16,8 +16,9 @@ import smd
 from model import GPTConfig
 from tests.test_reference import PROMPT_LENGTHS, make_model, make_prompts
 
-# max |incremental - recomputed| of the similarity sums and spared cosines over a rollout (sums of up to S - 1
-# cosines); measured on these cases with ATEN_CPU_CAPABILITY avx2 and default: <= 3.8e-6 and <= 7.1e-15
+# max |incremental - recomputed| of the similarity sums, spared cosines and key norms over a rollout (sums of
+# up to S - 1 cosines); measured on these cases with ATEN_CPU_CAPABILITY avx2 and default: <= 3.8e-6 and
+# <= 7.1e-15
 TOL = {torch.float32: 2e-5, torch.float64: 1e-13}
 MAX_NEW_TOKENS = 50  # 62 positions (the model's block is 64): over 45 writes into a full cache
 
@@ -33,10 +34,12 @@ SETTINGS = [  # (policy, options, budget): budget 10 is below the longest prompt
 
 
 def recomputed(cache, layer):
-    """The cache with `layer`'s R-KV state replaced by its definition (the other layers' left as they are)."""
+    """The cache with `layer`'s R-KV state replaced by its definition (the other layers' left as they are);
+    an empty slot's key is 0, so its norm is the 1e-8 the cache starts with."""
     fresh = copy.copy(cache)
-    state = cache.policy.key_similarity(cache.k[layer], cache.held[layer])
-    for name, value in zip(("similarity_sum", "newest_similar", "spared_similarity"), state):
+    k = cache.k[layer]
+    state = (*cache.policy.key_similarity(k, cache.held[layer]), policies.key_norm(k))
+    for name, value in zip(("similarity_sum", "newest_similar", "spared_similarity", "key_norms"), state):
         buffer = getattr(cache, name).clone()
         buffer[layer] = value
         setattr(fresh, name, buffer)
@@ -60,7 +63,7 @@ def checked_rollout(monkeypatch, policy, options, budget, dtype):
         if cache.similarity_sum is not None:
             fresh = recomputed(cache, layer)
             assert torch.equal(cache.newest_similar[layer], fresh.newest_similar[layer])
-            for name in ("similarity_sum", "spared_similarity"):
+            for name in ("similarity_sum", "spared_similarity", "key_norms"):
                 diff = (getattr(cache, name)[layer] - getattr(fresh, name)[layer]).abs().max().item()
                 worst[0] = max(worst[0], diff)
         return out
@@ -88,7 +91,8 @@ def checked_rollout(monkeypatch, policy, options, budget, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("policy, options, budget", SETTINGS,
-                         ids=[f"{p}-{','.join(f'{k}={v}' for k, v in o.items())}-S{b}" for p, o, b in SETTINGS])
+                         ids=[f"{p}-{','.join(f'{k}={v}' for k, v in o.items())}-S{b}"
+                              for p, o, b in SETTINGS])
 def test_incremental_policy_state_equals_its_recomputation_at_every_step(monkeypatch, policy, options, budget,
                                                                           dtype):
     worst, orphaned = checked_rollout(monkeypatch, policy, options, budget, dtype)
