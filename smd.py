@@ -87,15 +87,15 @@ class KVCache:
         W = policy.query_window
         self.recent_q = torch.zeros(L, B, nh, W, hs, device=device, dtype=dtype) if W else None
         # R-KV: per slot, its key's summed cosine similarity to the other cached keys, the slot of its
-        # newest near-duplicate (-1: none) and their cosine, kept up to date by policy.write
+        # newest near-duplicate (-1: none), their cosine and the key's norm, kept up to date by policy.write
         self.similarity_sum = self.newest_similar = self.spared_similarity = self.key_norms = None
         if policy.keeps_key_similarity:
             self.similarity_sum = torch.zeros(L, B, nh, S, device=device, dtype=dtype)
             self.newest_similar = torch.full((L, B, nh, S), -1, device=device, dtype=torch.long)
             self.spared_similarity = torch.zeros(L, B, nh, S, device=device, dtype=dtype)
             self.key_norms = torch.full((L, B, nh, S), 1e-8, device=device, dtype=dtype)  # |k| + 1e-8
-        # the slots sorted by position (empty ones first), kept as each write moves its slot to the back: a
-        # sort per step would cost R-KV as much as the rest of its decode step
+        # the slots sorted by position (empty ones first), kept as each write moves its slot to the back
+        # (the newest position): a sort per step would cost R-KV as much as the rest of its decode step
         self.by_position = None
         if policy.orders_by_position:
             self.by_position = torch.arange(S, device=device).expand(L, B, nh, S).clone()
@@ -158,6 +158,7 @@ class KVCache:
     def advance(self, T):
         """The next T positions have been written in every layer: the clock moves on."""
         self.next_pos += T
+
 
 def move_to_back(order, slot):
     """order (B, nh, S), a permutation of the slots; slot (B, nh, 1) -> that order with slot moved last."""
