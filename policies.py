@@ -405,8 +405,8 @@ class RKV(Policy):
         own_cos = torch.where(found, cos_new.gather(-1, own[..., None])[..., 0], 0.0)
         newest.scatter_(-1, slot, torch.where(found, own, -1)[..., None])
         spared.scatter_(-1, slot, own_cos[..., None])
-        if orphaned.any():  # ~1 key per head and step (T = 513, S = 128): recompute their S cosines
-            head, i = orphaned.flatten(0, 1).nonzero(as_tuple=True)        # (n,) of B * nh heads, (n,) slots
+        head, i = orphaned.flatten(0, 1).nonzero(as_tuple=True)            # (n,) of B * nh heads, (n,) slots
+        if len(i):  # ~1 key per head and step (T = 513, S = 128): recompute their S cosines
             head_keys = keys.flatten(0, 1).index_select(0, head)           # (n, S, hs)
             head_norm = norm.flatten(0, 1).index_select(0, head)           # (n, S)
             n = torch.arange(len(i), device=i.device)
