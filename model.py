@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 GATHER_CHUNK = 64  # queries per chunk on the gather path; its transient memory is ~ chunk * S * hs per head
 
@@ -74,30 +73,66 @@ def attend_slots(q, k, v, visible):
 
 
 def attend_gathered(q, k, v, seen):
-    """The gather path: q, k, v (B, nh, T, hs), seen (B, nh, T, S) -> y (B, nh, T, hs). Queries go
-    in chunks, and each chunk's gathered keys/values are rebuilt during backward (checkpointing) instead of
-    kept, so memory is O(T * S), not O(T * S * hs) nor O(T^2). Per-query arithmetic is unchanged."""
-    def chunk_attention(q, seen):
-        return attend_slots(q, gather_at(k, seen), gather_at(v, seen), seen >= 0)[0]
-
-    ys = []
-    for i in range(0, q.shape[2], GATHER_CHUNK):
-        q_chunk, seen_chunk = q[:, :, i:i + GATHER_CHUNK], seen[:, :, i:i + GATHER_CHUNK]
-        if torch.is_grad_enabled():
-            ys.append(checkpoint(chunk_attention, q_chunk, seen_chunk, use_reentrant=False))
-        else:
-            ys.append(chunk_attention(q_chunk, seen_chunk))
+    """The gather path: q, k, v (B, nh, T, hs), seen (B, nh, T, S) -> y (B, nh, T, hs). Queries go in
+    chunks, and each chunk's gathered keys/values are rebuilt during backward instead of kept (see
+    GatheredAttention), so memory is O(T * S), not O(T * S * hs) nor O(T^2). Per-query arithmetic is
+    unchanged."""
+    k, v = k.contiguous(), v.contiguous()                                 # so gather_at's rows are views
+    ys = [GatheredAttention.apply(q[:, :, i:i + GATHER_CHUNK], k, v, seen[:, :, i:i + GATHER_CHUNK])
+          for i in range(0, q.shape[2], GATHER_CHUNK)]
     return torch.cat(ys, dim=2)
+
+
+class GatheredAttention(torch.autograd.Function):
+    """One chunk of the gather path, q (B, nh, Tc, hs), k, v (B, nh, T, hs), seen (B, nh, Tc, S) -> y. Forward
+    is attend_slots on the gathered keys and values, the sampler's arithmetic bit for bit, and keeps only the
+    attention probabilities att (B, nh, Tc, S). Backward gathers k_g, v_g again (as checkpointing would) and
+    writes the gradients out instead of replaying the forward under autograd, which is 1.5x faster:
+        y = sum_s att_s v_s,  att = softmax(q . k_s / sqrt(hs))
+        dv_s = att_s dy,  datt_s = dy . v_s,  dscore_s = att_s (datt_s - sum_s' att_s' datt_s') / sqrt(hs)
+        dq = sum_s dscore_s k_s,  dk_s = dscore_s q
+    and dk_s, dv_s are added to the positions the slots held (0 for an invisible slot: its att is 0)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, seen):
+        y, att = attend_slots(q, gather_at(k, seen), gather_at(v, seen), seen >= 0)
+        ctx.save_for_backward(q, k, v, seen, att)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):                                                 # dy (B, nh, Tc, hs)
+        q, k, v, seen, att = ctx.saved_tensors
+        k_g, v_g = gather_at(k, seen), gather_at(v, seen)                  # (B, nh, Tc, S, hs)
+        datt = (v_g @ dy[..., None])[..., 0]                               # (B, nh, Tc, S)
+        dscore = att * (datt - (att * datt).sum(-1, keepdim=True)) / math.sqrt(q.shape[-1])
+        dq = (dscore[..., None, :] @ k_g)[..., 0, :]                       # (B, nh, Tc, hs)
+        dk = add_at(dscore[..., None] * q[..., None, :], seen, k.shape)    # (B, nh, T, hs)
+        dv = add_at(att[..., None] * dy[..., None, :], seen, v.shape)
+        return dq, dk, dv, None
+
+
+def rows_at(seen, T):
+    """seen (B, nh, Tq, S) -> the row of each slot's position in a (B * nh * T, hs) view of (B, nh, T, hs);
+    an empty slot (-1) reads position 0."""
+    B, nh = seen.shape[:2]
+    head = torch.arange(B * nh, device=seen.device).view(B, nh, 1, 1)
+    return (head * T + seen.clamp(min=0).long()).view(-1)
 
 
 def gather_at(x, seen):
     """x (B, nh, T, hs), seen (B, nh, Tq, S) the positions each query's slots held (-1 = empty) ->
     (B, nh, Tq, S, hs): query row i gets the keys (or values) at those positions, in slot order. Empty slots
-    read position 0; the caller masks them out. Backward scatters the gradient to every gathered position."""
-    B, nh, Tq, S = seen.shape
-    hs = x.shape[-1]
-    index = seen.clamp(min=0).long().reshape(B, nh, Tq * S, 1).expand(-1, -1, -1, hs)
-    return x.gather(2, index).reshape(B, nh, Tq, S, hs)
+    read position 0; the caller masks them out. Whole rows of hs values are selected (index_select), not
+    element by element (gather): 2-3x faster on CPU."""
+    B, nh, T, hs = x.shape
+    return x.reshape(B * nh * T, hs).index_select(0, rows_at(seen, T)).view(*seen.shape, hs)
+
+
+def add_at(grad, seen, shape):
+    """gather_at's transpose: grad (B, nh, Tq, S, hs) added to the positions seen held -> (B, nh, T, hs)."""
+    B, nh, T, hs = shape
+    out = grad.new_zeros(B * nh * T, hs).index_add_(0, rows_at(seen, T), grad.reshape(-1, hs))
+    return out.view(shape)
 
 
 class CausalSelfAttention(nn.Module):

@@ -39,7 +39,9 @@ from torch.nn import functional as F
 # hold S - 1 keys between steps plus the incoming one).
 # A policy has check(budget, seq_len, prompt_len) (ValueError for settings that cannot work),
 # observe(cache, layer, q, att) (update its statistic from the new queries) and victim(cache, layer) ->
-# (B, nh) slots. Two rules hold for every policy:
+# (B, nh) slots; a policy that keeps state about the cached keys themselves also has
+# write(cache, layer, slot, k), called before the cache writes keys k (B, nh, T, hs) into slot (B, nh, T)
+# (prefill: T empty slots; decode: T = 1, the victim's or an empty one). Two rules hold for every policy:
 # - keep_prompt=True: no prompt position of a row is ever a victim; the rule chooses among that row's
 #   generated tokens only (reasoning RL compresses the trace and keeps the question, as Sparse-RL does).
 # - ties in a score go to the oldest position, so the victim never depends on which slot a key is in.
@@ -52,6 +54,12 @@ def oldest(pos, allowed):
     return pos.masked_fill(~allowed, NEVER).argmin(-1)
 
 
+def oldest_first(pos, allowed):
+    """(B, nh, S) -> (B, nh, S): the slots of the allowed positions, oldest first, then the others.
+    A sort, O(S log S): ranking each key against every other would be an S x S matrix per step."""
+    return pos.masked_fill(~allowed, NEVER).argsort(-1)
+
+
 def lowest(score, pos, allowed):
     """(B, nh, S) -> (B, nh): the slot of the allowed key with the lowest score, the oldest of any tie."""
     score = score.masked_fill(~allowed, float("inf"))
@@ -59,13 +67,30 @@ def lowest(score, pos, allowed):
     return oldest(pos, tied & allowed)
 
 
-def in_position_order(pool, values, pos, kernel):
-    """Pool values (B, nh, S) over neighbouring keys in position order, not slot order; back in slot order."""
+def in_position_order(pool, values, order, kernel):
+    """Pool values (B, nh, S) over neighbouring keys in position order, not slot order; back in slot order.
+    order (B, nh, S): the slots by position (cache.by_position)."""
     B, nh, S = values.shape
-    order = pos.argsort(-1)                                                # slots by position
     ranked = values.gather(-1, order).reshape(B * nh, 1, S)
     pooled = pool(ranked, kernel, stride=1, padding=kernel // 2).view(B, nh, S)
     return torch.empty_like(values).scatter_(-1, order, pooled)
+
+
+def key_norm(k):
+    """k (..., hs) -> (...,): |k| + 1e-8, so an empty slot's zero key has cosine 0 with every key."""
+    return k.norm(dim=-1) + 1e-8
+
+
+def cosine(a, b):
+    """a (..., m, hs), b (..., n, hs) -> (..., m, n): the cosine similarity of every pair of keys."""
+    return (a @ b.transpose(-2, -1)) / (key_norm(a)[..., :, None] * key_norm(b)[..., None, :])
+
+
+def newest_of(pos, allowed):
+    """(..., S) -> the slot of the allowed key with the highest position (...,), and whether there is one.
+    Positions count from 1 in the max, so a disallowed key (0) never wins over an allowed one."""
+    best = ((pos + 1) * allowed).max(-1)
+    return best.indices, best.values > 0
 
 
 def window_importance(cache, layer, window):
@@ -94,6 +119,9 @@ class Policy:
     uses_slot_scores = False  # a per-slot float statistic (cache.slot_scores)
     query_window = 0        # how many recent queries the cache keeps for the policy (cache.recent_q)
     scores_prompt = False   # a per-prompt-position score (cache.prompt_scores)
+    orders_by_position = False  # the slots sorted by position, to pool over neighbours (cache.by_position)
+    keeps_key_similarity = False  # R-KV's key similarity per slot (cache.similarity_sum, newest_similar,
+    #                               spared_similarity, key_norms)
 
     def __init__(self, keep_prompt=False):
         self.keep_prompt = keep_prompt
@@ -112,6 +140,9 @@ class Policy:
         if self.keep_prompt:
             return pos >= cache.prompt_lengths[:, None, None]
         return pos >= 0
+
+    def write(self, cache, layer, slot, k):
+        pass
 
     def observe(self, cache, layer, q, att):
         pass
@@ -246,6 +277,7 @@ class SnapKV(Policy):
         self.window, self.kernel = window, kernel
         self.scores_prompt = not keep_prompt  # raw window attention per prompt position, then pooled
         self.query_window = window if keep_prompt else 0
+        self.orders_by_position = keep_prompt
 
     def check(self, budget, seq_len, prompt_len):
         super().check(budget, seq_len, prompt_len)
@@ -275,7 +307,7 @@ class SnapKV(Policy):
         pos = cache.held[layer]                                            # (B, nh, S), full: no empty slot
         if self.keep_prompt:
             importance, older = window_importance(cache, layer, self.window)
-            pooled = in_position_order(F.avg_pool1d, importance, pos, self.kernel)
+            pooled = in_position_order(F.avg_pool1d, importance, cache.by_position[layer], self.kernel)
             return lowest(pooled, pos, older & self.evictable(cache, layer))
         P = cache.prompt_lengths[:, None, None]                            # (B, 1, 1)
         body = (pos < P - self.window) & (cache.next_pos >= P)             # prompt keys, once scored
@@ -298,7 +330,15 @@ class RKV(Policy):
     pools and picks "most recent" in cache order, which after its first compression is score order; we use
     position order. When a key has no near-duplicate nothing is spared (the code's argmax over zeros spares
     key 0's entry). mix_lambda 0.1 as in the paper (its code defaults to 0.07); window 2 and kernel 3 scaled
-    to our sequences (published 8 and 7, for budgets of 128 and more)."""
+    to our sequences (published 8 and 7, for budgets of 128 and more).
+    Cost: the redundancy needs every key's similarity to every other, an S x S matrix per head; recomputed
+    at each step it made R-KV's decode O(S^2 * hs) (25-40x streaming's time at S = 128). The cache instead
+    keeps four numbers per slot: its key's summed similarity to the others, the slot of its newest
+    near-duplicate and their cosine, and its norm; write moves them on as one key leaves and one enters,
+    O(S * hs) per step, and the victims are the same. Pooling reads the slots in position order, which the
+    cache keeps too (a sort per step cost as much as the rest of the step)."""
+    orders_by_position = True
+    keeps_key_similarity = True
 
     def __init__(self, window=2, kernel=3, mix_lambda=0.1, threshold=0.5, keep_prompt=False):
         super().__init__(keep_prompt)
@@ -312,21 +352,77 @@ class RKV(Policy):
             raise ValueError(f"policy 'rkv' needs 0 <= mix_lambda <= 1 and -1 <= threshold <= 1, got "
                              f"mix_lambda={self.mix_lambda}, threshold={self.threshold}")
 
-    def redundancy(self, k, pos):
-        """k (B, nh, S, hs), pos (B, nh, S) -> (B, nh, S): softmax over keys of their mean similarity."""
-        unit = k / (k.norm(dim=-1, keepdim=True) + 1e-8)
-        sim = unit @ unit.transpose(-2, -1)                                # (B, nh, S, S) cosine, row i col j
-        sim.diagonal(dim1=-2, dim2=-1).zero_()                             # a key is not its own duplicate
-        similar = sim > self.threshold
-        newest = pos[:, :, None, :].masked_fill(~similar, -1).argmax(-1, keepdim=True)  # (B, nh, S, 1)
-        spared = torch.zeros_like(similar).scatter_(-1, newest, True) & similar  # i's newest near-duplicate
-        return torch.where(spared, 0.0, sim).mean(2).softmax(-1)
+    def redundancy(self, cache, layer):
+        """(B, nh, S): softmax over keys j of the mean over keys i of cos(k_i, k_j), each i's newest
+        near-duplicate spared. From the state the cache keeps (see write): O(S) per head."""
+        newest, spared = cache.newest_similar[layer], cache.spared_similarity[layer]  # (B, nh, S) each
+        spared_by_column = torch.zeros_like(spared).scatter_add_(-1, newest.clamp(min=0), spared)  # 0 if none
+        return ((cache.similarity_sum[layer] - spared_by_column) / spared.shape[-1]).softmax(-1)
+
+    def key_similarity(self, k, pos):
+        """The state, from its definition (the S x S cosine matrix): k (B, nh, S, hs), pos (B, nh, S), -1 =
+        empty -> similarity_sum, sum over the other cached keys i of cos(k_i, k_j); newest_similar, the slot
+        of key i's newest near-duplicate (cosine > threshold), -1 if none; spared_similarity, their cosine,
+        0 if none; each (B, nh, S). Prefill builds the state with it; tests check write against it."""
+        sim = cosine(k, k)                                                 # (B, nh, S, S), row i col j
+        sim.diagonal(dim1=-2, dim2=-1).zero_()
+        not_self = ~torch.eye(pos.shape[-1], dtype=torch.bool, device=pos.device)  # not its own duplicate
+        similar = (sim > self.threshold) & not_self & (pos[..., None, :] >= 0) & (pos[..., :, None] >= 0)
+        newest, found = newest_of(pos[:, :, None, :], similar)             # (B, nh, S) each
+        spared = sim.gather(-1, newest[..., None])[..., 0]
+        return sim.sum(2), torch.where(found, newest, -1), torch.where(found, spared, 0.0)
+
+    def write(self, cache, layer, slot, k):
+        """Before the cache writes the new keys k (B, nh, T, hs) into `slot` (B, nh, T): move the state on
+        by the key that leaves and the one that enters, O(S * hs) per head, not the S x S recomputation.
+        A sum adds and subtracts one cosine per step, so it drifts from a recomputation by rounding: over
+        tests/test_policy_state.py's rollouts (~50 writes per slot) by <= 3.8e-6 in float32 and 7.1e-15 in
+        float64, which there never changed a victim; the slots (newest_similar) agree exactly."""
+        state = cache.similarity_sum[layer], cache.newest_similar[layer], cache.spared_similarity[layer]
+        total, newest, spared = state                                      # (B, nh, S) each
+        if k.shape[2] > 1:  # prefill, into an empty cache: the state from its definition
+            for buffer, value in zip(state, self.key_similarity(k, slot)):  # slot s holds position s
+                buffer[..., :k.shape[2]] = value
+            cache.key_norms[layer, :, :, :k.shape[2]] = key_norm(k)
+            return
+        pos, keys = cache.held[layer], cache.k[layer]                      # (B, nh, S), (B, nh, S, hs)
+        norm = cache.key_norms[layer]                                      # (B, nh, S); empty slots: 1e-8
+        staying = (pos >= 0) & (torch.arange(pos.shape[-1], device=pos.device) != slot)  # (B, nh, S)
+        leaving = keys.gather(2, slot[..., None].expand_as(k))             # (B, nh, 1, hs)
+        dots = keys @ torch.cat([k, leaving], 2).transpose(-2, -1)         # (B, nh, S, 2)
+        cos_new, cos_old = (dots / norm[..., None]).unbind(-1)             # (B, nh, S) each
+        cos_new = torch.where(staying, cos_new / key_norm(k), 0.0)
+        cos_old = cos_old / norm.gather(-1, slot)                          # (0 at empty slots: zero keys)
+        total += cos_new - cos_old
+        total.scatter_(-1, slot, cos_new.sum(-1, keepdim=True))          # the new key's own column
+        norm.scatter_(-1, slot, key_norm(k))
+        # the new key is the newest of all: the newest near-duplicate of every key it is similar to
+        near_new = (cos_new > self.threshold) & staying
+        orphaned = (newest == slot) & staying & ~near_new                  # their newest duplicate leaves
+        newest.copy_(torch.where(near_new, slot, newest))
+        spared.copy_(torch.where(near_new, cos_new, spared))
+        own, found = newest_of(pos, near_new)                              # (B, nh): the new key's own
+        own_cos = torch.where(found, cos_new.gather(-1, own[..., None])[..., 0], 0.0)
+        newest.scatter_(-1, slot, torch.where(found, own, -1)[..., None])
+        spared.scatter_(-1, slot, own_cos[..., None])
+        head, i = orphaned.flatten(0, 1).nonzero(as_tuple=True)            # (n,) of B * nh heads, (n,) slots
+        if len(i):  # ~1 key per head and step (T = 513, S = 128): recompute their S cosines
+            head_keys = keys.flatten(0, 1).index_select(0, head)           # (n, S, hs)
+            head_norm = norm.flatten(0, 1).index_select(0, head)           # (n, S)
+            n = torch.arange(len(i), device=i.device)
+            dots = (head_keys @ head_keys[n, i, :, None])[..., 0]          # (n, S)
+            sim = dots / (head_norm * head_norm[n, i, None])
+            candidate = (sim > self.threshold) & staying.flatten(0, 1).index_select(0, head)
+            candidate[n, i] = False                                        # cos(k_i, every other key)
+            latest, found = newest_of(pos.flatten(0, 1).index_select(0, head), candidate)  # (n,)
+            newest.flatten(0, 1)[head, i] = torch.where(found, latest, -1)
+            spared.flatten(0, 1)[head, i] = torch.where(found, sim.gather(-1, latest[:, None])[:, 0], 0.0)
 
     def victim(self, cache, layer):
         pos = cache.held[layer]                                            # (B, nh, S), full
         importance, older = window_importance(cache, layer, self.window)
-        pooled = in_position_order(F.max_pool1d, importance, pos, self.kernel)
-        score = self.mix_lambda * pooled - (1 - self.mix_lambda) * self.redundancy(cache.k[layer], pos)
+        pooled = in_position_order(F.max_pool1d, importance, cache.by_position[layer], self.kernel)
+        score = self.mix_lambda * pooled - (1 - self.mix_lambda) * self.redundancy(cache, layer)
         return lowest(score, pos, older & self.evictable(cache, layer))
 
 
@@ -343,10 +439,8 @@ class Random(Policy):
         n = allowed.sum(-1)                                               # (B, nh) candidates
         u = torch.rand(pos.shape[:-1], generator=g, device=device).to(pos.device)
         chosen = (u * n).long().clamp(max=n - 1)                           # (B, nh): the chosen-th oldest
-        # older[..., s, s']: slot s' holds a candidate older than slot s's key, (B, nh, S, S)
-        older = (pos[..., None, :] < pos[..., :, None]) & allowed[..., None, :]
-        n_older = older.sum(-1)                                            # (B, nh, S)
-        return (n_older.eq(chosen[..., None]) & allowed).long().argmax(-1)
+        by_age = oldest_first(pos, allowed)                                # (B, nh, S), candidates first
+        return by_age.gather(-1, chosen[..., None]).squeeze(-1)
 
 
 POLICIES = {"full": Full, "streaming": Streaming, "h2o": H2O, "tova": TOVA, "snapkv": SnapKV, "rkv": RKV,

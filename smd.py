@@ -79,12 +79,26 @@ class KVCache:
         # the position each slot holds, -1 when empty
         self.held = torch.full((L, B, nh, S), -1, device=device, dtype=torch.long)
         # what the policy keeps, each only if it needs it: a per-slot attention statistic (H2O: mass received,
-        # TOVA: newest query's attention), the last queries (R-KV), a score per prompt position (SnapKV)
+        # TOVA: newest query's attention), the last queries (R-KV), a score per prompt position (SnapKV), the
+        # keys' similarity (R-KV)
         self.slot_scores = None
         if policy.uses_slot_scores:
             self.slot_scores = torch.zeros(L, B, nh, S, device=device, dtype=dtype)
         W = policy.query_window
         self.recent_q = torch.zeros(L, B, nh, W, hs, device=device, dtype=dtype) if W else None
+        # R-KV: per slot, its key's summed cosine similarity to the other cached keys, the slot of its
+        # newest near-duplicate (-1: none), their cosine and the key's norm, kept up to date by policy.write
+        self.similarity_sum = self.newest_similar = self.spared_similarity = self.key_norms = None
+        if policy.keeps_key_similarity:
+            self.similarity_sum = torch.zeros(L, B, nh, S, device=device, dtype=dtype)
+            self.newest_similar = torch.full((L, B, nh, S), -1, device=device, dtype=torch.long)
+            self.spared_similarity = torch.zeros(L, B, nh, S, device=device, dtype=dtype)
+            self.key_norms = torch.full((L, B, nh, S), 1e-8, device=device, dtype=dtype)  # |k| + 1e-8
+        # the slots sorted by position (empty ones first), kept as each write moves its slot to the back
+        # (the newest position): a sort per step would cost R-KV as much as the rest of its decode step
+        self.by_position = None
+        if policy.orders_by_position:
+            self.by_position = torch.arange(S, device=device).expand(L, B, nh, S).clone()
         self.prompt_scores = None
         if policy.scores_prompt:
             n_prompt = max(int(self.prompt_lengths.max()), 1)
@@ -96,7 +110,9 @@ class KVCache:
     def nbytes(self):
         """Every buffer the cache holds for the policy: keys, values, positions, and the policy's statistics.
         (The shadow mask's write log is O(T), not O(budget), and is counted separately.)"""
-        buffers = (self.k, self.v, self.held, self.slot_scores, self.recent_q, self.prompt_scores)
+        buffers = (self.k, self.v, self.held, self.slot_scores, self.recent_q, self.prompt_scores,
+                   self.similarity_sum, self.newest_similar, self.spared_similarity, self.key_norms,
+                   self.by_position)
         return sum(t.nbytes for t in buffers if t is not None)
 
     def update(self, layer, k, v):
@@ -108,15 +124,19 @@ class KVCache:
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if T > 1:  # prefill: the first tokens go into empty slots 0..T-1, no eviction
             assert t0 == 0 and T <= S, "prefill must start an empty cache and fit in it"
+            self.policy.write(self, layer, torch.arange(T, device=k.device).expand(*k.shape[:2], T), k)
             self.k[layer, :, :, :T] = k
             self.v[layer, :, :, :T] = v
             self.held[layer, :, :, :T] = torch.arange(T, device=k.device)
             self.shadow_mask.slot_of[layer, :, :, :T] = torch.arange(T, device=k.device)  # prefill's log
+            if self.by_position is not None:  # the empty slots T.., then 0..T-1
+                self.by_position[layer] = torch.arange(S, device=k.device).roll(-T)
         else:
             if t0 < S:  # not full yet: every row and head fills slot t0
                 slot = torch.full(self.held.shape[1:3], t0, device=k.device, dtype=torch.long)  # (B, nh)
             else:
                 slot = self.policy.victim(self, layer)
+            self.policy.write(self, layer, slot[:, :, None], k)             # first: it reads the leaving key
             index = slot[:, :, None, None]                                 # (B, nh, 1, 1)
             hs_index = index.expand(-1, -1, 1, k.shape[-1])
             self.k[layer].scatter_(2, hs_index, k)
@@ -125,6 +145,8 @@ class KVCache:
             if self.slot_scores is not None:
                 self.slot_scores[layer].scatter_(2, index[..., 0], 0.0)    # a new token starts with no mass
             self.shadow_mask.slot_of[layer, :, :, t0] = slot               # decode's log
+            if self.by_position is not None:
+                self.by_position[layer] = move_to_back(self.by_position[layer], slot[:, :, None])
         pos = self.held[layer][:, :, None, :]                              # (B, nh, 1, S)
         query_pos = torch.arange(t0, t0 + T, device=k.device)[:, None]     # (T, 1)
         visible = (pos >= 0) & (pos <= query_pos)                          # (B, nh, T, S)
@@ -139,6 +161,15 @@ class KVCache:
     def advance(self, T):
         """The next T positions have been written in every layer: the clock moves on."""
         self.next_pos += T
+
+
+def move_to_back(order, slot):
+    """order (B, nh, S), a permutation of the slots; slot (B, nh, 1) -> that order with slot moved last."""
+    j = torch.arange(order.shape[-1], device=order.device)
+    at = (order == slot).int().argmax(-1, keepdim=True)                     # (B, nh, 1): where slot is now
+    moved = order.gather(-1, (j + (j >= at)).clamp(max=order.shape[-1] - 1))  # those after it move up one
+    moved[..., -1:] = slot
+    return moved
 
 # -----------------------------------------------------------------------------
 # 3. The sampler

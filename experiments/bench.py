@@ -104,8 +104,8 @@ def learner_memory(model, loss_fn, cuda):
     allocation and free, in time order; the running total's maximum is the peak. Per-op totals would not do:
     an op's net allocation, booked at its start, lets memory it frees at its end cancel what the ops it calls
     allocated while it was still alive. Counting only the tensors saved for backward would miss the
-    temporaries, and on the gather path those dominate: each checkpointed chunk rebuilds
-    (B, nh, GATHER_CHUNK, S, hs) keys and values, in forward and again in backward."""
+    temporaries, and on the gather path those dominate: each chunk gathers (B, nh, GATHER_CHUNK, S, hs) keys
+    and values, in forward and again in its written-out backward."""
     model.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.synchronize()
