@@ -387,10 +387,7 @@ def main(argv):
     if own["design"]:
         tables = tuning_table if own["stage"] == "tuning" else design_tables
         print(tables(own, cfg, summaries))
-        print(f"total {time.time() - t0:.0f}s")
-        if failed:
-            sys.exit(f"{len(failed)} of {len(plan)} runs failed, the tables above are without them:\n"
-                     + "\n".join(failed))
+        finish(t0, failed, plan)
         return summaries
     results = [(n, [summaries.get((n, cfg["budget"], w, s)) for w, s in own["runs"]]) for n in own["rows"]]
     if not plan:
@@ -406,11 +403,16 @@ def main(argv):
         print(transfer_table(results, own["transfer"].split(",")))
     if own["sweep"]:
         print(sweep_table(cfg, own, summaries))
+    finish(t0, failed, plan)
+    return results
+
+
+def finish(t0, failed, plan):
+    """The last line, and exit status 1 naming the failed runs if any (the tables above keep the others)."""
     print(f"total {time.time() - t0:.0f}s")
     if failed:
         sys.exit(f"{len(failed)} of {len(plan)} runs failed, the tables above are without them:\n"
                  + "\n".join(failed))
-    return results
 
 
 def paired_table(results, pairs):
