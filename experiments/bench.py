@@ -1,14 +1,17 @@
 """
-Benchmark of what SMD saves and what it costs, several sequence lengths and budgets side by side in one run:
-  sampler  KV-cache bytes and decode speed of a compressed rollout vs a full one, shadow-mask bytes vs a
-           full T x T bool mask, and the sampler/learner log-prob mismatch;
+Benchmark of what SMD saves and what it costs, at the lengths where compression pays (T up to 2048 on a
+CPU, 4096 on one GPU), every length, budget and policy side by side in one run:
+  sampler  per policy: KV-cache bytes and decode speed of a compressed rollout vs a full one, each ratio
+           beside its bound (S/T for the bytes; for the speed, the ratio of the decode FLOPs, what a
+           compute-bound decoder would gain), shadow-mask bytes vs a full T x T bool mask, and the
+           sampler/learner log-prob mismatch;
   learner  forward+backward time and memory with the shadow mask (mask and gather paths) vs plain
            causal attention, and where the gather path's memory (O(T * S), plus a fixed per-chunk transient of
            O(GATHER_CHUNK * S * hs)) drops below the mask path's O(T^2).
 Random-init model, random prompts, no training; --trained=True adds the sampler/learner gap of the model
 train.py trains (its default warm-up), rolled out as train.py does.
 
-    python -m experiments.bench                # CPU, one thread, about a minute
+    python -m experiments.bench                # CPU, one thread, ~10 minutes
     python -m experiments.bench --device=cuda  # one GPU: CUDA_PRESET's model and lengths, then other flags
     python -m experiments.bench --help         # the settings
 """
@@ -28,9 +31,9 @@ from smd import learner_logprobs, rollout
 # -----------------------------------------------------------------------------
 # config, overridable as --key=value; --device=cuda first switches to the one-GPU preset below
 device = "cpu"             # "cuda" (or "cuda:1") applies CUDA_PRESET first, then the other overrides
-lengths = (128, 256, 512)  # total sequence lengths T (prompt + response)
-budgets = (32, 64)         # KV-cache slots S of the compressed rollouts; the baseline is 'full' with S = T
-policy = "h2o"             # eviction policy of the compressed rollouts
+lengths = (512, 1024, 2048)  # total sequence lengths T (prompt + response)
+budgets = (128, 256)       # KV-cache slots S of the compressed rollouts; the baseline is 'full' with S = T
+policies = "streaming,h2o,tova,snapkv,rkv"  # eviction policies, one row each; the learner's tables use the first
 batch_size = 4             # rollouts per batch (B)
 prompt_len = 16            # random prompt tokens per rollout
 n_layer = 4                # model size (L)
@@ -39,12 +42,12 @@ n_embd = 128               # width (C)
 vocab_size = 64            # random tokens are drawn from this many
 init_std = 0.1             # larger than GPT-2's 0.02 so attention is peaked and eviction scores differ
 exact = False              # batch-invariant linears: bitwise sampler == gather learner on CPU, but slow
-repeats = 3                # timed repeats after one warm-up; we report the fastest, the least disturbed
+repeats = 2                # timed repeats after one warm-up; we report the fastest, the least disturbed
 seed = 1337                # model weights, prompts and sampling
 threads = 1                # CPU threads: with more, a busy machine stalls their barriers and times explode
 trained = False            # also measure the gap on train.py's default warm-up (the shipped base)
 CONFIG = configurator.knobs(globals())
-CUDA_PRESET = dict(lengths=(256, 512, 1024, 2048), budgets=(64, 256), batch_size=4,
+CUDA_PRESET = dict(lengths=(1024, 2048, 4096), budgets=(128, 512), batch_size=4,
                    n_layer=8, n_head=8, n_embd=512, vocab_size=256)
 EPILOG = "--device=cuda first sets " + " ".join(f"--{k}={configurator.show(v)}"
                                                  for k, v in CUDA_PRESET.items())
@@ -66,13 +69,26 @@ def make_config(argv):
     if not all(0 < S < shortest for S in cfg["budgets"]) or cfg["prompt_len"] >= shortest:
         raise ValueError(f"every budget ({configurator.show(cfg['budgets'])}) and prompt_len "
                          f"({cfg['prompt_len']}) must be below the shortest length {shortest}")
-    make_policy(cfg["policy"])  # an unknown name raises, listing the known ones
+    cfg["policies"] = tuple(name for name in cfg["policies"].split(",") if name)
+    if not cfg["policies"] or "full" in cfg["policies"]:
+        raise ValueError(f"policies must name at least one evicting policy (the full cache is every row's "
+                         f"baseline), got {','.join(cfg['policies'])!r}")
+    for name in cfg["policies"]:
+        make_policy(name)  # an unknown name raises, listing the known ones
     return cfg
 
 
 def model_config(cfg):
     return GPTConfig(block_size=max(cfg["lengths"]), vocab_size=cfg["vocab_size"], n_layer=cfg["n_layer"],
                      n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0)
+
+
+def decode_flops(cfg, slots):
+    """Multiply-adds x 2 of one decode step, whose attention runs over `slots` cache slots (every slot of the
+    static buffer, filled or not, as KVCache computes it; full: S = T): per layer the q, k, v, output and MLP
+    projections (12 C^2 weights) and the scores and weighted values (2 x C per slot), then the logits."""
+    C, L, V = cfg["n_embd"], cfg["n_layer"], cfg["vocab_size"]
+    return 2 * (L * (12 * C * C + 2 * C * slots) + C * V)
 
 
 def best_time(fn, repeats, sync):
@@ -194,42 +210,50 @@ def main(argv):
         causal_s, _ = timed(lambda: fwd_bwd(model, lambda: learner_loss(*causal_batch, "mask")))
         causal_mem = learner_memory(model, lambda: learner_loss(*causal_batch, "mask"), cuda)
         for S in cfg["budgets"]:
-            comp_s, r = timed(lambda: sample(T, S, cfg["policy"]))
-            with torch.no_grad():
-                delta = {a: (learner_logprobs(model, r.tokens, r.shadow_mask, attention=a) - r.logprobs)
-                         [r.response_mask].abs().max().item() for a in ("mask", "gather")}
-            full_mask_bytes = cfg["n_layer"] * B * cfg["n_head"] * T * T  # a bool byte per (query, key)
-            mask_bytes = r.shadow_mask.slot_of.nbytes
-            rows_sampler.append((T, S, r.kv_bytes / 2**10, full.kv_bytes / 2**10, r.kv_bytes / full.kv_bytes,
-                                 n_new / comp_s, n_new / full_s, full_s / comp_s, mask_bytes / 2**10,
-                                 full_mask_bytes / 2**10, mask_bytes / full_mask_bytes,
-                                 delta["mask"], delta["gather"]))
-            batch = model, r.tokens, r.response_mask.float(), r.shadow_mask
-            paths = ("mask", "gather")
-            t = {a: timed(lambda: fwd_bwd(model, lambda: learner_loss(*batch, a)))[0] for a in paths}
-            mem = {a: learner_memory(model, lambda: learner_loss(*batch, a), cuda) for a in paths}
-            rows_learner.append((T, S, causal_s * 1e3, t["mask"] / causal_s, t["gather"] / causal_s,
-                                 causal_mem / 2**20, mem["mask"] / causal_mem, mem["gather"] / causal_mem))
-            rows_paths.append((T, S, t["mask"] * 1e3, t["gather"] * 1e3, t["gather"] / t["mask"],
-                               mem["mask"] / 2**20, mem["gather"] / 2**20, mem["gather"] / mem["mask"]))
-            print(f"measured T={T} S={S}", file=sys.stderr)
+            for name in cfg["policies"]:
+                comp_s, r = timed(lambda: sample(T, S, name))
+                with torch.no_grad():
+                    delta = {a: (learner_logprobs(model, r.tokens, r.shadow_mask, attention=a) - r.logprobs)
+                             [r.response_mask].abs().max().item() for a in ("mask", "gather")}
+                full_mask_bytes = cfg["n_layer"] * B * cfg["n_head"] * T * T  # a bool byte per (query, key)
+                mask_bytes = r.shadow_mask.slot_of.nbytes
+                rows_sampler.append((T, S, name, r.kv_bytes / 2**10, full.kv_bytes / 2**10,
+                                     r.kv_bytes / full.kv_bytes, S / T, n_new / comp_s, n_new / full_s,
+                                     full_s / comp_s, decode_flops(cfg, T) / decode_flops(cfg, S),
+                                     mask_bytes / 2**10, mask_bytes / full_mask_bytes,
+                                     delta["mask"], delta["gather"]))
+                print(f"measured T={T} S={S} {name}", file=sys.stderr)
+                if name != cfg["policies"][0]:
+                    continue
+                # the learner's cost depends on T and S, not on which slots the policy chose: once per (T, S)
+                batch = model, r.tokens, r.response_mask.float(), r.shadow_mask
+                paths = ("mask", "gather")
+                t = {a: timed(lambda: fwd_bwd(model, lambda: learner_loss(*batch, a)))[0] for a in paths}
+                mem = {a: learner_memory(model, lambda: learner_loss(*batch, a), cuda) for a in paths}
+                rows_learner.append((T, S, causal_s * 1e3, t["mask"] / causal_s, t["gather"] / causal_s,
+                                     causal_mem / 2**20, mem["mask"] / causal_mem, mem["gather"] / causal_mem))
+                rows_paths.append((T, S, t["mask"] * 1e3, t["gather"] * 1e3, t["gather"] / t["mask"],
+                                   mem["mask"] / 2**20, mem["gather"] / 2**20, mem["gather"] / mem["mask"]))
 
-    print(f"device={cfg['device']} policy={cfg['policy']} B={B} prompt={P} L={cfg['n_layer']} "
+    print(f"device={cfg['device']} policies={','.join(cfg['policies'])} B={B} prompt={P} L={cfg['n_layer']} "
           f"nh={cfg['n_head']} C={cfg['n_embd']} vocab={cfg['vocab_size']} exact={cfg['exact']}; times are "
           f"the best of {cfg['repeats']}; full = no eviction (S = T); learner memory = peak allocated during "
           f"forward+backward "
           f"({'CUDA allocator' if cuda else 'CPU profiler'})")
-    table("(a) sampler: compressed (S slots) vs full KV cache; shadow mask vs a full T x T bool mask; "
-          "max |sampler - learner| log-prob on response tokens",
-          ["T", "S", "KV KiB", "full KiB", "KV ratio", "tok/s", "full tok/s", "speed ratio",
-           "mask KiB", "T x T KiB", "mask ratio", "|d| mask", "|d| gather"],
-          ["{}", "{}", "{:.0f}", "{:.0f}", "{:.3f}", "{:.0f}", "{:.0f}", "{:.2f}x", "{:.0f}", "{:.0f}",
-           "{:.3f}", "{:.1e}", "{:.1e}"], rows_sampler)
-    table("(b) learner forward+backward with the shadow mask, as ratios to plain causal attention",
+    table("(a) sampler, per policy: compressed (S slots) vs full KV cache, each ratio beside its bound (S/T: "
+          "keys and values alone; FLOP bound: full / compressed decode FLOPs); shadow mask vs a full T x T "
+          "bool mask; max |sampler - learner| log-prob on response tokens",
+          ["T", "S", "policy", "KV KiB", "full KiB", "KV ratio", "S/T", "tok/s", "full tok/s", "speed ratio",
+           "FLOP bound", "mask KiB", "mask ratio", "|d| mask", "|d| gather"],
+          ["{}", "{}", "{}", "{:.0f}", "{:.0f}", "{:.3f}", "{:.3f}", "{:.0f}", "{:.0f}", "{:.2f}x", "{:.2f}x",
+           "{:.0f}", "{:.4f}", "{:.1e}", "{:.1e}"], rows_sampler)
+    table(f"(b) learner forward+backward with the shadow mask ({cfg['policies'][0]}'s), as ratios to plain "
+          f"causal attention",
           ["T", "S", "causal ms", "mask/causal", "gather/causal", "causal MiB", "mask/causal",
            "gather/causal"],
           ["{}", "{}", "{:.1f}", "{:.2f}x", "{:.2f}x", "{:.1f}", "{:.2f}x", "{:.2f}x"], rows_learner)
-    table("(c) learner forward+backward with the shadow mask: gather path vs mask path as T grows",
+    table(f"(c) learner forward+backward with the shadow mask ({cfg['policies'][0]}'s): gather path vs mask "
+          f"path as T grows",
           ["T", "S", "mask ms", "gather ms", "gather/mask", "mask MiB", "gather MiB", "gather/mask"],
           ["{}", "{}", "{:.1f}", "{:.1f}", "{:.2f}x", "{:.1f}", "{:.1f}", "{:.2f}x"], rows_paths)
     if cfg["trained"]:

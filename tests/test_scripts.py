@@ -258,20 +258,26 @@ def test_the_readmes_code_runs_as_printed(capsys):
         del policies.POLICIES["keep_first_tova"]
 
 
-def test_bench_runs_and_reports_budget_sized_kv_memory():
+def test_bench_runs_and_reports_budget_sized_kv_memory_per_policy_beside_its_bounds():
     args = ["--lengths=(32,48)", "--budgets=(8,)", "--batch_size=1", "--n_layer=1", "--n_embd=32",
-            "--n_head=2", "--repeats=1", "--prompt_len=4"]
+            "--n_head=2", "--repeats=1", "--prompt_len=4", "--policies=h2o,streaming"]
     out = subprocess.run([sys.executable, "-m", "experiments.bench", *args], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines()
             if line.split()[:2] in (["32", "8"], ["48", "8"])]
-    assert len(rows) == 6  # T=32 and T=48 in each of the three tables
+    sampler = [row for row in rows if row[2] in ("h2o", "streaming")]
+    assert [row[2] for row in sampler] == ["h2o", "streaming"] * 2  # one row per policy, each T
+    assert len(rows) == 4 + 2 * 2  # and T=32, T=48 once in each learner table
     # KV ratio, from the bytes per slot: h2o keeps K, V (2 x 16 floats), a long position and a float
-    # slot_scores; the full cache that was actually run (S = T) needs none
+    # slot_scores; streaming and the full cache that was actually run (S = T) need neither score
     per_slot, full_per_slot = 2 * 16 * 4 + 8 + 4, 2 * 16 * 4 + 8
-    assert ([float(rows[0][4]), float(rows[1][4])]
+    assert ([float(sampler[0][5]), float(sampler[2][5])]
             == [round(8 * per_slot / (T * full_per_slot), 3) for T in (32, 48)])
+    assert float(sampler[1][5]) == float(sampler[1][6]) == round(8 / 32, 3)  # streaming: exactly S/T
+    # the FLOP bound: per decode token 2 x (12 C^2 + 2 C slots) + 2 C V, with C = 32, V = 64
+    flops = lambda slots: 12 * 32 * 32 + 2 * 32 * slots + 32 * 64
+    assert float(sampler[2][10].rstrip("x")) == round(flops(48) / flops(8), 2)
 
 
 def test_bench_on_a_gpu_takes_its_preset_first_then_the_other_flags(monkeypatch):
