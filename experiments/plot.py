@@ -1,7 +1,8 @@
 """
 One picture of a comparison: per row of compare.py (mean over its runs), the training reward, the
 full-cache and the compressed greedy accuracy, and the sampler/learner mismatch (log scale) over GRPO steps;
-then the frontier a reader decides from: every row and setting of the comparison at its final step,
+then the frontier a reader decides from: every row and setting of the comparison at its final step (with
+--design, at the report step the design chose for it on validation, where compare.py reads its accuracy),
 full-cache against compressed accuracy, each with its 95% t interval over the runs. Read from the JSONL logs
 of the runs out/compare.json lists; the accuracy curves are the runs' evaluations (every eval_interval steps:
 10 in the committed design), the reward is each row's own rollouts' (full mode's from the full cache, dashed).
@@ -9,12 +10,14 @@ Needs matplotlib and scipy, which the core does not: `pip install matplotlib sci
 
     python -m experiments.plot                      # compare.py's runs at the default budget
     python -m experiments.plot --out_dir=out --budget=28 --rows=full,naive,tis,smd --file=out/run.png
+    python -m experiments.plot --design=experiments/design.toml --budget=46  # the design's report steps
     python -m experiments.plot --help               # the settings
 """
 
 import json
 import os
 import sys
+import tomllib
 from collections import defaultdict
 
 import configurator
@@ -27,6 +30,7 @@ budget = 28                                 # the compare.py budget whose runs t
 rows = ""                                   # compare.py rows whose curves to draw, in order ("": all)
 file = "experiments/run.png"                # the picture written (the results page shows this one)
 smooth = 10                                 # moving average over this many steps for the per-step curves
+design = ""                                 # a design file: the frontier at its [main] report steps
 CONFIG = configurator.knobs(globals())
 # -----------------------------------------------------------------------------
 
@@ -55,10 +59,21 @@ def load(out_dir, row, budget):
     return runs
 
 
-def final_accuracies(runs):
-    """(compressed, full-cache) final greedy accuracy of each run, as two lists."""
-    last = [run["eval"][-1] for run in runs if run["eval"]]
-    return [r["acc_compressed"] for r in last], [r["acc_full"] for r in last]
+def final_accuracies(runs, step=None):
+    """(compressed, full-cache) greedy accuracy of each run at `step` (None: its last evaluation), as two
+    lists."""
+    at = [[r for r in run["eval"] if r["step"] == step] if step is not None else run["eval"][-1:]
+          for run in runs]
+    if any(not a for a in at):
+        raise ValueError(f"a run has no evaluation at step {step}")
+    return [a[0]["acc_compressed"] for a in at], [a[0]["acc_full"] for a in at]
+
+
+def report_steps(path):
+    """The design file's row spec (as compare.json names it) -> its report step."""
+    with open(path, "rb") as f:
+        main = tomllib.load(f)["main"]
+    return {spec: main["report_steps"][label] for label, spec in main["rows"].items()}
 
 
 def half_width(values):
@@ -91,6 +106,8 @@ def make_config(argv):
     cfg = dict(CONFIG, **configurator.parse(argv, CONFIG))
     if cfg["smooth"] < 1:
         raise ValueError(f"smooth must be >= 1 (1: no smoothing), got {cfg['smooth']}")
+    if cfg["design"] and not os.path.exists(cfg["design"]):
+        raise ValueError(f"no design file {cfg['design']!r}")
     return cfg
 
 
@@ -131,12 +148,14 @@ def main(argv):
                  f"budget {cfg['budget']}")
     axes[3].set_yscale("log")
     axes[0].legend(fontsize=7)
+    steps = report_steps(cfg["design"]) if cfg["design"] else {}
     for row in manifest_rows(cfg["out_dir"], cfg["budget"]):  # the frontier: every row and setting
-        compressed, full = final_accuracies(load(cfg["out_dir"], row, cfg["budget"]))
+        compressed, full = final_accuracies(load(cfg["out_dir"], row, cfg["budget"]), steps.get(row))
         if compressed:
             axes[4].errorbar(sum(compressed) / len(compressed), sum(full) / len(full), fmt="o", ms=4,
                              xerr=half_width(compressed), yerr=half_width(full), capsize=2, label=row)
-    axes[4].set_title("final accuracy, mean and 95% t interval over runs", fontsize=9)
+    axes[4].set_title(("accuracy at the design's report step" if steps else "final accuracy")
+                      + ", mean and 95% t interval over runs", fontsize=9)
     axes[4].set_xlabel(f"compressed (budget {cfg['budget']})", fontsize=8)
     axes[4].set_ylabel("full cache", fontsize=8)
     axes[4].legend(fontsize=6)

@@ -509,6 +509,18 @@ def test_plot_draws_only_the_runs_of_the_last_comparison(tmp_path):
         plot.load(str(tmp_path), "smd", 28)
 
 
+def test_plot_reads_each_row_at_the_report_step_of_the_committed_design():
+    from experiments import plot
+    steps = plot.report_steps(os.path.join(ROOT, "experiments", "design.toml"))
+    assert steps["full@lr=3e-05"] == 60 and steps["smd@lr=3e-05"] == 120  # as compare.py reads them
+    evals = [{"step": n, "acc_full": n / 100, "acc_compressed": n / 200} for n in (0, 60, 120)]
+    runs = [{"eval": evals}, {"eval": evals[:2]}]
+    assert plot.final_accuracies(runs, 60) == ([0.3, 0.3], [0.6, 0.6])
+    assert plot.final_accuracies(runs) == ([0.6, 0.3], [1.2, 0.6])  # no design: each run's last evaluation
+    with pytest.raises(ValueError, match="step 120"):
+        plot.final_accuracies(runs, 120)  # a run that never reached its report step is not drawn as if it had
+
+
 def test_compare_reuses_a_finished_run_only_when_its_config_is_exactly_the_same(tmp_path):
     from experiments import compare
     argv = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--sft_steps=2", "--n_steps=2", "--eval_problems=4",
