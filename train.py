@@ -1,6 +1,6 @@
 """
-GRPO post-training of the small GPT on the arithmetic task, with a compressed (evicting) KV cache during
-rollouts. `--mode` picks how the learner treats those rollouts, so one command shows the whole story:
+GRPO post-training of the small GPT on a task from data/ (arithmetic by default; --task, --preset=long),
+with a compressed (evicting) KV cache during rollouts. `--mode` picks how the learner treats those rollouts, so one command shows the whole story:
   full   full-cache rollouts, unmasked learner: the on-policy reference;
   naive  compressed rollouts, unmasked (full-cache) learner: it silently trains on someone else's samples;
   tis    as naive, each token weighted by min(pi_learner / pi_sampler, tis_cap): patched, at a variance cost;
@@ -18,6 +18,8 @@ speed), out/<run_name>.jsonl holds the same, and the last line printed starts wi
     python train.py --mode=naive             # same base, shows the off-policy mismatch
     python train.py --mode=tis --policy=snapkv
     python train.py --preset=gpu             # a larger model and batch, for one GPU (never on by itself)
+    python train.py --preset=long            # the long-trace task, T = 513 (data/longtrace.py): GRPO from the
+                                             # shipped base; --base=trained adds its warm-up
 
 Not here: the base and its eviction-robust warm-up (warmup.py, phase 1), checkpoints, logs and the summary
 (runlog.py), the loss terms (objectives.py), the model (model.py), the eviction policies (policies.py), the
