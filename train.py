@@ -1,6 +1,7 @@
 """
 GRPO post-training of the small GPT on a task from data/ (arithmetic by default; --task, --preset=long),
-with a compressed (evicting) KV cache during rollouts. `--mode` picks how the learner treats those rollouts, so one command shows the whole story:
+with a compressed (evicting) KV cache during rollouts. `--mode` picks how the learner treats those rollouts,
+so one command shows the whole story:
   full   full-cache rollouts, unmasked learner: the on-policy reference;
   naive  compressed rollouts, unmasked (full-cache) learner: it silently trains on someone else's samples;
   tis    as naive, each token weighted by min(pi_learner / pi_sampler, tis_cap): patched, at a variance cost;
