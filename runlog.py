@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from data.arithmetic import max_lengths
+from data import TASKS
 
 # what the history keeps of each GRPO step (grpo_step returns them), besides kv_frac and the evaluations
 STEP_KEYS = ("reward", "mismatch_max", "mismatch_k3", "old_gap", "tis_ess", "sparse_rl_outside",
@@ -138,7 +138,7 @@ def time_line(times, summary):
 
 def summarize(cfg, history, rl_s, wall_s):
     """The run's summary: start and end accuracies and rewards, mean diagnostics, KV fraction, times."""
-    P, R = max_lengths()
+    P, R = TASKS[cfg["task"]].max_lengths()
     n, k = len(history["reward"]), min(10, len(history["reward"]))
     mean = lambda values: sum(values) / len(values)
     mean_in = lambda key, mode: mean(history[key]) if cfg["mode"] == mode else None

@@ -1,6 +1,7 @@
 """
-GRPO post-training of the small GPT on the arithmetic task, with a compressed (evicting) KV cache during
-rollouts. `--mode` picks how the learner treats those rollouts, so one command shows the whole story:
+GRPO post-training of the small GPT on a task from data/ (arithmetic by default; --task, --preset=long),
+with a compressed (evicting) KV cache during rollouts. `--mode` picks how the learner treats those rollouts,
+so one command shows the whole story:
   full   full-cache rollouts, unmasked learner: the on-policy reference;
   naive  compressed rollouts, unmasked (full-cache) learner: it silently trains on someone else's samples;
   tis    as naive, each token weighted by min(pi_learner / pi_sampler, tis_cap): patched, at a variance cost;
@@ -18,6 +19,8 @@ speed), out/<run_name>.jsonl holds the same, and the last line printed starts wi
     python train.py --mode=naive             # same base, shows the off-policy mismatch
     python train.py --mode=tis --policy=snapkv
     python train.py --preset=gpu             # a larger model and batch, for one GPU (never on by itself)
+    python train.py --preset=long            # the long-trace task, T = 513 (data/longtrace.py): GRPO from the
+                                             # shipped base; --base=trained adds its warm-up
 
 Not here: the base and its eviction-robust warm-up (warmup.py, phase 1), checkpoints, logs and the summary
 (runlog.py), the loss terms (objectives.py), the model (model.py), the eviction policies (policies.py), the
@@ -34,8 +37,7 @@ import configurator
 import policies
 import runlog
 import smd
-from data.arithmetic import EOS_ID, decode, encode, format_prompt, max_lengths, partial_reward
-from data.arithmetic import reward as exact_reward
+from data import TASKS, arithmetic
 from objectives import correction, group_advantages, grpo_loss, mismatch
 from runlog import check_finite
 from warmup import EVAL_POOL, build_model, model_config, policy_kwargs, problem_splits, warm_up
@@ -65,8 +67,9 @@ cpu_threads = 1             # torch threads; more only busy-wait on these tiny m
 out_dir = "out"             # warm-ups, checkpoints and JSONL logs
 run_name = ""               # "" -> f"{mode}_{policy}{budget}"
 resume = False              # continue out/<run_name>.pt (model, optimizer, step, RNG states)
-preset = ""                 # "gpu": a larger model and batch (PRESETS below), applied before other overrides
+preset = ""                 # "gpu" | "long" (PRESETS below), applied before the other overrides
 # data
+task = "arithmetic"         # the task (data/__init__.py): arithmetic | longtrace | longtrace_recap6 | _recap3
 n_train = 20000             # training problems (warm-up and RL prompts)
 eval_problems = 400         # held-out problems for greedy accuracy, <= EVAL_POOL
 eval_split = "val"          # "val" to choose settings, "test" to report them
@@ -84,8 +87,9 @@ sft_lr = 3e-3               # peak learning rate
 sft_warmup = 50             # linear warm-up steps, then cosine decay to 10% of sft_lr
 sft_grad_clip = 1.0         # gradient-norm clip of the warm-up (RL has its own, grad_clip)
 sft_mask_frac = 0.25        # fraction of warm-up rows trained under eviction masks (an eviction-robust base)
-sft_mask_recipe = "random"  # those masks: streaming | random (content-blind) | policy (recorded, --policy)
+sft_mask_recipe = "random"  # those masks: streaming | random | random_positions (both content-blind) | policy
 sft_min_budget = 26         # random or policy recipe: the masks' budget is drawn from sft_min_budget .. T-1
+sft_attention = "mask"      # "mask": model.py's written-out scores | "fused": torch's SDPA (faster at T=512)
 # phase 2: GRPO, shared by every mode
 reward = "partial"          # training reward: "exact" | "partial" (fraction of right fields); eval: exact
 n_steps = 80                # GRPO steps (one batch of rollouts each)
@@ -115,19 +119,26 @@ eval_interval = 40          # steps between held-out evaluations
 ckpt_interval = 40          # steps between checkpoints
 CONFIG = configurator.knobs(globals())
 PRESETS = {"gpu": dict(n_layer=4, n_embd=128, sft_steps=3000, sft_batch_size=256, prompts_per_step=32,
-                       group_size=16, eval_problems=1000, cpu_threads=4)}
+                       group_size=16, eval_problems=1000, cpu_threads=4),
+           # long traces (T = 513): a bigger cache to choose from, where KV memory and decode speed are real
+           "long": dict(task="longtrace", block_size=513, policy="h2o", budget=128, sft_steps=1500,
+                        sft_batch_size=16, sft_min_budget=32, sft_mask_recipe="random_positions",
+                        sft_attention="fused", n_steps=20, prompts_per_step=4, group_size=4,
+                        eval_problems=20, eval_interval=20, ckpt_interval=20)}
 MODES = ("full", "naive", "tis", "sparse_rl", "smd")
-REWARDS = {"exact": exact_reward, "partial": partial_reward}
+REWARDS = {"exact": "reward", "partial": "partial_reward"}  # reward knob -> the task's function of that name
 DISTILL = ("unmasked_from_masked", "masked_from_warmup_unmasked")  # student_from_teacher, see `distill` above
 # what each knob accepts, checked before any work: knob -> (is the value allowed?, what is allowed). The
 # checks that tie several knobs together, and the policy's own, are in validate_config below.
 ALLOWED = {
     "mode": (lambda v: v in MODES, f"one of {MODES}"),
+    "task": (lambda v: v in TASKS, f"one of {tuple(TASKS)}"),
     "reward": (lambda v: v in REWARDS, f"one of {tuple(REWARDS)}"),
     "distill": (lambda v: v in DISTILL, f"one of {DISTILL}"),
     "preset": (lambda v: v in ("",) + tuple(PRESETS), f"'' or one of {tuple(PRESETS)}"),
     "eval_split": (lambda v: v in ("val", "test"), "'val' or 'test'"),
     "base": (lambda v: v in ("shipped", "trained"), "'shipped' or 'trained'"),
+    "sft_attention": (lambda v: v in ("mask", "fused"), "'mask' or 'fused'"),
     "eval_problems": (lambda v: 1 <= v <= EVAL_POOL, f"in 1 .. {EVAL_POOL} (the pool each split holds)"),
     "group_size": (lambda v: v >= 2, ">= 2 (advantages compare one prompt's samples)"),
     "clip_eps": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -154,7 +165,7 @@ def validate_config(cfg):
     model_config(cfg)  # the model's own checks: sizes, n_embd % n_head
     smd.check_attention(cfg["learner_attention"])
     check_warmup_config(cfg)
-    P, R = max_lengths()
+    P, R = TASKS[cfg["task"]].max_lengths()
     if cfg["block_size"] < P + R:
         raise ValueError(f"block_size {cfg['block_size']} must hold prompt + response = {P + R} tokens")
     if cfg["budget"] > cfg["block_size"]:
@@ -201,16 +212,17 @@ def eval_settings(cfg):
 def sample_batch(model, problems, cfg, generator):
     """group_size samples of each problem (group-major), with a full cache in full mode and the compressed
     one otherwise, scored -> the rollout, rewards (B,) and group advantages (B,)."""
-    P, R = max_lengths()
+    task = TASKS[cfg["task"]]
+    P, R = task.max_lengths()
     group_problems = [p for p in problems for _ in range(cfg["group_size"])]
     compressed = cfg["mode"] != "full"
-    ro = smd.rollout(model, [encode(format_prompt(p)) for p in group_problems],
+    ro = smd.rollout(model, [task.encode(task.format_prompt(p)) for p in group_problems],
                      policy=cfg["policy"] if compressed else "full",
                      budget=cfg["budget"] if compressed else P + R,
-                     max_new_tokens=R, temperature=cfg["temperature"], eos_id=EOS_ID, generator=generator,
-                     **(policy_kwargs(cfg) if compressed else {}))
-    reward_fn = REWARDS[cfg["reward"]]
-    rewards = [reward_fn(p, decode(ro.tokens[i, P:].tolist())) for i, p in enumerate(group_problems)]
+                     max_new_tokens=R, temperature=cfg["temperature"], eos_id=task.EOS_ID,
+                     generator=generator, **(policy_kwargs(cfg) if compressed else {}))
+    reward_fn = getattr(task, REWARDS[cfg["reward"]])
+    rewards = [reward_fn(p, task.decode(ro.tokens[i, P:].tolist())) for i, p in enumerate(group_problems)]
     rewards = torch.tensor(rewards, device=ro.tokens.device)              # (B,)
     return ro, rewards, group_advantages(rewards, cfg["group_size"])
 
@@ -314,20 +326,22 @@ def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
 
 
 @torch.no_grad()
-def solved(model, problems, policy, budget, **policy_kwargs):
-    """Which of `problems` greedy decoding gets exactly right with a cache of `budget` slots evicted by
-    `policy`: a list of bools, so two runs judged on the same problems can be paired problem by problem. The
-    random policy draws from a generator of its own, seeded: the same weights always get the same answer."""
-    P, R = max_lengths()
+def solved(model, problems, policy, budget, task=arithmetic, **policy_kwargs):
+    """Which of `problems` (of `task`) greedy decoding gets exactly right with a cache of `budget` slots
+    evicted by `policy`: a list of bools, so two runs judged on the same problems can be paired problem by
+    problem. The random policy draws from a generator of its own, seeded: the same weights always get the same
+    answer."""
+    P, R = task.max_lengths()
     generator = torch.Generator(next(model.parameters()).device).manual_seed(0)
-    ro = smd.rollout(model, [encode(format_prompt(p)) for p in problems], policy=policy, budget=budget,
-                     max_new_tokens=R, temperature=0, eos_id=EOS_ID, generator=generator, **policy_kwargs)
-    return [exact_reward(p, decode(ro.tokens[i, P:].tolist())) == 1.0 for i, p in enumerate(problems)]
+    ro = smd.rollout(model, [task.encode(task.format_prompt(p)) for p in problems], policy=policy,
+                     budget=budget, max_new_tokens=R, temperature=0, eos_id=task.EOS_ID, generator=generator,
+                     **policy_kwargs)
+    return [task.reward(p, task.decode(ro.tokens[i, P:].tolist())) == 1.0 for i, p in enumerate(problems)]
 
 
-def evaluate(model, problems, policy, budget, **policy_kwargs):
+def evaluate(model, problems, policy, budget, task=arithmetic, **policy_kwargs):
     """Greedy exact-match accuracy on `problems` with a cache of `budget` slots evicted by `policy`."""
-    right = solved(model, problems, policy, budget, **policy_kwargs)
+    right = solved(model, problems, policy, budget, task, **policy_kwargs)
     return sum(right) / len(right)
 
 
@@ -338,7 +352,8 @@ def main(argv):
         raise FileNotFoundError(f"--resume=True but there is no checkpoint at {runlog.run_path(cfg, '.pt')}")
     os.makedirs(cfg["out_dir"], exist_ok=True)
     torch.set_num_threads(cfg["cpu_threads"])
-    P, R = max_lengths()
+    task = TASKS[cfg["task"]]
+    P, R = task.max_lengths()
     train_problems, held_out = problem_splits(cfg)
     model = build_model(cfg)
     times = warm_up(model, cfg)  # phase 1; {} when reused
@@ -354,8 +369,8 @@ def main(argv):
 
     def run_eval(step):
         t0 = time.time()
-        solved_full = solved(model, held_out, "full", P + R)
-        solved_comp = solved(model, held_out, cfg["policy"], cfg["budget"], **policy_kwargs(cfg))
+        solved_full = solved(model, held_out, "full", P + R, task)
+        solved_comp = solved(model, held_out, cfg["policy"], cfg["budget"], task, **policy_kwargs(cfg))
         acc_full, acc_comp = sum(solved_full) / len(held_out), sum(solved_comp) / len(held_out)
         print(f"eval  {step:4d} | greedy acc ({cfg['eval_split']}) full cache {acc_full:.3f} | "
               f"{cfg['policy']}@{cfg['budget']} {acc_comp:.3f}")
@@ -363,7 +378,7 @@ def main(argv):
                  solved_full=runlog.pack(solved_full), solved_compressed=runlog.pack(solved_comp)))
         history["evals"].append((step, acc_full, acc_comp))
         if step in (0, cfg["n_steps"]) and cfg["eval_also"]:  # transfer: the first and the last eval
-            also = {f"{name}@{budget}": solved(model, held_out, name, budget,
+            also = {f"{name}@{budget}": solved(model, held_out, name, budget, task,
                                                **policy_kwargs(dict(cfg, policy=name, budget=budget)))
                     for name, budget in eval_settings(cfg)}
             print(f"eval  {step:4d} | also "

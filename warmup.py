@@ -12,8 +12,10 @@ hold, the warm-up is trained on this machine and cached in out/. Training one is
     python warmup.py                            # train.py's default warm-up, trained here; compared to bases/
     python warmup.py --sft_seed=3               # any train.py --key=value sets the warm-up's config
     python warmup.py --sft_seed=3 --ship=True   # and copy it into bases/ (how bases/ was made)
+    python warmup.py --preset=long --ship=True  # the long-trace preset's base (T = 513)
 
-Not here: the GRPO loop (train.py), the cache and the recorded masks (smd.py), the task (data/).
+Not here: the GRPO loop (train.py), the cache and the recorded masks (smd.py), the tasks (data/, by the
+task knob).
 """
 
 import hashlib
@@ -28,8 +30,7 @@ import torch
 import configurator
 import policies
 import smd
-from data.arithmetic import EOS_ID, N_DIGITS, N_OPERANDS, VOCAB_SIZE, encode, format_prompt, \
-    format_response, make_splits, max_lengths
+from data import TASKS, arithmetic
 from model import GPT, GPTConfig
 from runlog import check_finite, save_atomic
 
@@ -41,13 +42,14 @@ EPILOG = "and any train.py --key=value: the warm-up's config (python train.py --
 # -----------------------------------------------------------------------------
 BASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bases")  # the shipped warm-ups
 EVAL_POOL = 1000  # val and test hold this many problems each, dealt before train: eval_problems moves none
-RECIPES = ("streaming", "random", "policy")  # what the warm-up's eviction masks are (sft_mask_recipe)
+RECIPES = ("streaming", "random", "random_positions", "policy")  # the warm-up's masks (sft_mask_recipe)
 
 
 def problem_splits(cfg):
     """(train, eval) problems. Test and val are fixed pools dealt before train, so no setting of
     eval_problems or eval_split can put a training problem into an evaluation."""
-    train_problems, val, test = make_splits(cfg["data_seed"], cfg["n_train"], EVAL_POOL, EVAL_POOL)
+    train_problems, val, test = TASKS[cfg["task"]].make_splits(cfg["data_seed"], cfg["n_train"], EVAL_POOL,
+                                                               EVAL_POOL)
     return train_problems, (val if cfg["eval_split"] == "val" else test)[:cfg["eval_problems"]]
 
 
@@ -64,8 +66,8 @@ def policy_kwargs(cfg):
 
 
 def model_config(cfg):
-    return GPTConfig(block_size=cfg["block_size"], vocab_size=VOCAB_SIZE, n_layer=cfg["n_layer"],
-                     n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0)
+    return GPTConfig(block_size=cfg["block_size"], vocab_size=TASKS[cfg["task"]].VOCAB_SIZE,
+                     n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0)
 
 
 def build_model(cfg):
@@ -79,7 +81,7 @@ def check_config(cfg):
         raise ValueError(f"sft_mask_recipe must be one of {RECIPES}, got {cfg['sft_mask_recipe']!r}")
     if not cfg["sft_mask_frac"] or cfg["sft_mask_recipe"] == "streaming":
         return
-    P, R = max_lengths()
+    P, R = TASKS[cfg["task"]].max_lengths()
     seq_len = P + R
     if cfg["sft_mask_recipe"] == "policy" and cfg["policy"] == "full":
         raise ValueError("sft_mask_recipe='policy' needs an evicting policy, got policy='full'")
@@ -99,20 +101,27 @@ def warmup_path(cfg, dtype=torch.float32):
     key = {k: cfg[k] for k in names}
     if cfg["sft_mask_frac"]:  # what the masks are, and for recorded ones which policy made them
         key.update(sft_mask_recipe=cfg["sft_mask_recipe"])
-        if cfg["sft_mask_recipe"] == "random":
+        if cfg["sft_mask_recipe"] in ("random", "random_positions"):
             key.update(keep_prompt=cfg["keep_prompt"], sft_min_budget=cfg["sft_min_budget"])
         if cfg["sft_mask_recipe"] == "policy":
             key.update(policy=cfg["policy"], policy_kwargs=policy_kwargs(cfg),
                        sft_min_budget=cfg["sft_min_budget"])
-    key.update(n_operands=N_OPERANDS, n_digits=N_DIGITS, eval_pool=EVAL_POOL, dtype=str(dtype))
+    if cfg["sft_attention"] != "mask":  # added only when set, so the keys of bases/ stay what they were
+        key.update(sft_attention=cfg["sft_attention"])
+    if cfg["task"] == "arithmetic":  # the default's key as it was before tasks had names: bases/ holds those
+        key.update(n_operands=arithmetic.N_OPERANDS, n_digits=arithmetic.N_DIGITS)
+    else:
+        key.update(task=cfg["task"])
+    key.update(eval_pool=EVAL_POOL, dtype=str(dtype))
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(cfg["out_dir"], f"sft_{digest}.pt")
 
 
-def sft_batch(problems, device):
-    """Worked examples -> inputs x (B, T-1) and targets y (B, T-1), -1 (ignored) on prompt positions."""
-    P, _ = max_lengths()
-    seq = [encode(format_prompt(p) + format_response(p)) + [EOS_ID] for p in problems]
+def sft_batch(problems, device, task=arithmetic):
+    """Worked examples of `task` -> inputs x (B, T-1) and targets y (B, T-1), -1 (ignored) on prompt
+    positions."""
+    P, _ = task.max_lengths()
+    seq = [task.encode(task.format_prompt(p) + task.format_response(p)) + [task.EOS_ID] for p in problems]
     seq = torch.tensor(seq, device=device)                                # (B, T)
     x, y = seq[:, :-1], seq[:, 1:].clone()                                # (B, T-1) each
     y[:, :P - 1] = -1  # learn the response only; the prompt is random digits
@@ -137,7 +146,7 @@ def warmup_masks(model, x, cfg, generator):
 def eviction_masks(model, x, cfg, generator):
     """What an evicting cache lets each query of x (R, T) see, by sft_mask_recipe: (L, R, nh, T, T) bool."""
     B, T = x.shape
-    P, _ = max_lengths()
+    P, _ = TASKS[cfg["task"]].max_lengths()
     draw = lambda high, n, low=0: torch.randint(low, high, (n,), generator=generator, device=generator.device)
     if cfg["sft_mask_recipe"] == "streaming":  # content-blind: 0, 4 or all prompt tokens as sinks, window 2+
         n_sink = torch.tensor([0, 4, P], device=x.device)[draw(3, B).to(x.device)][:, None, None]
@@ -146,10 +155,14 @@ def eviction_masks(model, x, cfg, generator):
         visible = (t[:, None] >= t) & ((t < n_sink) | (t[:, None] - t < window))  # (B, T, T)
         return visible[None, :, None].expand(cfg["n_layer"], -1, cfg["n_head"], -1, -1)
     budget = int(draw(T, 1, low=cfg["sft_min_budget"]))
+    if cfg["sft_mask_recipe"] == "random_positions":
+        visible = random_eviction_visibility(B, T, P, budget, cfg["keep_prompt"], generator).to(x.device)
+        return visible[None, :, None].expand(cfg["n_layer"], -1, cfg["n_head"], -1, -1)
     if cfg["sft_mask_recipe"] == "random":
         # content-blind: what random eviction keeps depends on positions only, so a one-unit stand-in model
         # records it (the prompt kept if --keep_prompt), for every layer and head
-        stand_in = GPT(GPTConfig(block_size=T, vocab_size=VOCAB_SIZE, n_layer=1, n_head=1, n_embd=1))
+        stand_in = GPT(GPTConfig(block_size=T, vocab_size=TASKS[cfg["task"]].VOCAB_SIZE, n_layer=1, n_head=1,
+                                 n_embd=1))
         stand_in = stand_in.to(x.device)
         recorded = smd.record(stand_in, x, [P] * B, policy="random", budget=budget, temperature=0,
                               generator=generator, keep_prompt=cfg["keep_prompt"])
@@ -158,6 +171,50 @@ def eviction_masks(model, x, cfg, generator):
     recorded = smd.record(model, x, [P] * B, policy=cfg["policy"], budget=budget, temperature=0,
                           generator=generator, **policy_kwargs(cfg))
     return recorded.shadow_mask.attn_masks()
+
+
+def random_eviction_visibility(B, T, P, budget, keep_prompt, generator):
+    """The random recipe simulated on positions alone: what a `budget`-slot cache that evicts a uniformly
+    random slot for each new token lets each query of B sequences of T tokens see, (B, T, T) bool. Random
+    eviction never looks at content, so no model or cache is needed: the same distribution as the "random"
+    recipe (smd.record with policies.Random), another random stream, and ~50x faster at T = 512, where
+    recording runs a model forward for every token. The prompt (P tokens) is prefilled whole; with
+    keep_prompt its slots are never the victim."""
+    device = generator.device
+    held = torch.full((B, budget), -1, dtype=torch.long, device=device)  # (B, S) slots' positions, -1: empty
+    seen = torch.empty(B, T, budget, dtype=torch.long, device=device)    # (B, T, S) what query t attends over
+    rows = torch.arange(B, device=device)
+    for t in range(T):
+        if t < budget:
+            held[:, t] = t                                                 # a free slot: nothing evicted
+        else:
+            score = torch.rand(B, budget, generator=generator, device=device)  # (B, S); victim: the largest
+            if keep_prompt:
+                score = score.masked_fill(held < P, -1.0)
+            held[rows, score.argmax(-1)] = t
+        seen[:, t] = held
+    visible = torch.zeros(B, T, T + 1, dtype=torch.bool, device=device)  # column T catches the empty slots
+    visible.scatter_(2, torch.where(seen < 0, T, seen), True)
+    return visible[..., :T]                                                # (B, T, T), causal by construction
+
+
+def fused_loss(model, x, y, cfg, generator):
+    """The warm-up's loss on x, y (B, T) through torch's fused attention -> (loss, seconds spent on masks).
+    The rows under eviction masks and the causal rows go through two forwards, so the causal ones keep the
+    fused kernel's causal fast path; every row has the same number of targets, so the row-weighted mean of
+    the two losses is the batch's mean."""
+    B = x.shape[0]
+    under_masks = torch.rand(B, generator=generator, device=generator.device) < cfg["sft_mask_frac"]  # (B,)
+    causal, masked = (~under_masks).nonzero().squeeze(-1), under_masks.nonzero().squeeze(-1)
+    loss, masks_s = 0.0, 0.0
+    if len(causal):
+        loss = model(x[causal], y[causal], fused=True)[1] * len(causal)
+    if len(masked):
+        t0 = time.time()
+        attn_mask = eviction_masks(model, x[masked], cfg, generator)       # (L, R, nh, T, T)
+        masks_s = time.time() - t0
+        loss = loss + model(x[masked], y[masked], attn_mask=attn_mask, fused=True)[1] * len(masked)
+    return loss / B, masks_s
 
 
 def sft(model, train_problems, cfg, generator):
@@ -172,11 +229,15 @@ def sft(model, train_problems, cfg, generator):
             group["lr"] = lr_now
         idx = torch.randint(len(train_problems), (cfg["sft_batch_size"],), generator=generator,
                             device=generator.device)
-        x, y = sft_batch([train_problems[i] for i in idx.tolist()], cfg["device"])
-        t0 = time.time()
-        attn_mask = warmup_masks(model, x, cfg, generator) if cfg["sft_mask_frac"] else None
-        masks_s += time.time() - t0
-        _, loss = model(x, y, attn_mask=attn_mask)  # attn_mask (L, B, nh, T, T), or None: causal
+        x, y = sft_batch([train_problems[i] for i in idx.tolist()], cfg["device"], TASKS[cfg["task"]])
+        if cfg["sft_attention"] == "fused":
+            loss, seconds = fused_loss(model, x, y, cfg, generator)
+            masks_s += seconds
+        else:
+            t0 = time.time()
+            attn_mask = warmup_masks(model, x, cfg, generator) if cfg["sft_mask_frac"] else None
+            masks_s += time.time() - t0
+            _, loss = model(x, y, attn_mask=attn_mask)  # attn_mask (L, B, nh, T, T), or None: causal
         check_finite(loss, f"sft step {step} loss")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

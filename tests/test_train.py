@@ -17,6 +17,7 @@ import runlog
 import train
 import warmup
 from conftest import DEVICE
+from data import arithmetic
 from data.arithmetic import VOCAB_SIZE, decode, make_splits, max_lengths
 from model import GPT, GPTConfig
 
@@ -55,7 +56,7 @@ def one_step(mode, seed=0, reference=None, **overrides):
 def test_one_grpo_step_runs_and_moves_the_weights_in_every_mode(mode, monkeypatch):
     # a random model solves nothing, so the task's reward is 0 everywhere and every advantage 0: reward the
     # response's length instead, which differs between samples, so every mode has a policy gradient
-    monkeypatch.setitem(train.REWARDS, TINY["reward"], lambda problem, text: len(text) / 40)
+    monkeypatch.setattr(arithmetic, train.REWARDS[TINY["reward"]], lambda problem, text: len(text) / 40)
     before = tiny_model(0).state_dict()
     stats, model = one_step(mode)
     assert all(v is None or torch.isfinite(torch.tensor(float(v))) for v in stats.values())
@@ -90,7 +91,7 @@ def step_gradient(monkeypatch, mode, **overrides):
     monkeypatch.setattr(train.smd, "rollout",
                         lambda *a, **k: rollouts.append(rollout(*a, **k)) or rollouts[-1])
     # advantages != 0
-    monkeypatch.setitem(train.REWARDS, "partial", lambda problem, text: float(len(text) % 3))
+    monkeypatch.setattr(arithmetic, "partial_reward", lambda problem, text: float(len(text) % 3))
     cfg = dict(updates_per_batch=1, grad_clip=1e9, **overrides)
     stats, model = one_step(mode, **cfg)
     return {n: p.grad for n, p in model.named_parameters()}, rollouts[0], stats
@@ -375,7 +376,7 @@ def test_first_update_scores_the_batch_with_its_old_logprobs_in_every_mode(mode)
 
 def test_tis_weights_scale_the_policy_gradient_loss(monkeypatch):
     # a reward that varies within a group (the random model scores 0 everywhere), so advantages are not all 0
-    monkeypatch.setitem(train.REWARDS, "partial", lambda problem, text: float(len(text) % 3))
+    monkeypatch.setattr(arithmetic, "partial_reward", lambda problem, text: float(len(text) % 3))
     naive, _ = one_step("naive", updates_per_batch=1)
     monkeypatch.setattr(objectives, "tis_weights", lambda lp, lp_s, cap: torch.full_like(lp, 0.5))
     tis, _ = one_step("tis", updates_per_batch=1)

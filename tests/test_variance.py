@@ -11,6 +11,7 @@ import torch
 
 import smd
 import train
+from data import arithmetic
 from data.arithmetic import make_splits
 from experiments import variance
 from tests.test_train import TINY, step_gradient, tiny_model
@@ -81,7 +82,7 @@ def test_leave_one_out_reinforce_is_unbiased_for_the_gradient_of_the_expected_re
 def test_the_reference_scores_the_compressed_cache_under_its_shadow_mask(monkeypatch):
     # REINFORCE on sequence log-probs: smd's masked pass for the compressed target, the unmasked pass for the
     # full-cache one; on this peaked model the two differ, so scoring the compressed batch unmasked fails here
-    monkeypatch.setitem(train.REWARDS, "partial", lambda problem, text: float(len(text) % 3))
+    monkeypatch.setattr(arithmetic, "partial_reward", lambda problem, text: float(len(text) % 3))
     model = tiny_model(0)
     problems, _, _ = make_splits(0, 2, 0, 0)
     generator = torch.Generator().manual_seed(0)
@@ -125,7 +126,7 @@ def table_rows(out):
 
 def test_variance_runs_full_and_smd_and_measures_them_at_the_start_middle_and_end(tmp_path, monkeypatch,
                                                                                     capsys):
-    monkeypatch.setitem(train.REWARDS, "partial", lambda problem, text: len(text) / 40)  # advantages != 0
+    monkeypatch.setattr(arithmetic, "partial_reward", lambda problem, text: len(text) / 40)  # advantages != 0
     argv = TINY_ARGS + [f"--out_dir={tmp_path}"]
     variance.main(argv)
     out = capsys.readouterr().out

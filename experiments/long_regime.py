@@ -1,0 +1,111 @@
+"""
+The regime search on the long-trace tasks: does a compressed cache lose little at the lightest budget
+(<= 25% of T), bite at the default, fail at the harshest, and does a content-aware policy beat recency? For
+one task and warm-up (train.py's, trained here and cached in out/ unless bases/ ships it), it prints the
+warm-up's teacher-forced accuracy per response position (a position no held-out problem gets right is one the
+warm-up never learned), then greedy accuracy with the full cache and with every policy at every budget:
+exact answers, fully right traces, and the fraction of answer values right. No RL.
+
+    python -m experiments.long_regime --preset=long                        # the preset's task and base
+    python -m experiments.long_regime --preset=long --sft_seed=1           # another warm-up
+    python -m experiments.long_regime --preset=long --task=longtrace_recap6 --block_size=551
+    python -m experiments.long_regime --preset=long --task=longtrace_recap3 --block_size=608
+
+Not here: training (warmup.py, train.py), the task (data/longtrace.py).
+"""
+
+import time
+
+import torch
+
+import configurator
+import policies
+import smd
+import train
+import warmup
+from data import TASKS
+
+# -----------------------------------------------------------------------------
+# config: overridable as --key=value; every other --key=value is train.py's (the task, model and warm-up)
+budgets = (128, 96, 64)                     # KV slots per layer and head (25%, 19%, 12% of T = 513)
+evicting = "streaming,h2o,snapkv,rkv"       # the policies, each at every budget
+problems = 100                              # held-out (val) problems, greedy
+CONFIG = configurator.knobs(globals())
+EPILOG = "and any train.py --key=value: the task, model and warm-up (python train.py --help)"
+# -----------------------------------------------------------------------------
+
+
+def configure(argv):
+    """-> (this script's settings, train.py's config), checked before any work."""
+    overrides, passed = configurator.parse_known(argv, CONFIG)
+    own, cfg = dict(CONFIG, **overrides), train.make_config(passed)
+    if cfg["task"] == "arithmetic":
+        raise ValueError("long_regime.py is for the long-trace tasks: --task=longtrace (or --preset=long)")
+    P, R = TASKS[cfg["task"]].max_lengths()
+    for name in own["evicting"].split(","):  # an unknown policy, or a budget it cannot work with
+        for budget in own["budgets"]:
+            policies.make_policy(name, **train.policy_kwargs(dict(cfg, policy=name))).check(budget, P + R, P)
+    if not 1 <= own["problems"] <= warmup.EVAL_POOL:
+        raise ValueError(f"problems must be in 1 .. {warmup.EVAL_POOL}, got {own['problems']}")
+    return own, cfg
+
+
+@torch.no_grad()
+def unlearned_positions(model, problems, task):
+    """Teacher-forced greedy accuracy at each response position over `problems` -> (the positions no problem
+    gets right, the mean accuracy). The layout is the same for every problem, so a position is one token of
+    the trace or answer (e.g. round 7's checkpoint)."""
+    P, _ = task.max_lengths()
+    x, y = warmup.sft_batch(problems, "cpu", task)                         # (N, T-1) each
+    logits, _ = model(x.to(next(model.parameters()).device))
+    right = (logits.argmax(-1).cpu() == y).float()[:, P - 1:].mean(0)      # (R,) per response position
+    return (right == 0).nonzero().squeeze(-1).tolist(), right.mean().item()
+
+
+@torch.no_grad()
+def greedy_scores(model, problems, task, policy, budget, **settings):
+    """Greedy decoding with a `budget`-slot cache evicted by `policy` -> (exact, trace right, answer values),
+    each a mean over `problems`."""
+    P, R = task.max_lengths()
+    ro = smd.rollout(model, [task.encode(task.format_prompt(p)) for p in problems], policy=policy,
+                     budget=budget, max_new_tokens=R, temperature=0, eos_id=task.EOS_ID,
+                     generator=torch.Generator(next(model.parameters()).device).manual_seed(0), **settings)
+    texts = [task.decode(ro.tokens[i, P:].tolist()) for i in range(len(problems))]
+    mean = lambda f: sum(f(p, s) for p, s in zip(problems, texts)) / len(problems)
+    return mean(task.reward), mean(task.trace_right), mean(task.partial_reward)
+
+
+def main(argv):
+    own, cfg = configure(argv)
+    torch.set_num_threads(cfg["cpu_threads"])
+    task = TASKS[cfg["task"]]
+    P, R = task.max_lengths()
+    model = train.build_model(cfg)
+    times = warmup.warm_up(model, cfg)
+    if times:
+        print(f"warm-up: {times['warmup_s']:.0f}s")
+    model.eval()
+    _, held_out = warmup.problem_splits(dict(cfg, eval_split="val", eval_problems=own["problems"]))
+    missed, mean_right = unlearned_positions(model, held_out, task)
+    print(f"task {cfg['task']}: T = {P + R} (prompt {P}, response {R}), sft_seed {cfg['sft_seed']}, "
+          f"{len(held_out)} val problems")
+    print(f"teacher-forced: {mean_right:.4f} of response tokens right; positions never right: "
+          f"{len(missed)} {missed[:12]}")
+    print(f"{'policy':>10} {'budget':>6} {'of T':>5} | {'exact':>5} {'x full':>6} | {'trace':>5} | "
+          f"{'values':>6} | {'time':>5}")
+    t0 = time.time()
+    full = greedy_scores(model, held_out, task, "full", P + R)
+    print(f"{'full':>10} {P + R:6d} {1:5.0%} | {full[0]:5.2f} {1:6.2f} | {full[1]:5.2f} | {full[2]:6.2f} | "
+          f"{time.time() - t0:4.0f}s", flush=True)
+    for budget in own["budgets"]:
+        for name in own["evicting"].split(","):
+            t0 = time.time()
+            settings = train.policy_kwargs(dict(cfg, policy=name))
+            exact, trace, values = greedy_scores(model, held_out, task, name, budget, **settings)
+            print(f"{name:>10} {budget:6d} {budget / (P + R):5.0%} | {exact:5.2f} "
+                  f"{exact / max(full[0], 1e-9):6.2f} | {trace:5.2f} | {values:6.2f} | "
+                  f"{time.time() - t0:4.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    configurator.cli(main, CONFIG, __file__, check=configure, epilog=EPILOG)
