@@ -133,12 +133,15 @@ HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None  # hf/gr
 HAS_TRL = importlib.util.find_spec("trl") is not None  # hf/trl_smd.py's (its own tests run its command line)
 MODULES = {"train": "train", "warmup": "warmup", "compare": "experiments.compare",
            "variance": "experiments.variance", "bench": "experiments.bench", "plot": "experiments.plot",
-           "hf_grpo": "hf.grpo", "hf_trl": "hf.trl_smd"}  # name -> module
-SCRIPTS = ["train", "warmup", "compare", "variance", "bench", "plot"] + ["hf_grpo"] * HAS_TRANSFORMERS
+           "long_regime": "experiments.long_regime", "hf_grpo": "hf.grpo",
+           "hf_trl": "hf.trl_smd"}  # name -> module
+SCRIPTS = ["train", "warmup", "compare", "variance", "bench", "plot", "long_regime"] + \
+    ["hf_grpo"] * HAS_TRANSFORMERS
 COMMENT = {"train": "KV slots per layer and head", "warmup": "copy the trained warm-up into bases/",
            "compare": "RL seeds 0 .. seeds-1",
            "variance": "batches judged per mode", "bench": "total sequence lengths T",
-           "plot": "the compare.py budget whose runs to draw", "hf_grpo": "KV slots per layer and KV head"}
+           "plot": "the compare.py budget whose runs to draw",
+           "long_regime": "the policies, each at every budget", "hf_grpo": "KV slots per layer and KV head"}
 
 
 def source_of(name):
@@ -171,6 +174,7 @@ BAD = {"train": ["--bugdet=8", "--budget=8.5"],
        "variance": ["--k=32", "--K=1", "--n_steps=1"],
        "bench": ["--lenghts=64", "--budgets=8,x"],
        "plot": ["--smoth=3", "--smooth=0"],
+       "long_regime": ["--budgts=64", "--budgets=64,x", "--budgets=64"],  # the last: the arithmetic task
        "hf_grpo": ["--budgt=8", "--budget=3"]}
 
 
