@@ -30,6 +30,8 @@ from data import TASKS
 budgets = (128, 96, 64)                     # KV slots per layer and head (25%, 19%, 12% of T = 513)
 evicting = "streaming,h2o,snapkv,rkv"       # the policies, each at every budget
 problems = 100                              # held-out (val) problems, greedy
+unlearned_below = 0.5                       # a response position right less often than this, teacher-forced,
+                                            # is one the warm-up did not learn (a digit's chance is ~0.1)
 CONFIG = configurator.knobs(globals())
 EPILOG = "and any train.py --key=value: the task, model and warm-up (python train.py --help)"
 # -----------------------------------------------------------------------------
@@ -45,21 +47,25 @@ def configure(argv):
     for name in own["evicting"].split(","):  # an unknown policy, or a budget it cannot work with
         for budget in own["budgets"]:
             policies.make_policy(name, **train.policy_kwargs(dict(cfg, policy=name))).check(budget, P + R, P)
+    if not 0 < own["unlearned_below"] <= 1:
+        raise ValueError(f"unlearned_below must be in (0, 1], got {own['unlearned_below']}")
     if not 1 <= own["problems"] <= warmup.EVAL_POOL:
         raise ValueError(f"problems must be in 1 .. {warmup.EVAL_POOL}, got {own['problems']}")
     return own, cfg
 
 
 @torch.no_grad()
-def unlearned_positions(model, problems, task):
-    """Teacher-forced greedy accuracy at each response position over `problems` -> (the positions no problem
-    gets right, the mean accuracy). The layout is the same for every problem, so a position is one token of
-    the trace or answer (e.g. round 7's checkpoint)."""
+def unlearned_positions(model, problems, task, below):
+    """Teacher-forced greedy accuracy at each response position over `problems` -> (the positions right less
+    often than `below`, each with its accuracy; the mean accuracy). The layout is the same for every problem,
+    so a position is one token of the trace or answer (e.g. round 7's checkpoint), learned by the warm-up or
+    not: a position it never learned sits at chance (~0.1 for a digit), not at 0."""
     P, _ = task.max_lengths()
     x, y = warmup.sft_batch(problems, "cpu", task)                         # (N, T-1) each
     logits, _ = model(x.to(next(model.parameters()).device))
     right = (logits.argmax(-1).cpu() == y).float()[:, P - 1:].mean(0)      # (R,) per response position
-    return (right == 0).nonzero().squeeze(-1).tolist(), right.mean().item()
+    missed = (right < below).nonzero().squeeze(-1).tolist()
+    return [(i, right[i].item()) for i in missed], right.mean().item()
 
 
 @torch.no_grad()
@@ -86,11 +92,16 @@ def main(argv):
         print(f"warm-up: {times['warmup_s']:.0f}s")
     model.eval()
     _, held_out = warmup.problem_splits(dict(cfg, eval_split="val", eval_problems=own["problems"]))
-    missed, mean_right = unlearned_positions(model, held_out, task)
+    missed, mean_right = unlearned_positions(model, held_out, task, own["unlearned_below"])
     print(f"task {cfg['task']}: T = {P + R} (prompt {P}, response {R}), sft_seed {cfg['sft_seed']}, "
           f"{len(held_out)} val problems")
-    print(f"teacher-forced: {mean_right:.4f} of response tokens right; positions never right: "
-          f"{len(missed)} {missed[:12]}")
+    layout = task.format_response(held_out[0])  # one character or checkpoint a token, as task.encode splits
+    pieces = [task.decode([i]) for i in task.encode(layout)]
+    print(f"teacher-forced: {mean_right:.4f} of response tokens right; positions right < "
+          f"{own['unlearned_below']:.0%} of the time: {len(missed)}")
+    for i, acc in missed[:12]:  # where in the layout: the tokens around it, the position itself in [ ]
+        print(f"  position {i:3d}: {acc:.2f} right | ...{''.join(pieces[max(0, i - 8):i])}"
+              f"[{''.join(pieces[i:i + 1])}]{''.join(pieces[i + 1:i + 4])}...")
     print(f"{'policy':>10} {'budget':>6} {'of T':>5} | {'exact':>5} {'x full':>6} | {'trace':>5} | "
           f"{'values':>6} | {'time':>5}")
     t0 = time.time()

@@ -2,8 +2,9 @@
 Specification of the long-trace task (data/longtrace.py) and of --preset=long: the tokenizer round-trips and
 rejects what it cannot encode, every problem has the same T >= 512, the trace follows its rule, the rewards
 check exactly what their docstrings promise, the preset's config validates, the fast random-eviction masks
-of its warm-up keep what a random-eviction cache keeps, and the learner reproduces the sampler's log-probs on
-a 513-token sequence (a tiny model: a few seconds).
+of its warm-up keep what a random-eviction cache keeps, a position a warm-up answers at chance is caught as
+unlearned, and the learner reproduces the sampler's log-probs on a 513-token sequence (a tiny model: a few
+seconds).
 """
 import pytest
 import torch
@@ -143,3 +144,28 @@ def test_learner_logprobs_equal_the_samplers_on_a_513_token_long_trace():
         lp = smd.learner_logprobs(model, ro.tokens, ro.shadow_mask, attention="mask")
     assert (lp - ro.logprobs)[ro.response_mask].abs().max().item() < 1e-5
     assert ro.kv_bytes < 0.25 * ro.full_kv_bytes
+
+
+def test_a_position_the_warm_up_answers_at_chance_is_reported_unlearned():
+    """long_regime.py's check of a warm-up: a position right about as often as chance (as a never-learned one
+    is: not never) is named, with its accuracy; the positions an oracle gets right are not."""
+    from experiments.long_regime import unlearned_positions
+
+    held_out = problems(40)
+    _, y = warmup.sft_batch(held_out, "cpu", TASK)                          # (N, T-1)
+    P, _ = TASK.max_lengths()
+    guessed = P - 1 + 100                                                  # response position 100
+
+    class Oracle(torch.nn.Module):  # right everywhere, except at one position, right on a quarter of rows
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            predicted = y.clamp(min=0).clone()                             # (N, T-1)
+            predicted[:30, guessed] = (predicted[:30, guessed] + 1) % VOCAB_SIZE  # wrong on rows 0 .. 29
+            return torch.nn.functional.one_hot(predicted, VOCAB_SIZE).float(), None
+
+    missed, _ = unlearned_positions(Oracle(), held_out, TASK, below=0.5)
+    assert [i for i, _ in missed] == [100] and missed[0][1] == pytest.approx(10 / 40)
+    assert unlearned_positions(Oracle(), held_out, TASK, below=0.2)[0] == []
