@@ -19,7 +19,7 @@ speed), out/<run_name>.jsonl holds the same, and the last line printed starts wi
     python train.py --mode=naive             # same base, shows the off-policy mismatch
     python train.py --mode=tis --policy=snapkv
     python train.py --preset=gpu             # a larger model and batch, for one GPU (never on by itself)
-    python train.py --preset=long            # the long-trace task, T = 513 (data/longtrace.py): GRPO from the
+    python train.py --preset=long            # a long-trace task, T = 608 (data/longtrace.py): GRPO from the
                                              # shipped base; --base=trained adds its warm-up
 
 Not here: the base and its eviction-robust warm-up (warmup.py, phase 1), checkpoints, logs and the summary
@@ -120,8 +120,9 @@ ckpt_interval = 40          # steps between checkpoints
 CONFIG = configurator.knobs(globals())
 PRESETS = {"gpu": dict(n_layer=4, n_embd=128, sft_steps=3000, sft_batch_size=256, prompts_per_step=32,
                        group_size=16, eval_problems=1000, cpu_threads=4),
-           # long traces (T = 513): a bigger cache to choose from, where KV memory and decode speed are real
-           "long": dict(task="longtrace", block_size=513, policy="h2o", budget=128, sft_steps=1500,
+           # long traces (T = 608): a bigger cache to choose from, where KV memory and decode speed are real;
+           # the recap variant, whose warm-up learns every position (the plain trace's left 1-5 unlearned)
+           "long": dict(task="longtrace_recap3", block_size=608, policy="h2o", budget=128, sft_steps=1500,
                         sft_batch_size=16, sft_min_budget=32, sft_mask_recipe="random_positions",
                         sft_attention="fused", n_steps=20, prompts_per_step=4, group_size=4,
                         eval_problems=20, eval_interval=20, ckpt_interval=20)}

@@ -12,7 +12,7 @@ hold, the warm-up is trained on this machine and cached in out/. Training one is
     python warmup.py                            # train.py's default warm-up, trained here; compared to bases/
     python warmup.py --sft_seed=3               # any train.py --key=value sets the warm-up's config
     python warmup.py --sft_seed=3 --ship=True   # and copy it into bases/ (how bases/ was made)
-    python warmup.py --preset=long --ship=True  # the long-trace preset's base (T = 513)
+    python warmup.py --preset=long --ship=True  # the long-trace preset's base (T = 608)
 
 Not here: the GRPO loop (train.py), the cache and the recorded masks (smd.py), the tasks (data/, by the
 task knob).

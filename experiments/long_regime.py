@@ -8,8 +8,8 @@ exact answers, fully right traces, and the fraction of answer values right. No R
 
     python -m experiments.long_regime --preset=long                        # the preset's task and base
     python -m experiments.long_regime --preset=long --sft_seed=1           # another warm-up
-    python -m experiments.long_regime --preset=long --task=longtrace_recap6 --block_size=551
-    python -m experiments.long_regime --preset=long --task=longtrace_recap3 --block_size=608
+    python -m experiments.long_regime --preset=long --task=longtrace --block_size=513  # the plain trace
+    python -m experiments.long_regime --preset=long --task=longtrace --block_size=513 --sft_seed=1
 
 Not here: training (warmup.py, train.py), the task (data/longtrace.py).
 """
@@ -27,7 +27,7 @@ from data import TASKS
 
 # -----------------------------------------------------------------------------
 # config: overridable as --key=value; every other --key=value is train.py's (the task, model and warm-up)
-budgets = (128, 96, 64)                     # KV slots per layer and head (25%, 19%, 12% of T = 513)
+budgets = (128, 96, 64)                     # KV slots per layer and head (21%, 16%, 11% of T = 608)
 evicting = "streaming,h2o,snapkv,rkv"       # the policies, each at every budget
 problems = 100                              # held-out (val) problems, greedy
 unlearned_below = 0.5                       # a response position right less often than this, teacher-forced,
