@@ -11,7 +11,7 @@ CPU, 4096 on one GPU), every length, budget and policy side by side in one run:
 Random-init model, random prompts, no training; --trained=True adds the sampler/learner gap of the model
 train.py trains (its default warm-up), rolled out as train.py does.
 
-    python -m experiments.bench                # CPU, one thread, ~10 minutes
+    python -m experiments.bench                # CPU, one thread, ~35 minutes
     python -m experiments.bench --device=cuda  # one GPU: CUDA_PRESET's model and lengths, then other flags
     python -m experiments.bench --help         # the settings
 """
