@@ -498,14 +498,16 @@ def test_a_shipped_base_is_loaded_only_after_its_sha256_is_checked(tmp_path, mon
 
 def test_the_shipped_bases_are_the_ones_their_sums_name():
     """bases/ holds exactly the files bases/SHA256SUMS lists, each with its recorded SHA-256; and each is a
-    warm-up of train.py's default config (its file name is that config's hash for some sft_seed)."""
+    warm-up of train.py's default config or of --preset=long's (its file name is that config's hash for some
+    sft_seed), among them the ones those two configs load by default."""
     sums = warmup.shipped_sums()
     files = sorted(f for f in os.listdir(warmup.BASES) if f.endswith(".pt"))
     assert files and sorted(sums) == files
     assert all(warmup.sha256(os.path.join(warmup.BASES, f)) == sums[f] for f in files)
-    defaults = {os.path.basename(warmup.warmup_path(dict(train.make_config([]), sft_seed=w))): w
-                for w in range(16)}
-    assert set(files) <= set(defaults)
+    configs = [train.make_config([]), train.make_config(["--preset=long"])]
+    names = {os.path.basename(warmup.warmup_path(dict(cfg, sft_seed=w))) for cfg in configs for w in range(16)}
+    assert set(files) <= names
+    assert all(os.path.basename(warmup.warmup_path(cfg)) in files for cfg in configs)
 
 
 def test_warm_up_key_changes_with_the_robust_recipe_and_only_with_what_shapes_it():
