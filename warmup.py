@@ -4,10 +4,11 @@ splits, and the eviction-robust supervised warm-up on worked examples. A fractio
 under the masks an evicting cache would leave (content-blind random eviction by default), so the base
 tolerates eviction as large pretrained models do. A warm-up is named sft_<hash>.pt, the hash of everything
 that shapes its weights, so every mode and RL seed starts from the same base.
-Where it comes from: bases/ ships the default config's warm-ups, trained once here (bases/SHA256SUMS holds
-each file's SHA-256, checked at every load), because another CPU's kernels give other last bits and the
-warm-up amplifies them into another base; with train.py's --base=trained, or for a config bases/ does not
-hold, the warm-up is trained on this machine and cached in out/. Training one is one command away:
+Where it comes from: bases/ ships the default config's warm-ups and --preset=long's, trained once here
+(bases/SHA256SUMS holds each file's SHA-256, checked at every load), because another CPU's kernels give other
+last bits and the warm-up amplifies them into another base; with train.py's --base=trained, or for a config
+bases/ does not hold, the warm-up is trained on this machine and cached in out/. Training one is one command
+away:
 
     python warmup.py                            # train.py's default warm-up, trained here; compared to bases/
     python warmup.py --sft_seed=3               # any train.py --key=value sets the warm-up's config
