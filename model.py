@@ -44,16 +44,20 @@ class GPTConfig:
 
 class Linear(nn.Linear):
     """nn.Linear, optionally batch-invariant. With exact=True (set for the whole model by GPT.set_exact) every
-    row is its own 1-row matmul (a batched bmm), so a row's result does not depend on how many rows share the
-    call: BLAS picks different kernels, and so different summation orders, for 1 row (a decode step) and for
-    B*T rows (the learner), which changes the last bits. Off by default: it is slower."""
+    row is its own 1-row matmul (a batched bmm) on a 64-byte aligned copy, so a row's result depends neither
+    on how many rows share the call nor on where the row sits: BLAS picks its kernel, and so its summation
+    order, by the row count (B rows in a decode step, B*T in the learner) and by alignment, which changes the
+    last bits. Off by default: it is slower."""
     exact = False
 
     def forward(self, x):
         if not self.exact:
             return F.linear(x, self.weight, self.bias)
-        rows = x.reshape(-1, 1, x.shape[-1])                               # (N, 1, C_in)
-        weight = self.weight.t().expand(rows.shape[0], -1, -1)             # (N, C_in, C_out), a view
+        # zeros pad each row to a multiple of 16 values, so every row starts 64-byte aligned: BLAS treats an
+        # unaligned start apart, which sums a row of odd width (C_in = 35) in another order at another offset
+        pad = -x.shape[-1] % 16
+        rows = F.pad(x, (0, pad)).reshape(-1, 1, x.shape[-1] + pad)      # (N, 1, C_in + pad), aligned rows
+        weight = F.pad(self.weight, (0, pad)).t().expand(rows.shape[0], -1, -1)  # (N, C_in + pad, C_out)
         y = torch.bmm(rows, weight).reshape(*x.shape[:-1], -1)             # (..., C_out)
         return y if self.bias is None else y + self.bias
 
