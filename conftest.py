@@ -9,6 +9,7 @@ import pytest
 import torch
 
 DEVICE = os.environ.get("SMD_TEST_DEVICE", "cpu")
+EXTRA = "pip install -r requirements-extra.txt"  # what an optional part's skipped tests say to run
 
 
 def pytest_configure(config):

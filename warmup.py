@@ -7,13 +7,9 @@ that shapes its weights, so every mode and RL seed starts from the same base.
 Where it comes from: bases/ ships the default config's warm-ups and --preset=long's, trained once here
 (bases/SHA256SUMS holds each file's SHA-256, checked at every load), because another CPU's kernels give other
 last bits and the warm-up amplifies them into another base; with train.py's --base=trained, or for a config
-bases/ does not hold, the warm-up is trained on this machine and cached in out/. Training one is one command
-away:
-
-    python warmup.py                            # train.py's default warm-up, trained here; compared to bases/
-    python warmup.py --sft_seed=3               # any train.py --key=value sets the warm-up's config
-    python warmup.py --sft_seed=3 --ship=True   # and copy it into bases/ (how bases/ was made)
-    python warmup.py --preset=long --ship=True  # the long-trace preset's base (T = 608)
+bases/ does not hold, the warm-up is trained on this machine and cached in out/. Every function takes
+train.py's config (a dict): train.py owns the knobs, this file imports nothing of it.
+`python -m experiments.warmups` trains one here, says whether it is bit for bit the shipped one, and ships it.
 
 Not here: the GRPO loop (train.py), the cache and the recorded masks (smd.py), the tasks (data/, by the
 task knob).
@@ -23,24 +19,16 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 
 import torch
 
-import configurator
 import policies
 import smd
 from data import TASKS, arithmetic
 from model import GPT, GPTConfig
 from runlog import check_finite, save_atomic
 
-# -----------------------------------------------------------------------------
-# `python warmup.py`: its own knob; every other --key=value is train.py's, the config of the warm-up trained
-ship = False                # also copy the trained warm-up into bases/ and record its SHA-256 there
-CONFIG = configurator.knobs(globals())
-EPILOG = "and any train.py --key=value: the warm-up's config (python train.py --help)"
-# -----------------------------------------------------------------------------
 BASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bases")  # the shipped warm-ups
 EVAL_POOL = 1000  # val and test hold this many problems each, dealt before train: eval_problems moves none
 RECIPES = ("streaming", "random", "random_positions", "policy")  # the warm-up's masks (sft_mask_recipe)
@@ -301,37 +289,3 @@ def train_warm_up(model, cfg):
     save_atomic(model.state_dict(), path)
     print(f"sft: {cfg['sft_steps']} steps in {time.time() - t0:.1f}s, saved {path}")
     return dict(warmup_s=time.time() - t0, warmup_masks_s=masks_s)
-
-
-def configure(argv):
-    """-> (warmup.py's own settings, the warm-up's train.py config), checked before any work."""
-    import train  # train.py's knobs are the warm-up's config; imported here, as train.py imports this file
-    overrides, passed = configurator.parse_known(argv, CONFIG)
-    return dict(CONFIG, **overrides), train.make_config(passed)
-
-
-def main(argv):
-    """Train a warm-up here (whatever out/ and bases/ hold), say whether it is bit for bit the shipped one,
-    and with --ship=True copy it into bases/ and record its SHA-256."""
-    own, cfg = configure(argv)
-    torch.set_num_threads(cfg["cpu_threads"])
-    model = build_model(cfg)
-    train_warm_up(model, cfg)
-    path = warmup_path(cfg)
-    shipped = os.path.join(BASES, os.path.basename(path))
-    if os.path.exists(shipped):
-        trained, theirs = model.state_dict(), torch.load(shipped)
-        gap = max((trained[k] - theirs[k]).abs().max().item() for k in trained)
-        print(f"sft: {'bit for bit' if sha256(path) == sha256(shipped) else 'not'} the shipped "
-              f"{os.path.relpath(shipped)} (largest weight difference {gap:.1e})")
-    if own["ship"]:
-        os.makedirs(BASES, exist_ok=True)
-        shutil.copyfile(path, shipped)
-        sums = dict(shipped_sums(), **{os.path.basename(path): sha256(shipped)})
-        with open(os.path.join(BASES, "SHA256SUMS"), "w") as f:
-            f.writelines(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
-        print(f"sft: shipped as {os.path.relpath(shipped)}")
-
-
-if __name__ == "__main__":
-    configurator.cli(main, CONFIG, __file__, check=configure, epilog=EPILOG)

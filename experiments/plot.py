@@ -6,7 +6,7 @@ then the frontier a reader decides from: every row and setting of the comparison
 full-cache against compressed accuracy, each with its 95% t interval over the runs. Read from the JSONL logs
 of the runs out/compare.json lists; the accuracy curves are the runs' evaluations (every eval_interval steps:
 10 in the committed design), the reward is each row's own rollouts' (full mode's from the full cache, dashed).
-Needs matplotlib and scipy, which the core does not: `pip install matplotlib scipy`.
+Needs matplotlib and scipy, which the core does not: `pip install -r requirements-extra.txt`.
 
     python -m experiments.plot                      # compare.py's runs at the default budget
     python -m experiments.plot --out_dir=out --budget=28 --rows=full,naive,tis,smd --file=out/run.png
@@ -118,7 +118,7 @@ def main(argv):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        sys.exit("plot.py needs matplotlib, which nothing else here does: pip install matplotlib")
+        sys.exit("plot.py needs matplotlib, which the core does not: pip install -r requirements-extra.txt")
     fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
     panels = [("train", "reward", "training reward on the row's own rollouts (moving avg)"),
               ("eval", "acc_full", "full-cache greedy accuracy"),

@@ -3,7 +3,8 @@ The experiment's statistics, defined here before any run measures them, so a tab
 decided in advance: the stability of one training run from its JSONL log, and the inference over runs that
 share warm-ups (each warm-up one observation) with a family-wise correction (Holm) across a stated family of
 claims. The quantiles, tests and the correction come from scipy and statsmodels (optional dependencies of
-the experiment, not of the core: `pip install scipy statsmodels`). Not here: running anything (compare.py).
+the experiment, not of the core: `pip install -r requirements-extra.txt`). Not here: running anything
+(compare.py).
 
 Stability of one run (Chan et al. 2020's "during training" measures, in the simple forms a 2-core CPU can
 afford), from its evaluations every eval_interval steps, step 0 included, and its per-step log:
@@ -20,11 +21,23 @@ afford), from its evaluations every eval_interval steps, step 0 included, and it
                                       than COLLAPSE (20 points) below that accuracy's running maximum, else 0.
 """
 
+import importlib
+import sys
+
 import numpy as np
 
 COLLAPSE = 0.20  # a drop this far below the running maximum of an accuracy counts as a collapse
 STABILITY = ("drawdown_full", "drawdown_compressed", "sd_full", "sd_compressed", "grad_norm_p95",
              "ref_kl_p95", "clipped_share", "collapsed")
+
+
+def needs(module):
+    """Import one of the experiment's optional packages, or stop with the line that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError:
+        sys.exit(f"the experiment's statistics need {module.split('.')[0]}: pip install -r "
+                 f"requirements-extra.txt")
 
 
 def drawdown(curve):
@@ -61,14 +74,13 @@ def warm_up_means(values, warm_ups):
 
 def t_quantile(df, level=0.95):
     """The two-sided t quantile: t_interval's half-width is t_quantile(n - 1) * sample std / sqrt(n)."""
-    from scipy import stats
-    return float(stats.t.ppf(0.5 + level / 2, df))
+    return float(needs("scipy.stats").t.ppf(0.5 + level / 2, df))
 
 
 def t_interval(observations, level=0.95):
     """Mean, its two-sided t interval at `level` and the p-value of mean = 0, from independent observations
     (scipy's one-sample t test): -> (mean, low, high, p). nan below two observations."""
-    from scipy import stats
+    stats = needs("scipy.stats")
     x = np.asarray(observations, dtype=float)
     if len(x) < 2:
         return float(x.mean()) if len(x) else float("nan"), float("nan"), float("nan"), float("nan")
@@ -85,7 +97,7 @@ def holm(claims, alpha=0.05):
     tests it at: 1 - alpha / (m - rank), rank 0 for the smallest p), low and high (its t interval at that
     level), and verdict: 'higher' / 'lower' where Holm rejects, that is where this interval excludes 0 and
     so did every claim of smaller p; else 'not resolved'. Returns the claims, in their given order."""
-    from statsmodels.stats.multitest import multipletests
+    multipletests = needs("statsmodels.stats.multitest").multipletests
     for claim in claims:
         claim["mean"], _, _, claim["p"] = t_interval(claim["observations"])
     ps = np.array([c["p"] for c in claims])

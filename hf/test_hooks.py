@@ -16,8 +16,10 @@ import re
 import pytest
 import torch
 
+from conftest import EXTRA
+
 transformers = pytest.importorskip(
-    "transformers", reason="the Hugging Face tests need transformers: pip install transformers==5.24.0")
+    "transformers", reason=f"the Hugging Face tests need transformers: {EXTRA}")
 
 import hf  # noqa: E402 (after the skip: hf/hooks.py imports transformers)
 import smd  # noqa: E402

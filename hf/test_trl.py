@@ -14,7 +14,9 @@ import re
 import pytest
 import torch
 
-pytest.importorskip("trl", reason="the TRL tests need trl: pip install trl==1.16.0 accelerate==1.15.0")
+from conftest import EXTRA
+
+pytest.importorskip("trl", reason=f"the TRL tests need trl: {EXTRA}")
 
 # TRL 1.16 still calls transformers' gradient_checkpointing* names, which 5.x deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.* is deprecated:FutureWarning")

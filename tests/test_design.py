@@ -7,8 +7,10 @@ import os
 import numpy as np
 import pytest
 
-pytest.importorskip("scipy", reason="pip install scipy statsmodels: the experiment's statistics")
-pytest.importorskip("statsmodels", reason="pip install scipy statsmodels: the experiment's statistics")
+from conftest import EXTRA
+
+pytest.importorskip("scipy", reason=f"the experiment's statistics need scipy: {EXTRA}")
+pytest.importorskip("statsmodels", reason=f"the experiment's statistics need statsmodels: {EXTRA}")
 from scipy import stats as scipy_stats  # noqa: E402
 
 from experiments import stats  # noqa: E402

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import configurator
+from conftest import EXTRA
 import policies
 import smd
 import train
@@ -131,13 +132,15 @@ def test_cli_prints_help_or_one_error_line_and_leaves_errors_past_the_checks_alo
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None  # hf/grpo.py's optional dependency
 HAS_TRL = importlib.util.find_spec("trl") is not None  # hf/trl_smd.py's (its own tests run its command line)
-MODULES = {"train": "train", "warmup": "warmup", "compare": "experiments.compare",
+MODULES = {"train": "train", "warmups": "experiments.warmups", "compare": "experiments.compare",
            "variance": "experiments.variance", "bench": "experiments.bench", "plot": "experiments.plot",
            "long_regime": "experiments.long_regime", "hf_grpo": "hf.grpo",
            "hf_trl": "hf.trl_smd"}  # name -> module
-SCRIPTS = ["train", "warmup", "compare", "variance", "bench", "plot", "long_regime"] + \
-    ["hf_grpo"] * HAS_TRANSFORMERS
-COMMENT = {"train": "KV slots per layer and head", "warmup": "copy the trained warm-up into bases/",
+SCRIPTS = ["train", "warmups", "compare", "variance", "bench", "plot", "long_regime"] + \
+    ["hf_grpo"] * HAS_TRANSFORMERS  # the scripts a page may name (hf_grpo where transformers is installed)
+EACH_SCRIPT = SCRIPTS[:7] + [pytest.param("hf_grpo", marks=pytest.mark.skipif(
+    not HAS_TRANSFORMERS, reason=f"hf/grpo.py needs transformers: {EXTRA}"))]
+COMMENT = {"train": "KV slots per layer and head", "warmups": "copy the trained warm-up into bases/",
            "compare": "RL seeds 0 .. seeds-1",
            "variance": "batches judged per mode", "bench": "total sequence lengths T",
            "plot": "the compare.py budget whose runs to draw",
@@ -153,7 +156,7 @@ def command_of(name):
     return configurator.command(source_of(name)).split()[1:]
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", EACH_SCRIPT)
 def test_help_prints_every_knob_with_its_comment(name):
     out = script(*command_of(name), "--help")
     assert out.returncode == 0 and not out.stderr, out.stderr
@@ -169,7 +172,7 @@ def test_help_prints_every_knob_with_its_comment(name):
 # an unknown key, then a bad value: of the wrong type, or one the script's own checks reject; compare.py and
 # variance.py hand --seedz, --lr and --k to train.py's parser, which rejects them
 BAD = {"train": ["--bugdet=8", "--budget=8.5"],
-       "warmup": ["--shp=True", "--budget=0"],
+       "warmups": ["--shp=True", "--budget=0"],
        "compare": ["--seedz=3", "--seeds=x", "--lr=abc", "--warmup_policies=h2o,lru"],
        "variance": ["--k=32", "--K=1", "--n_steps=1"],
        "bench": ["--lenghts=64", "--budgets=8,x"],
@@ -178,7 +181,7 @@ BAD = {"train": ["--bugdet=8", "--budget=8.5"],
        "hf_grpo": ["--budgt=8", "--budget=3"]}
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", EACH_SCRIPT)
 def test_a_bad_flag_or_value_is_one_line_on_stderr_and_exit_2(name):
     procs = {arg: subprocess.Popen([sys.executable, *command_of(name), arg], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
@@ -202,7 +205,7 @@ def check_of(name):
     return getattr(importlib.import_module(MODULES[name]), found)
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", EACH_SCRIPT)
 def test_every_command_in_a_docstring_passes_its_scripts_checks(name):
     """The usage lines a reader copies (`python <name>.py --key=value ...  # comment`) run as printed: each
     passes the checks its script makes before any work."""
@@ -227,7 +230,7 @@ def test_every_command_a_page_prints_passes_its_scripts_checks(page):
     lines += re.findall(r"^    (?:\w+=\S+ )*(python [^#\n]*)", text, flags=re.M)  # indented code blocks
     lines += re.findall(r"`(?:\w+=\S+ )*(python [^`]*)`", text)
     if not HAS_TRL and "python -m hf.trl_smd" in text:
-        pytest.skip("the page runs hf/trl_smd.py: pip install trl==1.16.0 accelerate==1.15.0")
+        pytest.skip(f"the page runs hf/trl_smd.py, which needs trl: {EXTRA}")
     starts = {configurator.command(source_of(name)): name for name in SCRIPTS + ["hf_trl"] * HAS_TRL}
     checked = 0
     for line in lines:
@@ -304,6 +307,7 @@ OLD_LAYOUT = ["--keep_prompt=False", "--budget=26", "--sweep=True", "--sweep_row
 def fake_compare(monkeypatch):
     """compare.py with its runs faked: each summary's accuracy encodes its row and seed (0.4, 0.5, 0.6 for
     smd), and a run in `fail` raises as compare.run does when train.py exits non-zero. runs: name -> argv."""
+    pytest.importorskip("scipy", reason=f"compare.py's tables need scipy: {EXTRA}")
     from experiments import compare
     import train
     runs, fail = {}, set()
@@ -455,6 +459,7 @@ def test_bench_cpu_memory_peak_counts_every_allocation_alive_at_once():
 
 
 def test_paired_statistics_on_a_hand_computed_case():
+    pytest.importorskip("scipy", reason=f"compare.py's intervals need scipy: {EXTRA}")
     from experiments import compare
     # differences 0.1, 0.2, 0.1: mean 2/15, sample std 0.057735, t(2) = 4.302653 -> half-width 0.143422
     mean, half = compare.paired_difference([0.5, 0.6, 0.7], [0.4, 0.4, 0.6])
@@ -541,3 +546,22 @@ def test_compare_reuses_a_finished_run_only_when_its_config_is_exactly_the_same(
         os.replace(tmp_path / f"cmp_x{suffix}", moved / f"cmp_x{suffix}")
     argv_moved = argv[:-1] + [f"--out_dir={moved}"]
     assert compare.finished(argv_moved, str(moved), "cmp_x")["acc_full"] == summary["acc_full"]
+
+
+def test_the_top_level_files_import_each_other_without_a_circle():
+    """The core reads top down: no top-level file imports one that imports it back, directly or not (train.py
+    owns the config and warmup.py takes it; experiments/warmups.py is the warm-up's command line)."""
+    import ast
+    top = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")} | {"data"}
+    imports = {}
+    for name in top - {"data"}:
+        tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
+        found = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        found |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imports[name] = {m.split(".")[0] for m in found} & top - {name}
+
+    def reaches(start, goal, seen=()):
+        return any(m == goal or (m not in seen and reaches(m, goal, seen + (m,)))
+                   for m in imports.get(start, ()))
+    circles = sorted(name for name in imports if reaches(name, name))
+    assert not circles, f"import circles through {circles}"

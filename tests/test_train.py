@@ -16,7 +16,8 @@ import objectives
 import runlog
 import train
 import warmup
-from conftest import DEVICE
+from conftest import DEVICE, EXTRA
+from experiments import warmups
 from data import arithmetic
 from data.arithmetic import VOCAB_SIZE, decode, make_splits, max_lengths
 from model import GPT, GPTConfig
@@ -467,13 +468,14 @@ def test_warm_up_key_ignores_rl_settings_and_names_what_shapes_the_weights(tmp_p
 
 
 def test_a_shipped_base_is_loaded_only_after_its_sha256_is_checked(tmp_path, monkeypatch, capsys):
-    """warmup.py trains a warm-up and ships it into bases/ (here a folder of the test's); train.py's warm-up
-    then loads that file bit for bit, refuses it once a byte changes, and --base=trained ignores it."""
+    """experiments/warmups.py trains a warm-up and ships it into bases/ (here a folder of the test's);
+    train.py's warm-up then loads that file bit for bit, refuses it once a byte changes, and --base=trained
+    ignores it."""
     monkeypatch.setattr(warmup, "BASES", str(tmp_path / "bases"))
     cfg = {k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "sft_steps", "sft_batch_size", "n_train",
                                 "eval_problems")}
     argv = args(cfg, out_dir=str(tmp_path / "trained"))
-    warmup.main(argv + ["--ship=True"])
+    warmups.main(argv + ["--ship=True"])
     assert "shipped as" in capsys.readouterr().out
     shipped = tmp_path / "bases" / os.path.basename(warmup.warmup_path(train.make_config(argv)))
     sums = (tmp_path / "bases" / "SHA256SUMS").read_text().split()
@@ -485,7 +487,7 @@ def test_a_shipped_base_is_loaded_only_after_its_sha256_is_checked(tmp_path, mon
     saved = torch.load(shipped)
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     assert not os.path.exists(tmp_path / "elsewhere")                   # nothing trained, nothing cached
-    warmup.main(argv)                                                   # trained again: same CPU, same bits
+    warmups.main(argv)                                                  # trained again: same CPU, same bits
     assert "bit for bit the shipped" in capsys.readouterr().out
     damaged = bytearray(shipped.read_bytes())
     damaged[-100] ^= 1
@@ -565,7 +567,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, capsys):
     import sys
     from experiments import plot
     monkeypatch.setitem(sys.modules, "matplotlib", None)                  # as if it were not installed
-    with pytest.raises(SystemExit, match="pip install matplotlib"):
+    with pytest.raises(SystemExit, match="matplotlib, .*pip install -r requirements-extra.txt"):
         plot.main([])
 
 
@@ -638,7 +640,7 @@ def test_evaluation_is_reproducible_under_the_random_policy_whatever_the_global_
 
 
 def test_plot_draws_the_curves_and_the_frontier_of_a_comparison(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("matplotlib", reason="the picture needs matplotlib: pip install matplotlib")
+    pytest.importorskip("matplotlib", reason=f"the picture needs matplotlib: {EXTRA}")
     from experiments import plot
     runs = []
     for row, acc in (("full", 0.9), ("smd", 0.8), ("smd@distill_coef=0.3", 0.7)):
