@@ -1,13 +1,16 @@
 """
-The per-mode pieces of the GRPO objective, each a small function of log-probs (B, T) and masks: group
+The per-mode pieces of the GRPO objective, each a small function of log-probs (B, T), logits and masks: group
 advantages, the off-policy corrections (TIS's truncated weights, Sparse-RL's rejection sampling), the
-sampler/learner mismatch, and the clipped policy-gradient loss. train.grpo_step adds them up with the KL
-terms (smd.kl_divergence). Not here: sampling, the learner passes, optimisation.
+sampler/learner mismatch, the clipped policy-gradient loss and the two KL terms (SMD's distillation, every
+mode's reference KL; smd.kl_divergence). train.grpo_step adds them up. Not here: sampling, the learner passes,
+optimisation.
 """
 
 import math
 
 import torch
+
+import smd
 
 
 def group_advantages(rewards, group_size):
@@ -91,3 +94,23 @@ def grpo_loss(lp, lp_old, advantages, response_mask, clip_eps, weights=None):
     clipped = ((ratio - 1).abs() > clip_eps).to(lp.dtype)
     n = token_mask.sum().clamp(min=1)                                      # sparse_rl may drop every token
     return (per_token * token_mask).sum() / n, ((clipped * token_mask).sum() / n).item()
+
+
+def distill_loss(cfg, masked_logits, unmasked_logits, ref_logits, response_mask):
+    """SMD's distillation term (0 in the other modes and with distill_coef 0):
+      unmasked_from_masked (the paper): KL(pi_unmasked || sg(pi_masked)), the unmasked pass learns from the
+        masked one;
+      masked_from_warmup_unmasked: KL(sg(pi_warm-up) || pi_masked), the masked pass learns from the
+        warm-up."""
+    if cfg["mode"] != "smd" or cfg["distill_coef"] == 0:
+        return torch.zeros((), device=response_mask.device)
+    if cfg["distill"] == "unmasked_from_masked":
+        return smd.kl_divergence(unmasked_logits, masked_logits.detach(), response_mask, cfg["temperature"])
+    return smd.kl_divergence(ref_logits, masked_logits, response_mask, cfg["temperature"])
+
+
+def reference_kl(cfg, unmasked_logits, ref_logits, response_mask):
+    """KL(pi_unmasked || pi_warm-up), every mode's anchor of the full-cache policy (0 with ref_kl_coef 0)."""
+    if cfg["ref_kl_coef"] == 0:
+        return torch.zeros((), device=response_mask.device)
+    return smd.kl_divergence(unmasked_logits, ref_logits, response_mask, cfg["temperature"])

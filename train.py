@@ -38,7 +38,7 @@ import policies
 import runlog
 import smd
 from data import TASKS, arithmetic
-from objectives import correction, group_advantages, grpo_loss, mismatch
+from objectives import correction, distill_loss, group_advantages, grpo_loss, mismatch, reference_kl
 from runlog import check_finite
 from warmup import EVAL_POOL, build_model, model_config, policy_kwargs, problem_splits, warm_up
 from warmup import check_config as check_warmup_config
@@ -256,26 +256,6 @@ def reference_logits(reference, tokens, cfg):
         raise ValueError("the reference KL and distill='masked_from_warmup_unmasked' need the warm-up model "
                          "(reference=)")
     return smd.learner_logits(reference, tokens)
-
-
-def distill_loss(cfg, masked_logits, unmasked_logits, ref_logits, response_mask):
-    """SMD's distillation term (0 in the other modes and with distill_coef 0):
-      unmasked_from_masked (the paper): KL(pi_unmasked || sg(pi_masked)), the unmasked pass learns from the
-        masked one;
-      masked_from_warmup_unmasked: KL(sg(pi_warm-up) || pi_masked), the masked pass learns from the
-        warm-up."""
-    if cfg["mode"] != "smd" or cfg["distill_coef"] == 0:
-        return torch.zeros((), device=response_mask.device)
-    if cfg["distill"] == "unmasked_from_masked":
-        return smd.kl_divergence(unmasked_logits, masked_logits.detach(), response_mask, cfg["temperature"])
-    return smd.kl_divergence(ref_logits, masked_logits, response_mask, cfg["temperature"])
-
-
-def reference_kl(cfg, unmasked_logits, ref_logits, response_mask):
-    """KL(pi_unmasked || pi_warm-up), every mode's anchor of the full-cache policy (0 with ref_kl_coef 0)."""
-    if cfg["ref_kl_coef"] == 0:
-        return torch.zeros((), device=response_mask.device)
-    return smd.kl_divergence(unmasked_logits, ref_logits, response_mask, cfg["temperature"])
 
 
 def grpo_step(model, optimizer, problems, cfg, generator, reference=None):
