@@ -149,7 +149,8 @@ def learner_memory(model, loss_fn, cuda):
 def trained_gap():
     """The sampler/learner log-prob gap on the model train.py's defaults make, rolled out as train.py does
     (its policy and budget, temperature 1) on 64 test problems: rows (dtype, path, max, mean over response
-    tokens)."""
+    tokens), the mask and gather paths as train.py runs them, then the gather path after model.set_exact()
+    (the sampler's rollout in that mode too): the bitwise one."""
     import train
     import warmup
     from data.arithmetic import EOS_ID, encode, format_prompt, max_lengths
@@ -162,14 +163,18 @@ def trained_gap():
     rows = []
     for dtype in (torch.float32, torch.float64):
         model.to(dtype)
-        r = rollout(model, prompts, policy=cfg["policy"], budget=cfg["budget"], max_new_tokens=R,
-                    eos_id=EOS_ID, generator=torch.Generator(cfg["device"]).manual_seed(0),
-                    **warmup.policy_kwargs(cfg))
-        for attention in ("mask", "gather"):
-            with torch.no_grad():
-                gap = (learner_logprobs(model, r.tokens, r.shadow_mask, attention=attention) - r.logprobs)
-            gap = gap[r.response_mask].abs()
-            rows.append((str(dtype).removeprefix("torch."), attention, gap.max().item(), gap.mean().item()))
+        for exact, paths in ((False, ("mask", "gather")), (True, ("gather",))):
+            model.set_exact(exact)
+            r = rollout(model, prompts, policy=cfg["policy"], budget=cfg["budget"], max_new_tokens=R,
+                        eos_id=EOS_ID, generator=torch.Generator(cfg["device"]).manual_seed(0),
+                        **warmup.policy_kwargs(cfg))
+            for attention in paths:
+                with torch.no_grad():
+                    gap = (learner_logprobs(model, r.tokens, r.shadow_mask, attention=attention) - r.logprobs)
+                gap = gap[r.response_mask].abs()
+                rows.append((str(dtype).removeprefix("torch."), attention + ", set_exact" * exact,
+                             gap.max().item(), gap.mean().item()))
+    model.set_exact(False)
     return rows
 
 
