@@ -253,7 +253,8 @@ def test_the_readmes_code_runs_as_printed(capsys):
     (api,) = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(), flags=re.S)
     new_policy = textwrap.dedent(policies.__doc__.split("never evicting position 0:\n")[1])
     exec(api, {})
-    assert "record == rollout: True" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "record == rollout: True" in printed and "gather == sampler: True" in printed
     exec(new_policy, {})
     try:
         model = GPT(GPTConfig(block_size=32, vocab_size=16, n_layer=1, n_head=2, n_embd=16))
