@@ -333,10 +333,12 @@ def apply_design(own):
                          f"{sorted(own['report_steps'])}")
     for claim in design.get("claims", []):
         metrics = ("acc_full", "acc_compressed") + stats.STABILITY
-        if (claim.keys() != {"a", "b", "metric", "budget"} or {claim["a"], claim["b"]} - set(design["rows"])
-                or claim["metric"] not in metrics or claim["budget"] not in own["budgets"]):
+        if (not {"a", "b", "metric", "budget"} <= claim.keys() <= {"a", "b", "metric", "budget", "margin"}
+                or {claim["a"], claim["b"]} - set(design["rows"]) or claim["metric"] not in metrics
+                or claim["budget"] not in own["budgets"] or not claim.get("margin", 1) > 0):
             raise ValueError(f"a claim needs a, b (rows of the design), metric (one of {metrics}) and budget "
-                             f"(one of {own['budgets']}); got {claim}")
+                             f"(one of {own['budgets']}), and may have a margin > 0 (a claim of equivalence "
+                             f"within it); got {claim}")
         own["claims"].append(claim)
     return list(design["flags"])
 
@@ -523,7 +525,8 @@ def design_header(own, cfg):
                                   for spec, label in own["labels"].items())]
     if own["claims"]:
         lines.append(f"the family of {len(own['claims'])} claims (Holm over all of them): " + "; ".join(
-            f"{c['a']} - {c['b']} {c['metric']} @{c['budget']}" for c in own["claims"]))
+            f"{c['a']} - {c['b']} {c['metric']} @{c['budget']}" + (f" within +-{c['margin']}" if "margin" in c
+                                                                   else "") for c in own["claims"]))
     return "\n".join(lines)
 
 
@@ -587,12 +590,15 @@ def design_tables(own, cfg, summaries):
         cells = [["claim", "warm-ups", "difference", "Holm level", "interval at that level", "p", "p Holm",
                   "verdict"]]
         for c in claims:
-            cells.append([f"{c['a']} - {c['b']}: {c['metric']} @{c['budget']}", str(len(c["observations"])),
+            name = f"{c['a']} - {c['b']}: {c['metric']} @{c['budget']}" + (
+                f" within +-{c['margin']}" if "margin" in c else "")
+            cells.append([name, str(len(c["observations"])),
                           f"{c['mean']:+.3f}", f"{c['level']:.4f}", f"[{c['low']:+.3f}, {c['high']:+.3f}]",
                           f"{c['p']:.2g}", f"{c['p_holm']:.2g}", c["verdict"]])
         resolved = sum(c["verdict"] != "not resolved" for c in claims)
-        out.append(f"\nthe claims, each warm-up's mean paired difference one observation; Holm over the "
-                   f"{len(claims)}: {resolved} resolved, {len(claims) - resolved} not\n" + aligned(cells))
+        out.append(f"\nthe claims, each warm-up's mean paired difference one observation (a claim within "
+                   f"+-margin: equivalence, two one-sided tests, its interval at 1 - 2 (1 - level)); Holm over "
+                   f"the {len(claims)}: {resolved} resolved, {len(claims) - resolved} not\n" + aligned(cells))
     return "\n".join(out)
 
 

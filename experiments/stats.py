@@ -2,7 +2,8 @@
 The experiment's statistics, defined here before any run measures them, so a table can only report what was
 decided in advance: the stability of one training run from its JSONL log, and the inference over runs that
 share warm-ups (each warm-up one observation) with a family-wise correction (Holm) across a stated family of
-claims. The quantiles, tests and the correction come from scipy and statsmodels (optional dependencies of
+claims, where "no difference" is a claim of its own (equivalence within a stated margin, two one-sided
+tests). The quantiles, tests and the correction come from scipy and statsmodels (optional dependencies of
 the experiment, not of the core: `pip install -r requirements-extra.txt`). Not here: running anything
 (compare.py).
 
@@ -91,15 +92,31 @@ def t_interval(observations, level=0.95):
     return float(x.mean()), float(low), float(high), float(test.pvalue)
 
 
+def tost_p(observations, margin):
+    """The p-value of equivalence within +-margin (two one-sided t tests, statsmodels' ttost_paired on the
+    differences against 0): small when the mean difference is surely inside (-margin, margin). nan below two
+    observations or with no spread."""
+    x = np.asarray(observations, dtype=float)
+    if len(x) < 2 or np.ptp(x) <= 1e-12 * max(1.0, np.abs(x).max()):
+        return float("nan")
+    ttost_paired = needs("statsmodels.stats.weightstats").ttost_paired
+    return float(ttost_paired(x, np.zeros_like(x), -margin, margin)[0])
+
+
 def holm(claims, alpha=0.05):
     """Holm's step-down correction over a family of claims, each {"observations": per-warm-up differences,
-    ...}. Adds to each: mean, p, p_holm (statsmodels' adjusted p-value), level (the confidence level Holm
-    tests it at: 1 - alpha / (m - rank), rank 0 for the smallest p), low and high (its t interval at that
-    level), and verdict: 'higher' / 'lower' where Holm rejects, that is where this interval excludes 0 and
-    so did every claim of smaller p; else 'not resolved'. Returns the claims, in their given order."""
+    ...}; a claim with a "margin" is one of equivalence: that the difference lies within +-margin (tost_p).
+    Adds to each: mean, p, p_holm (statsmodels' adjusted p-value), level (the confidence level Holm tests it
+    at: 1 - alpha / (m - rank), rank 0 for the smallest p), low and high (its t interval at that level; for an
+    equivalence claim at 1 - 2 (1 - level), the interval whose lying inside +-margin is the test), and verdict:
+    'higher' / 'lower' (a difference) or 'equivalent' (within the margin) where Holm rejects, that is where
+    the interval excludes 0 (or lies inside the margin) and so did every claim of smaller p; else 'not
+    resolved'. Returns the claims, in their given order."""
     multipletests = needs("statsmodels.stats.multitest").multipletests
     for claim in claims:
         claim["mean"], _, _, claim["p"] = t_interval(claim["observations"])
+        if "margin" in claim:
+            claim["p"] = tost_p(claim["observations"], claim["margin"])
     ps = np.array([c["p"] for c in claims])
     testable = ~np.isnan(ps)
     reject = np.zeros(len(claims), dtype=bool)
@@ -111,7 +128,9 @@ def holm(claims, alpha=0.05):
     for rank, i in enumerate(order):
         claim = claims[i]
         claim["level"] = 1 - alpha / max(m - rank, 1)
-        claim["mean"], claim["low"], claim["high"], _ = t_interval(claim["observations"], claim["level"])
+        level = 1 - 2 * (1 - claim["level"]) if "margin" in claim else claim["level"]
+        claim["mean"], claim["low"], claim["high"], _ = t_interval(claim["observations"], level)
         claim["p_holm"] = float(adjusted[i])
-        claim["verdict"] = ("higher" if claim["mean"] > 0 else "lower") if reject[i] else "not resolved"
+        effect = "equivalent" if "margin" in claim else "higher" if claim["mean"] > 0 else "lower"
+        claim["verdict"] = effect if reject[i] else "not resolved"
     return claims

@@ -73,6 +73,21 @@ def test_holm_tests_claims_in_order_of_p_at_shrinking_levels_and_stops_at_the_fi
     assert [c["p_holm"] for c in claims] == pytest.approx([p[0], 3 * p[1], max(2 * p[2], 3 * p[1])])
 
 
+
+def test_an_equivalence_claim_is_two_one_sided_tests_inside_its_margin_and_joins_holm():
+    spread = np.array([-1.5, -1, -0.5, 0, 0, 0.5, 1, 1.5])
+    spread = spread / spread.std(ddof=1) * 0.01          # 8 warm-ups, sample std 0.01
+    tight = list(0.005 + spread)                         # surely inside +-0.05
+    loose = list(0.005 + 10 * spread)                    # std 0.1: could be anywhere in +-0.1
+    claims = stats.holm([dict(observations=tight, margin=0.05), dict(observations=loose, margin=0.05)])
+    for c, x in zip(claims, (tight, loose)):             # TOST by hand: the larger of the two one-sided p's
+        p = max(scipy_stats.ttest_1samp(x, -0.05, alternative="greater").pvalue,
+                scipy_stats.ttest_1samp(x, 0.05, alternative="less").pvalue)
+        assert c["p"] == pytest.approx(p)
+    assert [c["verdict"] for c in claims] == ["equivalent", "not resolved"]
+    assert -0.05 < claims[0]["low"] < claims[0]["high"] < 0.05            # its 1 - 2 alpha / 2 interval
+    assert claims[1]["low"] < -0.05 or claims[1]["high"] > 0.05
+
 DESIGN = """
 [tuning]
 sft_seeds = [0, 1]
