@@ -19,7 +19,7 @@ speed), out/<run_name>.jsonl holds the same, and the last line printed starts wi
     python train.py --mode=naive             # same base, shows the off-policy mismatch
     python train.py --mode=tis --policy=snapkv
     python train.py --preset=gpu             # a larger model and batch, for one GPU (never on by itself)
-    python train.py --preset=long            # a long-trace task, T = 608 (data/longtrace.py): GRPO from the
+    python train.py --preset=long            # a long-trace task, T = 512 (data/tabletrace.py): GRPO from the
                                              # shipped base; --base=trained adds its warm-up
 
 Not here: the base and its eviction-robust warm-up (warmup.py, phase 1), checkpoints, logs and the summary
@@ -69,7 +69,7 @@ run_name = ""               # "" -> f"{mode}_{policy}{budget}"
 resume = False              # continue out/<run_name>.pt (model, optimizer, step, RNG states)
 preset = ""                 # "gpu" | "long" (PRESETS below), applied before the other overrides
 # data
-task = "arithmetic"         # the task (data/__init__.py): arithmetic | longtrace | longtrace_recap6 | _recap3
+task = "arithmetic"         # the task (data/__init__.py): arithmetic | tabletrace | tabletrace_r8
 n_train = 20000             # training problems (warm-up and RL prompts)
 eval_problems = 400         # held-out problems for greedy accuracy, <= EVAL_POOL
 eval_split = "val"          # "val" to choose settings, "test" to report them
@@ -120,12 +120,12 @@ ckpt_interval = 40          # steps between checkpoints
 CONFIG = configurator.knobs(globals())
 PRESETS = {"gpu": dict(n_layer=4, n_embd=128, sft_steps=3000, sft_batch_size=256, prompts_per_step=32,
                        group_size=16, eval_problems=1000, cpu_threads=4),
-           # long traces (T = 608): a bigger cache to choose from, where KV memory and decode speed are real;
-           # the recap variant, whose warm-up learns every position (the plain trace's left 1-5 unlearned)
-           "long": dict(task="longtrace_recap3", block_size=608, policy="h2o", budget=128, sft_steps=1500,
+           # long traces (T = 512): a table derived once, then consulted over and over (data/tabletrace.py);
+           # H2O at 96 slots (19% of T) bites there (experiments/README.md, "Long traces")
+           "long": dict(task="tabletrace", block_size=512, policy="h2o", budget=96, sft_steps=3000,
                         sft_batch_size=16, sft_min_budget=32, sft_mask_recipe="random_positions",
-                        sft_attention="fused", n_steps=20, prompts_per_step=4, group_size=4,
-                        eval_problems=20, eval_interval=20, ckpt_interval=20)}
+                        sft_attention="fused", n_steps=40, prompts_per_step=4, group_size=4,
+                        eval_problems=100, eval_interval=20, ckpt_interval=20)}
 MODES = ("full", "naive", "tis", "sparse_rl", "smd")
 REWARDS = {"exact": "reward", "partial": "partial_reward"}  # reward knob -> the task's function of that name
 DISTILL = ("unmasked_from_masked", "masked_from_warmup_unmasked")  # student_from_teacher, see `distill` above

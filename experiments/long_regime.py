@@ -1,17 +1,17 @@
 """
-The regime search on the long-trace tasks: does a compressed cache lose little at the lightest budget
-(<= 25% of T), bite at the default, fail at the harshest, and does a content-aware policy beat recency? For
-one task and warm-up (train.py's, trained here and cached in out/ unless bases/ ships it), it prints the
-warm-up's teacher-forced accuracy per response position (a position no held-out problem gets right is one the
-warm-up never learned), then greedy accuracy with the full cache and with every policy at every budget:
-exact answers, fully right traces, and the fraction of answer values right. No RL.
+The regime of a long-trace task (experiments/long_search.md states the search that uses it): does a
+compressed cache lose little at a light budget (<= 25% of T), bite at a harsher one, and does a content-aware
+policy beat recency? For one task and warm-up (train.py's, trained here and cached in out/ unless bases/ ships
+it), it prints the warm-up's teacher-forced accuracy per response position (a position right less often than
+unlearned_below is one the warm-up did not learn), then greedy accuracy with the full cache and with every
+policy at every budget: exact answers, fully right traces, and the fraction of answer values right. No RL.
 
     python -m experiments.long_regime --preset=long                        # the preset's task and base
     python -m experiments.long_regime --preset=long --sft_seed=1           # another warm-up
-    python -m experiments.long_regime --preset=long --task=longtrace --block_size=513  # the plain trace
-    python -m experiments.long_regime --preset=long --task=longtrace --block_size=513 --sft_seed=1
+    python -m experiments.long_regime --preset=long --budgets=192,160,128,96,64 --evicting=streaming,h2o
+    python -m experiments.long_regime --preset=long --task=tabletrace_r8 --block_size=514  # another layout
 
-Not here: training (warmup.py, train.py), the task (data/longtrace.py).
+Not here: training (warmup.py, train.py), the task (data/tabletrace.py).
 """
 
 import time
@@ -27,9 +27,9 @@ from data import TASKS
 
 # -----------------------------------------------------------------------------
 # config: overridable as --key=value; every other --key=value is train.py's (the task, model and warm-up)
-budgets = (128, 96, 64)                     # KV slots per layer and head (21%, 16%, 11% of T = 608)
-evicting = "streaming,h2o,snapkv,rkv"       # the policies, each at every budget
-problems = 100                              # held-out (val) problems, greedy
+budgets = (128, 96, 64, 56, 48, 40)         # KV slots per layer and head (25% .. 7.8% of T = 512)
+evicting = "streaming,h2o,snapkv,rkv,tova"  # the policies, each at every budget
+problems = 200                              # held-out (val) problems, greedy
 unlearned_below = 0.5                       # a response position right less often than this, teacher-forced,
                                             # is one the warm-up did not learn (a digit's chance is ~0.1)
 CONFIG = configurator.knobs(globals())
@@ -42,7 +42,7 @@ def configure(argv):
     overrides, passed = configurator.parse_known(argv, CONFIG)
     own, cfg = dict(CONFIG, **overrides), train.make_config(passed)
     if cfg["task"] == "arithmetic":
-        raise ValueError("long_regime.py is for the long-trace tasks: --task=longtrace (or --preset=long)")
+        raise ValueError("long_regime.py is for the long-trace tasks: --task=tabletrace (or --preset=long)")
     P, R = TASKS[cfg["task"]].max_lengths()
     for name in own["evicting"].split(","):  # an unknown policy, or a budget it cannot work with
         for budget in own["budgets"]:

@@ -3,12 +3,20 @@ Specification of the table trace (data/tabletrace.py): the tokenizer round-trips
 encode, every problem of a layout has one T >= 512, the table is the prompt's running sum and a permutation,
 every step follows its rule (key from the value two back, v = T[key], carry and units of the sum), the rounds
 never repeat one another's steps, the back-references reach far (the point of the task), the rewards judge
-each round's result as their docstrings say, and bad problems or layouts raise.
+each round's result as their docstrings say, and bad problems or layouts raise. And --preset=long, which runs
+it: the config validates, the fast random-eviction masks of its warm-up keep what a random-eviction cache
+keeps, the learner reproduces the sampler's log-probs on its 512-token sequence (a tiny model: seconds), and a
+position a warm-up answers at chance is caught as unlearned.
 """
 import pytest
+import torch
 
+import smd
+import train
+import warmup
 from data import TASKS
 from data.tabletrace import CHARS, EOS_ID, KEYS, N_KEYS, VOCAB_SIZE, Problem, TableTrace, decode, encode, table
+from model import GPT
 
 TASK = TASKS["tabletrace"]
 
@@ -108,3 +116,75 @@ def test_splits_are_disjoint_reproducible_and_bad_input_raises():
         TASK.format_prompt(Problem((0,) * 10))                             # running sums 0, 0, ...
     with pytest.raises(ValueError, match="rounds"):
         TableTrace(rounds=11)
+
+
+def test_long_preset_validates_with_t_at_least_512_and_its_budget_within_a_quarter_of_t():
+    cfg = train.make_config(["--preset=long"])
+    P, R = TASKS[cfg["task"]].max_lengths()
+    assert cfg["task"] == "tabletrace" and cfg["block_size"] >= P + R >= 512 and cfg["keep_prompt"]
+    assert cfg["budget"] <= 0.25 * (P + R)
+    assert train.make_config([])["task"] == "arithmetic"                   # the default stays the short task
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task=tabletrac"], "task must be one of"),
+    (["--task=tabletrace"], "block_size 64 must hold prompt \\+ response = 512"),
+    (["--preset=long", "--sft_attention=sdpa"], "sft_attention must be 'mask' or 'fused'"),
+])
+def test_bad_task_settings_raise_one_clear_value_error(argv, message):
+    with pytest.raises(ValueError, match=message):
+        train.make_config(argv)
+
+
+def test_random_positions_masks_keep_what_a_random_eviction_cache_keeps():
+    """Each query sees itself, never a later token, min(t + 1, budget) positions, and the whole prompt."""
+    B, T, P, budget = 8, 200, 25, 40
+    visible = warmup.random_eviction_visibility(B, T, P, budget, True, torch.Generator().manual_seed(0))
+    t = torch.arange(T)
+    assert not (visible & (t[None, :] > t[:, None])).any()                # causal
+    assert visible[:, t, t].all()                                         # itself
+    assert (visible.sum(-1) == torch.clamp(t + 1, max=budget)).all()       # as many as the cache holds
+    assert visible[:, P:, :P].all()                                       # keep_prompt
+    assert not visible[:, -1, P:T - budget + P].all()                     # something old was evicted
+
+
+def test_learner_logprobs_equal_the_samplers_on_the_presets_512_token_trace():
+    """Tiny model, 2 samples, the preset's h2o at 64 slots (12% of T): max |d log p| < 1e-5, mask path."""
+    cfg = train.make_config(["--preset=long", "--n_layer=1", "--n_embd=16", "--n_head=2"])
+    task = TASKS[cfg["task"]]
+    P, R = task.max_lengths()
+    torch.manual_seed(0)
+    model = GPT(warmup.model_config(cfg)).eval()
+    prompts = [encode(task.format_prompt(p)) for p in problems(2, task)]
+    ro = smd.rollout(model, prompts, policy="h2o", budget=64, max_new_tokens=R, temperature=1.0, eos_id=None,
+                     generator=torch.Generator().manual_seed(0), **train.policy_kwargs(cfg))
+    assert ro.tokens.shape == (2, P + R) and P + R == 512                 # no EOS: every token
+    with torch.no_grad():
+        lp = smd.learner_logprobs(model, ro.tokens, ro.shadow_mask, attention="mask")
+    assert (lp - ro.logprobs)[ro.response_mask].abs().max().item() < 1e-5
+    assert ro.kv_bytes < 0.25 * ro.full_kv_bytes
+
+
+def test_a_position_the_warm_up_answers_at_chance_is_reported_unlearned():
+    """long_regime.py's check of a warm-up: a position right about as often as chance (as a never-learned one
+    is: not never) is named, with its accuracy; the positions an oracle gets right are not."""
+    from experiments.long_regime import unlearned_positions
+
+    held_out = problems(40)
+    _, y = warmup.sft_batch(held_out, "cpu", TASK)                          # (N, T-1)
+    P, _ = TASK.max_lengths()
+    guessed = P - 1 + 100                                                  # response position 100
+
+    class Oracle(torch.nn.Module):  # right everywhere, except at one position, right on a quarter of rows
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            predicted = y.clamp(min=0).clone()                             # (N, T-1)
+            predicted[:30, guessed] = (predicted[:30, guessed] + 1) % VOCAB_SIZE  # wrong on rows 0 .. 29
+            return torch.nn.functional.one_hot(predicted, VOCAB_SIZE).float(), None
+
+    missed, _ = unlearned_positions(Oracle(), held_out, TASK, below=0.5)
+    assert [i for i, _ in missed] == [100] and missed[0][1] == pytest.approx(10 / 40)
+    assert unlearned_positions(Oracle(), held_out, TASK, below=0.2)[0] == []
