@@ -206,11 +206,12 @@ def test_tuning_chooses_each_rows_lr_and_length_by_the_stated_rule(design_compar
     assert "chosen: full: lr=3e-05 n_steps=20 (0.600); smd: lr=3e-05 n_steps=20 (0.652)" in out
 
 
-def test_the_committed_design_file_is_well_formed():
+@pytest.mark.parametrize("name, n_claims, warm_ups", [("design.toml", 10, 8), ("design_long.toml", 8, 4)])
+def test_the_committed_design_files_are_well_formed(name, n_claims, warm_ups):
     from experiments import compare
-    path = os.path.join(ROOT, "experiments", "design.toml")
+    path = os.path.join(ROOT, "experiments", name)
     for stage in ("tuning", "main"):
         own, cfg, plan = compare.configure([f"--design={path}", f"--stage={stage}"])
         assert plan and own["budgets"]
     own, _, _ = compare.configure([f"--design={path}"])
-    assert len(own["claims"]) == 10 and own["sft_seeds"] == tuple(range(8))
+    assert len(own["claims"]) == n_claims and own["sft_seeds"] == tuple(range(warm_ups))
