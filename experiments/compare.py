@@ -576,6 +576,7 @@ def design_tables(own, cfg, summaries):
                 cells.append(row)
             out.append(f"\n{title} at budget {budget}: mean over warm-ups [95% t interval, each warm-up's "
                        f"mean one observation]\n" + aligned(cells))
+    out.append(cost_table(own, summaries))
     claims = []
     for claim in own["claims"]:
         a, wa = run_values(own, cfg, summaries, claim["a"], claim["budget"], claim["metric"])
@@ -600,6 +601,28 @@ def design_tables(own, cfg, summaries):
                    f"+-margin: equivalence, two one-sided tests, its interval at 1 - 2 (1 - level)); Holm over "
                    f"the {len(claims)}: {resolved} resolved, {len(claims) - resolved} not\n" + aligned(cells))
     return "\n".join(out)
+
+
+def cost_table(own, summaries):
+    """What the compressed cache saved, from the same runs' per-step records: each row's KV bytes (the cache's
+    buffers, as rollout() counts them) and rollout seconds per step, means over its runs at each budget, and
+    both as a share of the full row's (its full-cache rollouts: the bytes a full cache holds and the time it
+    takes). The times are those of runs sharing the CPU, two at a time: ratios, not speeds, are the result."""
+    cells = [["row", "budget", "KV KiB", "of full's", "rollout s/step", "of full's"]]
+    per_step = lambda spec, b, key: np.mean([np.mean([r[key] for r in s["records"] if r["kind"] == "train"])
+                                             for (n, bb, _, _), s in summaries.items() if n == spec and bb == b])
+    full_spec = next((spec for spec, name in own["labels"].items() if name == "full"), None)
+    for budget in own["budgets"]:
+        full_kv, full_s = (per_step(full_spec, budget, "kv_bytes"), per_step(full_spec, budget, "rollout_s")) \
+            if full_spec and any(n == full_spec and b == budget for n, b, _, _ in summaries) else (np.nan, np.nan)
+        for spec, label in own["labels"].items():
+            if not any(n == spec and b == budget for n, b, _, _ in summaries):
+                continue
+            kv, seconds = per_step(spec, budget, "kv_bytes"), per_step(spec, budget, "rollout_s")
+            cells.append([label, str(budget), f"{kv / 1024:.0f}", f"{kv / full_kv:.3f}", f"{seconds:.2f}",
+                          f"{seconds / full_s:.2f}"])
+    return "\ncost of the rollouts (means over each row's runs and steps; full: full-cache rollouts)\n" + \
+        aligned(cells)
 
 
 def tuning_table(own, cfg, summaries):

@@ -18,12 +18,12 @@ from experiments import stats  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def records(full, compressed, grad_norms, ref_kls, interval=10):
+def records(full, compressed, grad_norms, ref_kls, interval=10, kv_bytes=1024, rollout_s=1.0):
     """A run's JSONL records: evaluations every `interval` steps from step 0, and one train record a step."""
     out = [dict(kind="eval", step=i * interval, acc_full=f, acc_compressed=c)
            for i, (f, c) in enumerate(zip(full, compressed))]
-    out += [dict(kind="train", step=i + 1, grad_norm=g, ref_kl=k) for i, (g, k) in enumerate(zip(grad_norms,
-                                                                                                  ref_kls))]
+    out += [dict(kind="train", step=i + 1, grad_norm=g, ref_kl=k, kv_bytes=kv_bytes, rollout_s=rollout_s)
+            for i, (g, k) in enumerate(zip(grad_norms, ref_kls))]
     return out
 
 
@@ -146,7 +146,9 @@ def design_compare(monkeypatch, tmp_path):
         lr_bonus = 0.1 if cfg["lr"] == 3e-5 else 0.0
         full = [0.5, 0.6 - dip, 0.7 + lr_bonus]
         compressed = [0.3 + gain, 0.35 + gain, 0.4 + gain]
-        recs = records(full, compressed, [0.5] * 20, [0.01] * 20)
+        cost = dict(kv_bytes=64 * 1024, rollout_s=2.0) if cfg["mode"] == "full" else \
+            dict(kv_bytes=cfg["budget"] * 1024, rollout_s=1.0)            # KiB = slots, full's 64
+        recs = records(full, compressed, [0.5] * 20, [0.01] * 20, **cost)
         return dict(acc_full_start=full[0], acc_full=full[-1], acc_compressed_start=compressed[0],
                     acc_compressed=compressed[-1], records=recs)
     monkeypatch.setattr(compare, "run", fake_run)
@@ -191,6 +193,9 @@ def test_the_design_prints_itself_its_tables_and_holm_verdicts(design_compare, c
     assert dip[-2:] == ["not", "resolved"] and float(dip[-8]) == pytest.approx(0.025)
     assert dip[-7] == f"{1 - 0.05:.4f}"
     assert "stability at budget 42" in out and "accuracy at the report step at budget 26" in out
+    cost = out.split("cost of the rollouts")[1].split("the claims")[0].splitlines()
+    assert [line.split() for line in cost if line.startswith("smd ")] == [
+        ["smd", "26", "26", "0.406", "1.00", "0.50"], ["smd", "42", "42", "0.656", "1.00", "0.50"]]
     # smd's accuracies are read at its report step 10 (full's at 20): compressed 0.35 + gain at step 10
     table = out.split("accuracy at the report step at budget 26")[1].splitlines()
     smd_row = next(line for line in table if line.startswith("smd "))
