@@ -121,11 +121,11 @@ CONFIG = configurator.knobs(globals())
 PRESETS = {"gpu": dict(n_layer=4, n_embd=128, sft_steps=3000, sft_batch_size=256, prompts_per_step=32,
                        group_size=16, eval_problems=1000, cpu_threads=4),
            # long traces (T = 512): a table derived once, then consulted over and over (data/tabletrace.py);
-           # H2O at 96 slots (19% of T) bites there (experiments/README.md, "Long traces")
+           # H2O at 96 slots (19% of T) bites there; lr: smd's on validation (experiments/README.md)
            "long": dict(task="tabletrace", block_size=512, policy="h2o", budget=96, sft_steps=3000,
                         sft_batch_size=16, sft_min_budget=32, sft_mask_recipe="random_positions",
-                        sft_attention="fused", n_steps=40, prompts_per_step=4, group_size=4,
-                        eval_problems=100, eval_interval=20, ckpt_interval=20)}
+                        sft_attention="fused", n_steps=40, prompts_per_step=4, group_size=4, lr=1e-4,
+                        eval_problems=200, eval_interval=20, ckpt_interval=20)}
 MODES = ("full", "naive", "tis", "sparse_rl", "smd")
 REWARDS = {"exact": "reward", "partial": "partial_reward"}  # reward knob -> the task's function of that name
 DISTILL = ("unmasked_from_masked", "masked_from_warmup_unmasked")  # student_from_teacher, see `distill` above
